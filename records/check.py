@@ -135,7 +135,7 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
     except ValueError:
         raise MalformedLog(f"val_loss {loss_text!r} is not a number") from None
     if not loss <= args.target:
-        problems.append(f"val_loss {loss_text} > target {args.target}")
+        problems.append(f"val_loss {loss_text} is not <= target {args.target}")
     if val_tokens != args.val_tokens:
         problems.append(f"val measured on {val_tokens:,} tokens, not {args.val_tokens:,}")
     return problems, summary
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         try:
-            text = args.log.read_text(encoding="utf-8", newline="")
+            with open(args.log, encoding="utf-8", newline="") as log_file:  # keep \r for byte-exact code
+                text = log_file.read()
         except (OSError, UnicodeDecodeError) as error:
             raise MalformedLog(f"cannot read {args.log} ({error})") from None
         log = parse_log(text)
