@@ -25,6 +25,7 @@ HEADER_LINES = {
     "val_data": re.compile(r"val_data:path=(?P<path>.+) tokens=(?P<tokens>\d+)"),
     "params": re.compile(r"params:(?P<count>\d+)"),
     "train_tokens": re.compile(r"train_tokens:(?P<count>\d+)"),
+    "resumed": re.compile(r"resumed:(?P<path>.+) step:(?P<step>\d+)"),
 }
 STEP_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) ")
 VAL_LINE = re.compile(
@@ -109,6 +110,10 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
     if not re.fullmatch(args.val_file, Path(val_path).name):
         problems.append(f"val data {val_path} is not the FineWeb-Edu val shard ({args.val_file})")
 
+    if "resumed" in log.header:
+        resumed_at = log.header["resumed"].group("step")
+        problems.append(f"the run resumed at step {resumed_at}: its train_time misses the steps before, "
+                        "so a record needs one uninterrupted run")
     available = int(log.header["train_data"].group("tokens"))
     if "train_tokens" not in log.header:
         problems.append("no train_tokens line: the run did not finish")
