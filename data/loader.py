@@ -1,0 +1,188 @@
+"""Read token shards as one stream, in a fixed order, split across ranks; never reuse a token.
+
+The shards of a split are concatenated, in the order given, into one stream with global positions. The
+training stream is cut into chunks of `seq_len` tokens: chunk j goes to rank j % world_size, so one call of
+`next_batch` on every rank reads the next `world_size` chunks, and the chunks a run sees do not depend on
+how it is spread over ranks and gradient-accumulation steps. With `align_to_bos` each chunk starts at the
+next `<|endoftext|>` (document start) at or after the end of the previous chunk; the tokens skipped to get
+there count as consumed and are never read. When the stream cannot fill the next window the loader raises
+DataExhausted: it never wraps around. Its position is one global offset, saved as (shard, offset).
+
+Validation reads the first `num_tokens` of its stream in fixed, unaligned chunks (`val_batches`), so the
+tokens evaluated and their global offsets are the same for every world size.
+
+This file knows the shard format (through shards.py) and token ids only; it knows nothing about the model.
+"""
+
+import glob
+import os
+
+import numpy as np
+import torch
+
+from data.shards import VOCAB_SIZE, read_shard, shard_num_tokens
+from data.tokenizer import EOT
+
+MISSING_DATA_HINT = (
+    "download FineWeb-Edu with `python data/cached_finewebedu10B.py 10` (10 train shards, 1B tokens), "
+    "or train on the built-in demo corpus with `python train.py --preset=demo`"
+)
+
+
+class DataExhausted(RuntimeError):
+    """The training shards have no room for another window; the loader never repeats data."""
+
+
+def find_shards(pattern: str) -> list[str]:
+    """The files matching a glob pattern, sorted; if there are none, an error that says how to get data."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no shards match {pattern}: {MISSING_DATA_HINT}")
+    return files
+
+
+class TokenStream:
+    """Shard files as one concatenated stream of tokens with global positions, read through memmaps."""
+
+    def __init__(self, files):
+        self.files = [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+        if not self.files:
+            raise FileNotFoundError(f"no shard files given: {MISSING_DATA_HINT}")
+        for path in self.files:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: no such shard: {MISSING_DATA_HINT}")
+        sizes = [shard_num_tokens(path) for path in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # global position of each file's start
+        self.num_tokens = self.starts[-1]
+        self._memmaps = {}
+        self._bos_file, self._bos_positions = None, None
+
+    def file_of(self, position: int) -> int:
+        """Index of the file holding `position` (len(files) at the end of the stream); skips empty files."""
+        return int(np.searchsorted(self.starts, position, side="right")) - 1
+
+    def shard_tokens(self, index: int) -> np.ndarray:
+        if index not in self._memmaps:
+            self._memmaps[index] = read_shard(self.files[index])
+        return self._memmaps[index]
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the stream as a uint16 array (a copy when it spans files)."""
+        pieces, index = [], self.file_of(start)
+        while start < end:
+            take = min(end, self.starts[index + 1]) - start
+            local = start - self.starts[index]
+            pieces.append(self.shard_tokens(index)[local : local + take])
+            start, index = start + take, index + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def next_bos(self, position: int) -> int | None:
+        """The first position >= `position` that holds `<|endoftext|>`, or None if there is none."""
+        index = self.file_of(position)
+        while index < len(self.files):
+            if self._bos_file != index:  # one file's document starts at a time: the stream is read forward
+                self._bos_file, self._bos_positions = index, np.flatnonzero(self.shard_tokens(index) == EOT)
+            k = int(np.searchsorted(self._bos_positions, position - self.starts[index]))
+            if k < len(self._bos_positions):
+                return self.starts[index] + int(self._bos_positions[k])
+            index += 1
+            position = self.starts[index]
+        return None
+
+
+class TokenLoader:
+    """Each `next_batch` call returns this rank's chunk of the next global window of the training stream."""
+
+    def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_bos: bool = True):
+        if seq_len < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need seq_len >= 1, 0 <= rank < world_size: {seq_len=} {rank=} {world_size=}")
+        self.stream = TokenStream(files)
+        self.seq_len, self.rank, self.world_size, self.align_to_bos = seq_len, rank, world_size, align_to_bos
+        self.position = 0  # global position of the first token not yet consumed
+
+    @property
+    def tokens_consumed(self) -> int:
+        """Tokens consumed by all ranks so far, including those skipped to reach a document start."""
+        return self.position
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all the shards of this stream."""
+        return self.stream.num_tokens
+
+    def next_batch(self) -> torch.Tensor:
+        starts, position = [], self.position
+        for _ in range(self.world_size):
+            if self.align_to_bos:
+                position = self.stream.next_bos(position)
+            if position is None or position + self.seq_len > self.stream.num_tokens:
+                raise DataExhausted(
+                    f"training data exhausted after {self.position:,} of {self.stream.num_tokens:,} tokens"
+                    f" in {len(self.stream.files)} shards: no room for another window of {self.world_size}x"
+                    f"{self.seq_len} tokens, and data is never repeated; train fewer steps or add shards "
+                    "(`python data/cached_finewebedu10B.py N` with a larger N)"
+                )
+            starts.append(position)
+            position += self.seq_len
+        self.position = position
+        chunk = self.stream.read(starts[self.rank], starts[self.rank] + self.seq_len)
+        return torch.from_numpy(chunk.astype(np.int64))
+
+    def state_dict(self) -> dict:
+        shard = min(self.stream.file_of(self.position), len(self.stream.files) - 1)
+        return {
+            "shard": shard,
+            "offset": self.position - self.stream.starts[shard],
+            "shard_name": os.path.basename(self.stream.files[shard]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        shard, offset = int(state["shard"]), int(state["offset"])
+        names = [os.path.basename(path) for path in self.stream.files]
+        if not 0 <= shard < len(names) or names[shard] != state["shard_name"]:
+            raise ValueError(
+                f"saved loader position is in shard {state['shard_name']!r} (#{shard}), which is not "
+                f"shard #{shard} of the {len(names)} training shards given now"
+            )
+        size = self.stream.starts[shard + 1] - self.stream.starts[shard]
+        if not 0 <= offset <= size:
+            raise ValueError(f"saved loader offset {offset} is outside shard {names[shard]} ({size} tokens)")
+        self.position = self.stream.starts[shard] + offset
+
+
+def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int = 0, world_size: int = 1):
+    """Yield (global offset, int64 tokens [seq_len]) for this rank's chunks of the first `num_tokens` val
+    tokens: chunk i starts at i * seq_len and goes to rank i % world_size. None takes every whole chunk."""
+    stream = TokenStream(path_or_files)
+    if num_tokens is None:
+        num_tokens = stream.num_tokens // seq_len * seq_len
+    if num_tokens % seq_len or num_tokens > stream.num_tokens:
+        raise ValueError(
+            f"val tokens {num_tokens} must be a multiple of seq_len {seq_len} and at most the "
+            f"{stream.num_tokens} tokens in {', '.join(stream.files)}"
+        )
+
+    def batches():
+        for offset in range(rank * seq_len, num_tokens, world_size * seq_len):
+            yield offset, torch.from_numpy(stream.read(offset, offset + seq_len).astype(np.int64))
+
+    return batches()
+
+
+def unigram_baseline(train_files, val_files) -> float:
+    """Cross-entropy in nats/token of the val tokens under the train tokens' unigram frequencies (add-one)."""
+    train_counts, val_counts = token_counts(train_files), token_counts(val_files)
+    log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + VOCAB_SIZE)
+    return float(-(val_counts * log_probs).sum() / val_counts.sum())
+
+
+def token_counts(files) -> np.ndarray:
+    stream = TokenStream(files)
+    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
+    step = 1 << 24  # bounded memory on 100M-token shards
+    for start in range(0, stream.num_tokens, step):
+        found = np.bincount(stream.read(start, min(start + step, stream.num_tokens)), minlength=VOCAB_SIZE)
+        if len(found) > VOCAB_SIZE:
+            raise ValueError(f"token id {len(found) - 1} is not below {VOCAB_SIZE} in {stream.files}")
+        counts += found
+    return counts
