@@ -129,7 +129,7 @@ def write_token_shards(
     workers = workers or os.cpu_count() or 1
     bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not progress)
     with multiprocessing.Pool(workers, initializer=get_tokenizer) if workers > 1 else _NoPool() as pool:
-        for tokens in pool.imap(encode_document, documents, chunksize=16):
+        for tokens in pool.imap(encode_document, documents, chunksize=128):
             in_val = val.tokens_written + val.filled < val_tokens
             (val if in_val else train).add(tokens)
             bar.update(len(tokens))
