@@ -1,0 +1,224 @@
+"""train.py through its real command line, on CPU, with small models (a few minutes on 2 cores).
+
+    python -m pytest -q tests/test_train.py
+
+Every run is a subprocess of `python train.py` (or torchrun) writing logs and checkpoints to a tmp dir.
+The demo corpus (real English text, built from the local Python installation) is prepared once if missing.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from data.demo import prepare_demo  # noqa: E402
+from data.shards import read_shard, write_shard  # noqa: E402
+from records.check import parse_log  # noqa: E402
+
+# a small demo-preset model: two layers of width 128, 2 x 128-token sequences per step, exact fp32
+SMALL = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=256",
+         "--seq_len=128", "--batch_size=2", "--val_tokens=1024", "--warmup_steps=0", "--autocast=fp32",
+         "--unigram_baseline=False"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun gives each rank one thread; the reference run must match
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_corpus():
+    return prepare_demo()
+
+
+def run_train(tmp_path, *flags, env=None, check=True, launcher=(sys.executable, "train.py")):
+    """Run train.py with logs and checkpoints under tmp_path; returns the CompletedProcess."""
+    command = [*launcher, f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/checkpoints", *flags]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_log(tmp_path, run_id):
+    with open(f"{tmp_path}/logs/{run_id}.txt") as f:
+        return f.read()
+
+
+def val_losses(log_text):
+    return [float(m.group(1)) for m in re.finditer(r"^step:\d+/\d+ val_loss:(\S+) ", log_text, re.M)]
+
+
+def load_final(tmp_path, run_id):
+    return torch.load(f"{tmp_path}/checkpoints/{run_id}/final.pt", weights_only=True)
+
+
+def test_demo_run_end_to_end(tmp_path):
+    steps = 12
+    run = run_train(tmp_path, "--preset=demo", "--run_id=demo", f"--steps={steps}", "--val_every=6",
+                    "--val_tokens=4096", "--warmup_steps=2", "--muon_momentum_warmup=6")
+    text = read_log(tmp_path, "demo")
+    parsed = parse_log(text)  # the records checker must be able to read what train.py writes
+    for name in ("train.py", "model.py"):
+        with open(os.path.join(REPO, name)) as f:
+            assert parsed.files[name] == f.read()
+    config = json.loads(parsed.header["config"].group("json"))
+    assert config["preset"] == "demo" and config["steps"] == steps
+    assert parsed.step_total == steps
+    lines = text.split("\n")
+    for pattern in (r"python:\d+\.\d+\.\d+", r"torch:\S+ cuda:\S+", r"nvidia-smi:", r"world_size:1 grad_accum:\d+",
+                    r"unigram_baseline:\d+\.\d{4}", r"train_tokens:\d+", r"peak_memory:\d+MiB", r"checkpoint:\S+"):
+        assert any(re.fullmatch(pattern, line) for line in lines), pattern
+    step_lines = [line for line in lines if re.fullmatch(r"step:\d+/12 train_loss:\d+\.\d{4} train_time:\d+ms "
+                                                         r"step_avg:\d+\.\d+ms", line)]
+    assert len(step_lines) == steps
+    assert [m.group("step") for m in parsed.val_lines] == ["0", "6", "12"]
+    losses = val_losses(text)
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.05)  # zero-initialised head: uniform predictions
+    assert losses[-1] < losses[0] - 1.0
+    assert all(int(m.group("tokens")) == 4096 for m in parsed.val_lines)
+
+    path = re.search(r"^checkpoint:(\S+)$", text, re.M).group(1)
+    assert f"python sample.py --checkpoint={path}" in run.stdout
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "bd3lm-speedrun-v1" and state["step"] == steps
+    assert set(state) >= {"model", "model_config", "hparams", "optimizers", "loader", "rng"}
+    assert state["hparams"] == config
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    flags = [*SMALL, "--steps=4", "--val_every=0", "--save_final=True"]
+    run_train(tmp_path, *flags, "--run_id=one", env=ONE_THREAD)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py")
+    run_train(tmp_path, *flags, "--run_id=two", env=ONE_THREAD, launcher=torchrun)
+    one, two = read_log(tmp_path, "one"), read_log(tmp_path, "two")
+    assert "world_size:1 grad_accum:2" in one and "world_size:2 grad_accum:1" in two
+    assert val_losses(one)[-1] == pytest.approx(val_losses(two)[-1], abs=1e-5)
+    weights_one, weights_two = load_final(tmp_path, "one")["model"], load_final(tmp_path, "two")["model"]
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    flags = [*SMALL, "--steps=8", "--val_every=4", "--save_final=True"]
+    run_train(tmp_path, *flags, "--run_id=whole")
+
+    command = [sys.executable, "train.py", f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/checkpoints",
+               *flags, "--run_id=killed", "--save_every=3"]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as killed:
+        for line in killed.stdout:
+            if line.startswith("saved:"):
+                killed.send_signal(signal.SIGKILL)
+                break
+        killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    checkpoint = f"{tmp_path}/checkpoints/killed/latest.pt"
+    assert torch.load(checkpoint, weights_only=True)["step"] in (3, 6)  # 6 if the kill came late
+
+    run_train(tmp_path, *flags, "--run_id=resumed", f"--resume={checkpoint}")
+    whole, resumed = read_log(tmp_path, "whole"), read_log(tmp_path, "resumed")
+    assert val_losses(resumed)[-1] == val_losses(whole)[-1]
+    assert re.search(r"^train_tokens:\d+$", resumed, re.M).group() == re.search(r"^train_tokens:\d+$", whole,
+                                                                                re.M).group()
+    weights_whole, weights_resumed = load_final(tmp_path, "whole")["model"], load_final(tmp_path, "resumed")["model"]
+    for name, tensor in weights_whole.items():
+        assert torch.equal(weights_resumed[name], tensor), name
+
+
+def write_local_shards(folder, train_tokens, val_tokens):
+    """Small FineWeb-named shards cut from the demo corpus: real text in the record preset's file layout."""
+    train_path, val_path = prepare_demo()
+    os.makedirs(folder, exist_ok=True)
+    write_shard(f"{folder}/finewebedu_train_000001.bin", read_shard(train_path)[:train_tokens])
+    write_shard(f"{folder}/finewebedu_val_000000.bin", read_shard(val_path)[:val_tokens])
+    return f"{folder}/finewebedu_train_*.bin", f"{folder}/finewebedu_val_000000.bin"
+
+
+def test_record_preset_two_steps_on_cpu(tmp_path):
+    train_files, val_file = write_local_shards(tmp_path / "fineweb", 20_000, 4_096)
+    run_train(tmp_path, "--run_id=record", f"--train_files={train_files}", f"--val_file={val_file}", "--steps=2",
+              "--seq_len=128", "--val_tokens=256")
+    text = read_log(tmp_path, "record")
+    parsed = parse_log(text)
+    config = json.loads(parsed.header["config"].group("json"))
+    assert config["preset"] == "record" and config["block_size"] == 16 and config["batch_size"] == 8
+    assert 150e6 < int(parsed.header["params"].group("count")) <= 162e6
+    assert "world_size:1 grad_accum:8" in text
+    assert re.search(r"^step:2/2 train_loss:\d+\.\d{4} ", text, re.M)
+    assert [m.group("step") for m in parsed.val_lines] == ["0", "2"]
+    assert all(math.isfinite(loss) for loss in val_losses(text))
+
+
+def bad_shard(tmp_path):
+    path = tmp_path / "bad_train_000000.bin"
+    path.write_bytes(np.arange(1024, dtype="<i4").tobytes())
+    return str(path)
+
+
+BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
+    (["--stepz=3"], 2, "unknown flag --stepz"),
+    (["--steps=many"], 2, "--steps takes a value of type int"),
+    (["--save_final=maybe"], 2, "--save_final takes True or False"),
+    (["steps=3"], 2, "expected --name=value"),
+    (["--preset=huge"], 2, "unknown preset 'huge'"),
+    (["--steps=0"], 2, "--steps must be at least 1"),
+    (["--block_size=0"], 2, "--block_size must be at least 1"),
+    (["--n_layer=3"], 2, "n_layer must be even"),
+    (["--t_lo=0.9", "--t_hi=0.5"], 2, "need 0 <= t_lo < t_hi <= 1"),
+    (["--val_tokens=1000"], 2, "not a multiple of --seq_len"),
+    (["--autocast=fp16"], 2, "--autocast must be auto, bf16 or fp32"),
+    (["--muon_lr=-1"], 2, "--muon_lr must not be negative"),
+    (["--resume=/nonexistent/latest.pt"], 2, "is not a file"),
+    (["--train_files=/nonexistent/fineweb_*.bin"], 1, "python data/cached_finewebedu10B.py 10"),
+    (["--val_file=/nonexistent/val.bin"], 1, "--preset=demo"),
+]
+
+
+@pytest.mark.parametrize("flags,status,message", BAD_FLAGS, ids=[" ".join(case[0]) for case in BAD_FLAGS])
+def test_bad_flags_exit_with_one_line(tmp_path, flags, status, message):
+    result = run_train(tmp_path, *SMALL, *flags, check=False)
+    assert result.returncode == status
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_batch_must_divide_over_ranks(tmp_path):
+    result = run_train(tmp_path, *SMALL, "--batch_size=3", env={"WORLD_SIZE": "2"}, check=False)
+    assert result.returncode == 2
+    assert result.stderr == "error: --batch_size=3 sequences do not divide over 2 ranks\n"
+
+
+def test_bad_data_exits_with_one_line(tmp_path):
+    bad = bad_shard(tmp_path)
+    result = run_train(tmp_path, *SMALL, f"--train_files={bad}", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "bad magic number" in result.stderr
+
+    train_files, val_file = write_local_shards(tmp_path / "tiny", 1_000, 1_024)
+    result = run_train(tmp_path, *SMALL, f"--train_files={train_files}", f"--val_file={val_file}", "--steps=50",
+                       check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert re.search(r"^error: step \d+ of 50: training data exhausted", result.stderr)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    result = run_train(tmp_path, *SMALL, "--run_id=nan", "--steps=20", "--save_every=1", "--muon_lr=1e30",
+                       "--embed_lr=1e30", "--head_lr=1e30", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    match = re.fullmatch(r"error: train loss is (nan|inf) at step (\d+); .*\(last checkpoint: (\S+)\)\n", result.stderr)
+    assert match, result.stderr
+    state = torch.load(match.group(3), weights_only=True)
+    assert state["step"] == int(match.group(2)) - 1
+
+
+def test_resume_with_other_model_config_is_refused(tmp_path):
+    run_train(tmp_path, *SMALL, "--run_id=first", "--steps=1", "--save_final=True")
+    checkpoint = f"{tmp_path}/checkpoints/first/final.pt"
+    result = run_train(tmp_path, *SMALL, "--mlp_hidden=512", f"--resume={checkpoint}", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "different model config: mlp_hidden 256 (now 512)" in result.stderr
