@@ -218,23 +218,28 @@ def test_checker_reads_logs_only(tmp_path, good_log):
     assert verdict.startswith("PASS ") and imported == "[]", done.stdout
 
 
-DEMO_STEPS = 20
+DEMO_STEPS = 2
 
 
 @pytest.mark.skipif(not (REPO / "train.py").exists(), reason="train.py does not exist yet")
-def test_real_demo_log_passes(tmp_path):
-    """A short demo run of the real train.py writes a log that check.py accepts with demo settings."""
+def test_real_demo_log(tmp_path):
+    """A short demo run of the real train.py: its log passes with demo settings, fails the record rules."""
     logs = tmp_path / "logs"
-    subprocess.run([sys.executable, "train.py", "--preset=demo", f"--steps={DEMO_STEPS}", "--val_every=10",
-                    f"--log_dir={logs}", f"--checkpoint_dir={tmp_path / 'checkpoints'}", "--run_id=demo"],
-                   cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "train.py", "--preset=demo", f"--steps={DEMO_STEPS}", "--warmup_steps=0",
+                          "--val_every=0", "--val_tokens=1024", f"--log_dir={logs}",
+                          f"--checkpoint_dir={tmp_path / 'checkpoints'}", "--run_id=demo"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
     text = (logs / "demo.txt").read_text(encoding="utf-8")
-    val_tokens = re.search(r"^val_data:path=.+ tokens=(\d+)$", text, re.MULTILINE).group(1)
-    # Any learning at all beats guessing uniformly among the 50257 tokens.
-    target = math.log(50257)
     repo = tmp_path / "code"
     rev = commit_files(repo, {name: (REPO / name).read_text(encoding="utf-8") for name in EMBEDDED})
-    code, out = run_check(tmp_path, text, f"--target={target}", f"--val_tokens={val_tokens}",
+    # Two steps teach little; a working model still does no worse than guessing among the 50257 tokens.
+    code, out = run_check(tmp_path, text, f"--target={math.log(50257)}", "--val_tokens=1024",
                           "--train_files=.*", "--val_file=.*", f"--rev={rev}", f"--repo={repo}")
     assert code == 0, out
     assert f"step:{DEMO_STEPS}/{DEMO_STEPS}" in out and f"code:matches@{rev}" in out
+
+    code, out = run_check(tmp_path, text)
+    assert code == 1, out
+    for reason in ("is not <= target 3.44", "not 10,485,760", "not FineWeb-Edu train", "not the FineWeb-Edu val"):
+        assert reason in out
