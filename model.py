@@ -1,0 +1,444 @@
+"""
+The block diffusion language model (BD3-LM, arXiv 2503.09573) and its exact training objective.
+
+A token stream is cut into blocks of `block_size` tokens, aligned to document starts. Each block is
+noised by masking every token with probability t (one t per block), and the model predicts the clean
+tokens of a block from its noisy version and the clean blocks before it in the same document.
+Training runs one transformer pass over [x_t ; x_0] under the mask rule of the paper's section 3.2;
+inference keeps the clean blocks in a KV cache and runs one noisy block at a time.
+
+This file knows nothing about data files, tokenizers, optimizers or distributed training; it imports
+only torch. Token ids are GPT-2 ids (the real vocabulary) plus one [MASK] id equal to `vocab_size`.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+TILE = 128  # FlexAttention's tile size: a BlockMask says which TILE x TILE tiles of scores to compute
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # real tokens; the [MASK] id is vocab_size
+    n_layer: int = 12
+    n_head: int = 6
+    head_dim: int = 128
+    model_dim: int = 768
+    mlp_hidden: int = 3056  # 4 * 768 would put the record model at 162.17M parameters, over the 162M cap
+    block_size: int = 16
+    bos_id: int = 50256
+    attn_backend: str = "auto"  # "auto" (flex on CUDA, sdpa elsewhere), "flex" or "sdpa"
+    rope_base: float = 10000.0
+    logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 turns it off
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def padded_vocab(self) -> int:
+        return math.ceil((self.vocab_size + 1) / 128) * 128
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "head_dim", "model_dim", "mlp_hidden", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_layer % 2:
+            raise ValueError(f"n_layer must be even for the U-net skip connections, got {self.n_layer}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not 0 <= self.bos_id < self.vocab_size:
+            raise ValueError(f"bos_id {self.bos_id} is not a token id of a {self.vocab_size}-token vocabulary")
+        if self.attn_backend not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"attn_backend must be auto, flex or sdpa, got {self.attn_backend!r}")
+
+
+# -----------------------------------------------------------------------------
+# Documents, blocks and the noise process
+
+
+def document_layout(tokens: Tensor, block_size: int, bos_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token of a stream [..., L]: document index, position inside the document, global block index.
+    Every BOS starts a document, and so does the first token (a stream may start mid-document).
+    Block indices count across documents, so equal block index implies equal document."""
+    starts = tokens == bos_id
+    starts[..., 0] = True
+    doc = starts.cumsum(-1) - 1
+    index = torch.arange(tokens.size(-1), device=tokens.device).expand_as(tokens)
+    doc_start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    pos = index - doc_start
+    block = (pos % block_size == 0).cumsum(-1) - 1
+    return doc, pos, block
+
+
+class Noise(NamedTuple):
+    t: Tensor  # float [L]: the noise level of each token's block
+    masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
+
+
+def _block_start(tokens: Tensor, block_size: int, bos_id: int) -> Tensor:
+    """Stream index of the first token of each token's block."""
+    _, pos, _ = document_layout(tokens, block_size, bos_id)
+    return torch.arange(tokens.numel(), device=tokens.device) - pos % block_size
+
+
+def train_noise(tokens: Tensor, block_size: int, bos_id: int, t_lo: float, t_hi: float,
+                generator: torch.Generator) -> Noise:
+    """t ~ U(t_lo, t_hi) per block, then mask each token with probability t, from the caller's generator."""
+    draws = torch.rand(2, tokens.numel(), generator=generator, device=generator.device).to(tokens.device)
+    t = t_lo + (t_hi - t_lo) * draws[0, _block_start(tokens, block_size, bos_id)]
+    return Noise(t, draws[1] < t)
+
+
+def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
+    """A uniform number in (0, 1) for every (seed, position): integer hashing, identical on any device.
+    Multipliers stay below 2**31 so no int64 product overflows."""
+    mask32 = 0xFFFFFFFF
+
+    def mix(x: Tensor) -> Tensor:
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & mask32
+        x = x ^ (x >> 15)
+        x = (x * 0x1B873593) & mask32
+        return x ^ (x >> 16)
+
+    seed_hash = mix(torch.tensor(seed & mask32, dtype=torch.int64))
+    x = mix(mix((positions & mask32) ^ seed_hash) ^ (positions >> 32))
+    return ((x >> 8).double() + 0.5) / 2**24
+
+
+def eval_noise(tokens: Tensor, block_size: int, bos_id: int, seed: int, offset: int) -> Noise:
+    """t ~ U(0, 1) per block and the masks, derived from `seed` and each token's global position
+    (`offset` is the position of tokens[0] in the whole val stream), so the val loss does not depend
+    on how the stream is split over ranks or steps."""
+    positions = offset + torch.arange(tokens.numel(), device=tokens.device)
+    block_positions = offset + _block_start(tokens, block_size, bos_id)
+    t = _hash_uniform(2 * seed, block_positions).float()
+    return Noise(t, _hash_uniform(2 * seed + 1, positions).float() < t)
+
+
+# -----------------------------------------------------------------------------
+# The attention mask of the vectorized pass over [x_t ; x_0]
+
+
+def mask_rule(doc_q, block_q, clean_q, doc_k, block_k, clean_k):
+    """BD3-LM attention (paper section 3.2), elementwise on broadcastable tensors. Never across documents."""
+    block_diagonal = (clean_q == clean_k) & (block_q == block_k)
+    offset_block_causal = ~clean_q & clean_k & (block_k < block_q)
+    block_causal = clean_q & clean_k & (block_k <= block_q)
+    return (doc_q == doc_k) & (block_diagonal | offset_block_causal | block_causal)
+
+
+def _doubled_layout(tokens: Tensor, block_size: int, bos_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Document, block and is-clean of every position of [x_t ; x_0] (both halves share the layout of x_0)."""
+    doc, _, block = document_layout(tokens, block_size, bos_id)
+    clean = torch.arange(2 * tokens.size(-1), device=tokens.device) >= tokens.size(-1)
+    return torch.cat([doc, doc], -1), torch.cat([block, block], -1), clean.expand(*tokens.shape[:-1], -1)
+
+
+def block_diffusion_mask(tokens: Tensor, block_size: int, bos_id: int) -> Tensor:
+    """Dense boolean mask [2L, 2L] (queries by keys; the first L positions are the noisy half x_t)
+    for the vectorized pass over the clean stream `tokens` [L]. Batched input [N, L] gives [N, 2L, 2L]."""
+    doc, block, clean = _doubled_layout(tokens, block_size, bos_id)
+    q, k = (..., slice(None), None), (..., None, slice(None))
+    return mask_rule(doc[q], block[q], clean[q], doc[k], block[k], clean[k])
+
+
+def block_diffusion_block_mask(tokens: Tensor, block_size: int, bos_id: int) -> BlockMask:
+    """The same mask as a FlexAttention BlockMask for a 1-D stream, built from per-tile summaries in
+    O((2L/TILE)^2) instead of evaluating all (2L)^2 pairs. Document and block indices only grow along
+    each half, so a tile's first and last values bound it: a tile pair is skipped when no pair in it
+    can pass the rule, and marked full (no mask_mod needed) when every pair must."""
+    length = tokens.numel()
+    if length % TILE:
+        raise ValueError(f"the flex attention backend needs a sequence length divisible by {TILE}, got {length}")
+    doc, block, clean = _doubled_layout(tokens, block_size, bos_id)
+    tiles = 2 * length // TILE
+    first_doc, last_doc = doc.view(tiles, TILE)[:, 0], doc.view(tiles, TILE)[:, -1]
+    first_block, last_block = block.view(tiles, TILE)[:, 0], block.view(tiles, TILE)[:, -1]
+    tile_clean = clean.view(tiles, TILE)[:, 0]
+    q, k = (slice(None), None), (None, slice(None))
+
+    docs_overlap = (first_doc[q] <= last_doc[k]) & (first_doc[k] <= last_doc[q])
+    one_doc = (first_doc[q] == last_doc[q]) & (first_doc[k] == last_doc[k]) & (first_doc[q] == first_doc[k])
+    same_half = tile_clean[q] == tile_clean[k]
+    noisy_to_clean = ~tile_clean[q] & tile_clean[k]
+    clean_to_clean = tile_clean[q] & tile_clean[k]
+    blocks_overlap = (first_block[q] <= last_block[k]) & (first_block[k] <= last_block[q])
+    one_block = (first_block[q] == last_block[q]) & (first_block[k] == last_block[k]) & blocks_overlap
+    any_allowed = (same_half & blocks_overlap) \
+        | (noisy_to_clean & docs_overlap & (first_block[k] < last_block[q])) \
+        | (clean_to_clean & docs_overlap & (first_block[k] <= last_block[q]))
+    all_allowed = (same_half & one_block) \
+        | (noisy_to_clean & one_doc & (last_block[k] < first_block[q])) \
+        | (clean_to_clean & one_doc & (last_block[k] <= first_block[q]))
+    partial = any_allowed & ~all_allowed
+
+    def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
+        return selected.sum(-1, dtype=torch.int32)[None, None], order.int()[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_rule(doc[q_idx], block[q_idx], clean[q_idx], doc[kv_idx], block[kv_idx], clean[kv_idx])
+
+    return BlockMask.from_kv_blocks(*as_kv_blocks(partial), *as_kv_blocks(all_allowed),
+                                    BLOCK_SIZE=TILE, mask_mod=mask_mod)
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotate the halves of x [N, S, H, D] by angles pos * base^(-2i/D)."""
+    half = x.size(-1) // 2
+    inv_freq = base ** -(torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = pos[..., None, None].float() * inv_freq
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)
+
+
+def init_linear(dim_in: int, dim_out: int, zero: bool = False) -> nn.Linear:
+    layer = nn.Linear(dim_in, dim_out, bias=False)
+    with torch.no_grad():
+        if zero:
+            layer.weight.zero_()
+        else:
+            bound = 3**0.5 * 0.5 * dim_in**-0.5
+            layer.weight.uniform_(-bound, bound)
+    return layer
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, first_layer: bool):
+        super().__init__()
+        inner = config.n_head * config.head_dim
+        self.n_head, self.head_dim, self.rope_base = config.n_head, config.head_dim, config.rope_base
+        self.q = init_linear(config.model_dim, inner)
+        self.k = init_linear(config.model_dim, inner)
+        self.v = init_linear(config.model_dim, inner)
+        self.proj = init_linear(inner, config.model_dim, zero=True)
+        # value residual: later layers mix the first layer's values into their own
+        self.value_mix = None if first_layer else nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: Tensor, pos: Tensor, mask, first_values, past=None):
+        """x [N, S, dim] attends to its own keys, preceded by the cached keys and values `past` if given.
+        `mask` is a BlockMask or a dense boolean [N, 1, S, S_past + S]. Returns (output, (k, v), values)."""
+        N, S, _ = x.shape
+        q = self.q(x).view(N, S, self.n_head, self.head_dim)
+        k = self.k(x).view(N, S, self.n_head, self.head_dim)
+        v = self.v(x).view(N, S, self.n_head, self.head_dim)
+        if first_values is not None:
+            v = (1 - self.value_mix) * v + self.value_mix * first_values
+        values = v
+        q, k = rotary(norm(q), pos, self.rope_base), rotary(norm(k), pos, self.rope_base)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        new_kv = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        if isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(N, S, -1)), new_kv, values
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = init_linear(config.model_dim, config.mlp_hidden)
+        self.down = init_linear(config.mlp_hidden, config.model_dim, zero=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, first_layer: bool):
+        super().__init__()
+        self.attn = Attention(config, first_layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, pos, mask, first_values, past=None):
+        y, new_kv, values = self.attn(norm(x), pos, mask, first_values, past)
+        x = x + y
+        return x + self.mlp(norm(x)), new_kv, values
+
+
+class Trunk(nn.Module):
+    """Embedding and transformer blocks with U-net skips: token ids [N, S] -> final hidden states.
+    Kept as its own module so train.py can compile exactly the static-shape part."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size + 1, config.model_dim)
+        self.blocks = nn.ModuleList(Block(config, i == 0) for i in range(config.n_layer))
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
+
+    def forward(self, idx: Tensor, pos: Tensor, mask, past=None):
+        """Returns the normed hidden states [N, S, dim] and each layer's new (k, v)."""
+        x = norm(self.embed(idx))
+        skips, new_kvs, first_values = [], [], None
+        half = len(self.blocks) // 2
+        for i, block in enumerate(self.blocks):
+            if i >= half:
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x, new_kv, values = block(x, pos, mask, first_values, None if past is None else past[i])
+            first_values = values if i == 0 else first_values
+            new_kvs.append(new_kv)
+            if i < half:
+                skips.append(x)
+        return norm(x), new_kvs
+
+
+@dataclass
+class KVCache:
+    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens themselves."""
+    keys: list[Tensor]
+    values: list[Tensor]
+    tokens: Tensor  # [N, max_len]
+    length: int = 0
+
+
+class BD3LM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.trunk = Trunk(config)
+        self.head = init_linear(config.model_dim, config.padded_vocab, zero=True)
+
+    # --- training and evaluation
+
+    def forward(self, tokens: Tensor, noise: Noise) -> Tensor:
+        """Negative ELBO of the clean stream `tokens` [L] under `noise`: sum over masked tokens of
+        cross-entropy / t, divided by L (all tokens). An upper bound on NLL in nats/token when t ~ U(0,1)."""
+        return self.token_losses(tokens, noise).sum() / tokens.numel()
+
+    def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
+        """Per-token terms of the loss [L]: CE / t where masked, 0 elsewhere (SUBS: unmasked tokens are
+        copied through). The head runs only on masked positions of the noisy half."""
+        self._check_tokens(tokens, 1)
+        length = tokens.numel()
+        x_t = torch.where(noise.masked, self.config.mask_id, tokens)
+        hidden = self._pass(x_t[None], tokens[None])[0, :length]
+        where = noise.masked.nonzero().squeeze(1)
+        ce = F.cross_entropy(self.logits_of(hidden[where]).float(), tokens[where], reduction="none")
+        return torch.zeros(length, device=tokens.device).index_put((where,), ce / noise.t[where])
+
+    def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+        """Full-vocabulary logits [N, L, vocab_size] of every noisy position of [x_t ; x_0] (rows
+        independent). The slow, obvious path: for tests and the reference sampler."""
+        self._check_tokens(x_0, 2, allow_mask=True)
+        self._check_tokens(x_t, 2, allow_mask=True)
+        return self.logits_of(self._pass(x_t, x_0)[:, : x_0.size(1)]).float()
+
+    def logits_of(self, hidden: Tensor) -> Tensor:
+        """Head: hidden states -> logits over the real vocabulary. [MASK] and padding columns are dropped,
+        so they can never be predicted."""
+        logits = self.head(hidden)[..., : self.config.vocab_size]
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def _pass(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+        cfg = self.config
+        _, pos, _ = document_layout(x_0, cfg.block_size, cfg.bos_id)
+        if self._use_flex(x_0.device) and x_0.size(0) == 1:
+            mask = block_diffusion_block_mask(x_0[0], cfg.block_size, cfg.bos_id)
+        else:
+            mask = block_diffusion_mask(x_0, cfg.block_size, cfg.bos_id)[:, None]
+        hidden, _ = self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos], 1), mask)
+        return hidden
+
+    def _use_flex(self, device: torch.device) -> bool:
+        backend = self.config.attn_backend
+        return backend == "flex" or (backend == "auto" and device.type == "cuda")
+
+    def _check_tokens(self, tokens: Tensor, dims: int, allow_mask: bool = False) -> None:
+        if tokens.dim() != dims or tokens.numel() == 0:
+            raise ValueError(f"expected a non-empty {dims}-D tensor of token ids, got shape {tuple(tokens.shape)}")
+        top = self.config.vocab_size + (1 if allow_mask else 0)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= top:
+            raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
+
+    # --- inference with a KV cache of clean tokens
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        cfg, param = self.config, self.head.weight
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+        return KVCache(keys=[param.new_empty(shape) for _ in range(cfg.n_layer)],
+                       values=[param.new_empty(shape) for _ in range(cfg.n_layer)],
+                       tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device))
+
+    def _cached_pass(self, cache: KVCache, tokens: Tensor, clean: bool):
+        """Run `tokens` [N, n] after the cached clean context. Clean tokens attend as the clean half of
+        training does (same document, key block <= own block); noisy ones as the noisy half (same
+        document, key block strictly earlier, or the same block among themselves)."""
+        self._check_tokens(tokens, 2, allow_mask=True)
+        cfg, n, length = self.config, tokens.size(1), cache.length
+        if tokens.size(0) != cache.tokens.size(0) or length + n > cache.tokens.size(1):
+            raise ValueError(f"{tuple(tokens.shape)} tokens do not fit a cache of shape {tuple(cache.tokens.shape)} "
+                             f"holding {length}")
+        history = torch.cat([cache.tokens[:, :length], tokens], 1)
+        doc, pos, block = document_layout(history, cfg.block_size, cfg.bos_id)
+        new = slice(length, length + n)
+        clean_q = torch.tensor(clean, device=tokens.device)
+        clean_k = (torch.arange(length + n, device=tokens.device) < length) | clean_q
+        mask = mask_rule(doc[:, new, None], block[:, new, None], clean_q,
+                         doc[:, None, :], block[:, None, :], clean_k)[:, None]
+        past = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.keys, cache.values)]
+        return self.trunk(tokens, pos[:, new], mask, past)
+
+    @torch.no_grad()
+    def cache_logits(self, cache: KVCache, noisy_block: Tensor) -> Tensor:
+        """Logits [N, n, vocab_size] of a noisy block [N, n] given the cached clean context."""
+        hidden, _ = self._cached_pass(cache, noisy_block, clean=False)
+        return self.logits_of(hidden).float()
+
+    @torch.no_grad()
+    def cache_append(self, cache: KVCache, clean_tokens: Tensor) -> None:
+        """Add finished clean tokens [N, n] (a denoised block, or a prompt prefix) to the cache."""
+        _, new_kvs = self._cached_pass(cache, clean_tokens, clean=True)
+        end = cache.length + clean_tokens.size(1)
+        for layer, (k, v) in enumerate(new_kvs):
+            cache.keys[layer][:, :, cache.length:end] = k
+            cache.values[layer][:, :, cache.length:end] = v
+        cache.tokens[:, cache.length:end] = clean_tokens
+        cache.length = end
+
+    # --- helpers for the scripts around the model
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Muon takes the hidden matrices; Adam the embedding, the head and the scalars."""
+        hidden = [p for p in self.trunk.blocks.parameters() if p.dim() == 2]
+        scalars = [p for p in self.trunk.parameters() if p.dim() < 2]
+        return {"hidden_matrices": hidden, "embed": [self.trunk.embed.weight], "head": [self.head.weight],
+                "scalars": scalars}
+
+
+def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float = 0.55) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per token of the clean stream.
+    Every token passes the trunk twice (noisy and clean half); the head runs on masked tokens only
+    (0.55 = the mean of t ~ U(0.3, 0.8)). Attention is counted for one document of seq_len tokens,
+    where a query sees on average about seq_len / 2 + block_size keys in either half; it is lower
+    for streams of short documents, whose tiles the BlockMask skips."""
+    c = config
+    inner = c.n_head * c.head_dim
+    matmul_params = c.n_layer * (4 * c.model_dim * inner + 2 * c.model_dim * c.mlp_hidden)
+    trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
+    head = masked_fraction * 2 * c.model_dim * c.padded_vocab
+    return 3 * (trunk + head)
