@@ -43,7 +43,6 @@ class ParsedLog:
     files: dict[str, str]                  # embedded path -> text between its markers
     header: dict[str, re.Match]            # HEADER_LINES key -> its (single) match
     val_lines: list[re.Match]
-    step_total: int | None                 # the N of every step:k/N line
 
 
 def parse_log(text: str) -> ParsedLog:
@@ -85,7 +84,7 @@ def parse_log(text: str) -> ParsedLog:
             raise MalformedLog(f"the log has no '{key}:' line")
     if len(totals) > 1:
         raise MalformedLog(f"step lines disagree on the number of steps ({sorted(totals)}); one run per log")
-    return ParsedLog(files, header, val_lines, totals.pop() if totals else None)
+    return ParsedLog(files, header, val_lines)
 
 
 def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
