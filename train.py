@@ -278,7 +278,7 @@ def main(argv: list[str]) -> None:
                             weight_decay=hp.weight_decay)
     adam_groups = [dict(params=groups[name], lr=lr) for name, lr in
                    (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
-    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=hp.weight_decay)
+    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=hp.weight_decay, fused=True)
     optimizers = [muon, adam]
     for optimizer in optimizers:
         for group in optimizer.param_groups:

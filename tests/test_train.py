@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import train
+from data.demo import prepare_demo
+from data.shards import read_shard, write_shard
+from records.check import parse_log
 
-from data.demo import prepare_demo  # noqa: E402
-from data.shards import read_shard, write_shard  # noqa: E402
-from records.check import parse_log  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # a small demo-preset model: two layers of width 128, 2 x 128-token sequences per step, exact fp32
 SMALL = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=256",
@@ -182,16 +182,30 @@ BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
 
 
 @pytest.mark.parametrize("flags,status,message", BAD_FLAGS, ids=[" ".join(case[0]) for case in BAD_FLAGS])
-def test_bad_flags_exit_with_one_line(tmp_path, flags, status, message):
-    result = run_train(tmp_path, *SMALL, *flags, check=False)
-    assert result.returncode == status
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+def test_bad_flags_exit_with_one_line(tmp_path, capsys, flags, status, message):
+    """In-process through train.main (the CLI's own entry point): the same exits, without a torch import each."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*SMALL, f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/ck", *flags])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == status
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr
 
 
-def test_batch_must_divide_over_ranks(tmp_path):
+def test_cli_exit_status_and_message(tmp_path):
+    result = run_train(tmp_path, *SMALL, "--stepz=3", check=False)
+    assert result.returncode == 2 and result.stderr == "error: unknown flag --stepz (see --help)\n"
     result = run_train(tmp_path, *SMALL, "--batch_size=3", env={"WORLD_SIZE": "2"}, check=False)
     assert result.returncode == 2
     assert result.stderr == "error: --batch_size=3 sequences do not divide over 2 ranks\n"
+    result = run_train(tmp_path, "--help")
+    assert all(f"--{name}=" in result.stdout for name in ("preset", "seq_len", "muon_lr", "resume", "dry_run"))
+
+
+def test_dry_run_reads_no_data(tmp_path):
+    result = run_train(tmp_path, "--dry_run=True", "--train_files=/nonexistent/*.bin")
+    params = int(re.search(r"^params:(\d+)$", result.stdout, re.M).group(1))
+    assert 150e6 < params <= 162e6
+    assert not os.path.exists(f"{tmp_path}/logs")
 
 
 def test_bad_data_exits_with_one_line(tmp_path):
