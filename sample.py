@@ -1,0 +1,298 @@
+"""
+Generate text from a trained BD3-LM checkpoint, block by block.
+
+    python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The history of" --max_new_tokens=256
+
+Each new block starts as all [MASK] (or with the prompt's tail in it when the prompt does not end on a block
+boundary) and is denoised in a few steps by one of three samplers; the finished block then enters the KV cache
+as clean context, so a denoising step costs one forward pass of one block. `--kv_cache=False` instead recomputes
+the whole history at every step: the slow reference, which gives the same tokens for the same seed.
+
+`generate` knows the model's inference API and the samplers, nothing about tokenizers or files; `main` is the
+command line around it: settings, checkpoint, prompt, printing.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from model import BD3LM, ModelConfig, document_layout
+
+CHECKPOINT_FORMAT = "bd3lm-speedrun-v1"  # the only format train.py writes and this file reads
+SAMPLERS = ("ddpm", "first_hitting", "confidence")
+MASK_GLYPH = "░"
+
+
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    checkpoint: str = setting("", "checkpoint written by train.py (required)")
+    prompt: str = setting("", "text to continue; empty: the start of a new document")
+    prompt_file: str = setting("", "read the prompt from this file instead")
+    num_samples: int = setting(1, "samples generated together as one batch")
+    max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
+    sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence")
+    steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
+    threshold: float = setting(0.9, "confidence: commit every token the model gives at least this probability")
+    temperature: float = setting(1.0, "divides the logits before drawing; 0 takes the most likely token")
+    top_p: float = setting(1.0, "nucleus: draw from the smallest set of tokens holding this much probability")
+    seed: int = setting(0, "seed of the one generator all random draws come from")
+    kv_cache: bool = setting(True, "False: recompute the whole context at every step (slow reference)")
+    show_denoising: bool = setting(False, "print how each block fills in, step by step")
+    device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
+
+
+class SettingsError(ValueError):
+    """A flag, checkpoint or prompt this script cannot use; main prints it on one line and exits with 2."""
+
+
+def usage() -> str:
+    lines = ["usage: python sample.py --checkpoint=PATH [--name=value ...]", ""]
+    lines += [f"  {f'--{f.name}={f.default}':<34} {f.metadata['help']}" for f in fields(Settings)]
+    return "\n".join(lines)
+
+
+def parse_value(name: str, kind: type, text: str):
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return text.lower() in ("true", "1", "yes")
+        raise SettingsError(f"--{name} takes True or False, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingsError(f"--{name} takes a value of type {kind.__name__}, got {text!r}") from None
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    kinds = {f.name: f.type for f in fields(Settings)}
+    values = {}
+    for arg in argv:
+        name, equals, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not equals:
+            raise SettingsError(f"expected --name=value, got {arg!r} (see --help)")
+        if name not in kinds:
+            raise SettingsError(f"unknown flag --{name} (see --help)")
+        values[name] = parse_value(name, kinds[name], text)
+    return Settings(**values)
+
+
+def check_settings(s: Settings) -> None:
+    if s.sampler not in SAMPLERS:
+        raise SettingsError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+    for name in ("num_samples", "max_new_tokens", "steps_per_block"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"--{name} must be at least 1, got {getattr(s, name)}")
+    if not 0 <= s.threshold <= 1:
+        raise SettingsError(f"--threshold must lie in [0, 1], got {s.threshold}")
+    if not 0 < s.top_p <= 1:
+        raise SettingsError(f"--top_p must lie in (0, 1], got {s.top_p}")
+    if not s.temperature >= 0:
+        raise SettingsError(f"--temperature must not be negative, got {s.temperature}")
+    if not 0 <= s.seed < 2**63:
+        raise SettingsError(f"--seed must lie in [0, 2**63), got {s.seed}")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise SettingsError(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    if s.prompt and s.prompt_file:
+        raise SettingsError("give --prompt or --prompt_file, not both")
+
+
+# -----------------------------------------------------------------------------
+# Samplers: one denoising step of a block [N, n]
+
+
+def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Probabilities [..., V] to draw from, in float64 so the cached and the reference path, whose logits
+    differ only by float rounding, draw the same tokens."""
+    if temperature == 0:
+        return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        kept = sorted_probs.cumsum(-1) - sorted_probs < top_p  # mass before a token below top_p; keeps the top one
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * kept)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def draw(cdf: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per position by inverting the cumulative distribution with one uniform number each."""
+    u = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64, device=generator.device)
+    u = (u.to(cdf.device) * cdf[..., -1])[..., None]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
+def choose_unmasked(s: Settings, step: int, masked: Tensor, confidence: Tensor, generator) -> Tensor:
+    """Which masked positions [N, n] to commit at this step."""
+    if s.sampler == "ddpm":
+        # ancestral step from t to s of the linear schedule: a masked token is revealed with probability (t - s) / t
+        t, t_next = 1 - step / s.steps_per_block, 1 - (step + 1) / s.steps_per_block
+        u = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
+        return masked & (u < (t - t_next) / t)
+    if s.sampler == "first_hitting":
+        # Zheng et al.'s first-hitting sampler reveals one uniformly chosen masked token per step; its hitting
+        # times only matter to a time-conditioned model, and ours takes no time input, so they are not drawn.
+        scores = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
+        scores = scores.masked_fill(~masked, -1)
+    else:
+        scores = confidence.masked_fill(~masked, -1)
+    best = torch.zeros_like(masked).scatter_(-1, scores.argmax(-1, keepdim=True), True) & masked
+    return best | (masked & (scores >= s.threshold)) if s.sampler == "confidence" else best
+
+
+def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator, on_step=None) -> Tensor:
+    """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. A step that commits nothing
+    leaves the block as it was, so the next step reuses the last forward's distribution (no change, no forward)."""
+    masked = block == mask_id
+    cdf, confidence, step = None, None, 0
+    while masked.any():
+        if cdf is None:
+            logits = block_logits(block)
+            cdf = token_distribution(logits, s.temperature, s.top_p).cumsum_(-1)
+            if s.sampler == "confidence":  # the model's own top probability, before temperature and top-p
+                confidence = torch.softmax(logits.double(), -1).amax(-1)
+        values = draw(cdf, generator)
+        commit = choose_unmasked(s, step, masked, confidence, generator)
+        if commit.any():
+            block, masked, cdf = torch.where(commit, values, block), masked & ~commit, None
+            if on_step:
+                on_step(block)
+        step += 1
+    return block
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0  # generated positions per sample
+    forwards: int = 0  # denoising forward passes (NFE), each over the whole batch
+    cache_appends: int = 0  # forward passes that put finished clean tokens into the KV cache
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Generator, on_step=None,
+             progress: bool = False) -> tuple[Tensor, Stats]:
+    """Continue `prompt` (token ids, starting with BOS) in `s.num_samples` rows at once. Returns the tokens
+    [N, len(prompt) + generated] and stats. Stops early once every row has emitted <|endoftext|>.
+    `on_step(block_index, block)` sees each block after every step that changed it."""
+    cfg, device = model.config, model.head.weight.device
+    eot = cfg.bos_id  # a document ends where the next one begins
+    start_time, stats = time.perf_counter(), Stats()
+    tokens = torch.full((s.num_samples, len(prompt) + s.max_new_tokens), cfg.mask_id, device=device)
+    tokens[:, : len(prompt)] = torch.tensor(prompt, device=device)
+    _, pos, _ = document_layout(tokens[0, : len(prompt)], cfg.block_size, cfg.bos_id)
+    first_block = len(prompt) - int(pos[-1] + 1) % cfg.block_size  # the prompt's tail is fixed in this block
+    cache = model.new_cache(s.num_samples, tokens.size(1)) if s.kv_cache else None
+    if cache and first_block > 0:
+        model.cache_append(cache, tokens[:, :first_block])
+        stats.cache_appends += 1
+
+    starts = range(first_block, tokens.size(1), cfg.block_size)
+    for index, begin in enumerate(tqdm(starts, unit="block", disable=not progress)):
+        end = min(begin + cfg.block_size, tokens.size(1))
+
+        def block_logits(block: Tensor) -> Tensor:
+            stats.forwards += 1
+            if cache:
+                return model.cache_logits(cache, block)
+            history = torch.cat([tokens[:, :begin], block], 1)  # clean context in both halves, noisy block in x_t
+            return model.logits(history, history)[:, begin:]
+
+        step_printer = (lambda block: on_step(index, block)) if on_step else None
+        tokens[:, begin:end] = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id, generator,
+                                             step_printer)
+        if end == tokens.size(1) or (tokens[:, len(prompt):end] == eot).any(-1).all():
+            tokens = tokens[:, :end]
+            break
+        if cache:
+            model.cache_append(cache, tokens[:, begin:end])
+            stats.cache_appends += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.new_tokens, stats.seconds = tokens.size(1) - len(prompt), time.perf_counter() - start_time
+    return tokens, stats
+
+
+def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]:
+    """Each row's generated tokens, cut before its first <|endoftext|>."""
+    rows = []
+    for row in tokens[:, prompt_length:].tolist():
+        rows.append(row[: row.index(eot)] if eot in row else row)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
+    if not os.path.isfile(path):
+        raise SettingsError(f"checkpoint {path!r} does not exist" if path else "--checkpoint=PATH is required")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:
+        raise SettingsError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SettingsError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project")
+    model = BD3LM(ModelConfig(**state["model_config"])).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), state["hparams"]
+
+
+def main(argv: list[str]) -> None:
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return
+    from data.tokenizer import get_tokenizer  # after --help, which should not wait for the vocabulary
+
+    try:
+        s = parse_settings(argv)
+        check_settings(s)
+        if s.device == "auto":
+            s.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if s.device == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("--device=cuda but this machine has no CUDA device")
+        device = torch.device(s.device)
+        model, hparams = load_model(s.checkpoint, device)
+        if s.prompt_file:
+            if not os.path.isfile(s.prompt_file):
+                raise SettingsError(f"prompt file {s.prompt_file!r} does not exist")
+            with open(s.prompt_file) as f:
+                s.prompt = f.read()
+        tokenizer = get_tokenizer()
+        prompt = [model.config.bos_id] + tokenizer.encode(s.prompt, disallowed_special=())
+        if len(prompt) > hparams["seq_len"]:
+            raise SettingsError(f"the prompt has {len(prompt)} tokens (with BOS), more than the {hparams['seq_len']} "
+                                f"this model was trained on")
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+    def show(index: int, block: Tensor) -> None:
+        for row, ids in enumerate(block.tolist()):
+            text = "".join(MASK_GLYPH if i == model.config.mask_id else tokenizer.decode([i]) for i in ids)
+            print(f"block {index} sample {row}: {text!r}")
+
+    generator = torch.Generator(device).manual_seed(s.seed)
+    tokens, stats = generate(model, prompt, s, generator, on_step=show if s.show_denoising else None,
+                             progress=not s.show_denoising)
+    for row, completion in enumerate(completions(tokens, len(prompt), model.config.bos_id)):
+        print(f"---- sample {row} ----\n{s.prompt}{tokenizer.decode(completion)}")
+    total = s.num_samples * stats.new_tokens
+    print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
+          f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} ({stats.forwards} forwards + "
+          f"{stats.cache_appends} cache appends, sampler {s.sampler}, kv_cache {s.kv_cache})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,222 @@
+"""sample.py on a small random model: the samplers, the KV cache against the slow reference, seeds, thresholds,
+stopping at <|endoftext|>, and the command line's errors (about a minute on 2 CPU cores).
+
+    python -m pytest -q tests/test_sample.py
+
+Every weight is random (the zero-initialized head and projections of a fresh model would make every token
+equally likely and every sampler trivial). Command-line tests run `python sample.py` on checkpoints in tmp_path.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import sample  # noqa: E402
+from model import BD3LM, ModelConfig  # noqa: E402
+from sample import SAMPLERS, Settings, completions, generate  # noqa: E402
+from train import CHECKPOINT_FORMAT, Hyperparameters  # noqa: E402
+
+VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
+EOT = VOCAB - 1  # <|endoftext|>, which also starts every document
+BLOCK = 4
+# BOS and 6 tokens: the prompt ends mid-block (3 tokens into its second block), so its tail is fixed in a noisy block
+PROMPT = [EOT, 11, 22, 33, 44, 55, 66]
+SAMPLER_SETTINGS = {"ddpm": dict(steps_per_block=4, temperature=0.8, top_p=0.95), "first_hitting": {},
+                    "confidence": dict(threshold=0.2)}
+
+
+def random_model(seed: int = 0, vocab_size: int = VOCAB) -> BD3LM:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, bos_id=vocab_size - 1, n_layer=2, n_head=2, head_dim=16,
+                         model_dim=32, mlp_hidden=64, block_size=BLOCK)
+    model = BD3LM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:  # a wider head gives peaked distributions, as a trained model has
+                param.normal_(0, (4 if name.startswith("head") else 1) * param.size(-1) ** -0.5)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run many times faster on one thread, more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+def run(model, seed=0, **settings):
+    settings = Settings(**{"num_samples": 3, "max_new_tokens": 14, **settings})
+    return generate(model, PROMPT, settings, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cached_and_reference_paths_give_the_same_tokens(model, sampler):
+    cached, cached_stats = run(model, sampler=sampler, **SAMPLER_SETTINGS[sampler])
+    reference, reference_stats = run(model, sampler=sampler, kv_cache=False, **SAMPLER_SETTINGS[sampler])
+    assert torch.equal(cached, reference)
+    assert cached.shape == (3, len(PROMPT) + 14)
+    assert (cached[:, : len(PROMPT)] == torch.tensor(PROMPT)).all()  # the prompt's tail is kept verbatim
+    assert (cached < model.config.vocab_size).all()  # no [MASK] left
+    assert cached_stats.forwards == reference_stats.forwards
+    # blocks start at 4 (the prompt's tail 3 tokens in), 8, 12, 16 and 20 (the last one is cut at 21 tokens)
+    assert cached_stats.cache_appends == 1 + 4 and reference_stats.cache_appends == 0
+    assert not torch.equal(cached[0], cached[1])  # rows are drawn independently
+
+
+def test_ddpm_skips_the_forward_when_a_step_changes_nothing(model):
+    tokens, stats = run(model, sampler="ddpm", steps_per_block=64, num_samples=1)
+    # 64 steps for each of 5 blocks, but a block changes at most once per masked token, 14 in all
+    assert stats.forwards <= 14
+    assert (tokens < model.config.vocab_size).all()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_same_seed_same_output_different_seed_different_output(model, sampler):
+    first, _ = run(model, seed=1, sampler=sampler)
+    again, _ = run(model, seed=1, sampler=sampler)
+    other, _ = run(model, seed=2, sampler=sampler)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def committed_per_step(model, **settings) -> list[int]:
+    """Tokens newly committed by each step that changed a block (the steps on_step sees)."""
+    counts, filled_before = [], {0: 3}  # the first block holds the prompt's last 3 tokens
+
+    def on_step(index, block):
+        filled = int((block[0] != model.config.mask_id).sum())
+        counts.append(filled - filled_before.get(index, 0))
+        filled_before[index] = filled
+
+    settings = Settings(num_samples=1, max_new_tokens=14, sampler="confidence", **settings)
+    generate(model, PROMPT, settings, torch.Generator().manual_seed(0), on_step=on_step)
+    return counts
+
+
+def test_confidence_threshold_one_commits_one_token_per_step(model):
+    counts = committed_per_step(model, threshold=1.0)
+    assert counts == [1] * 14
+    _, stats = run(model, sampler="confidence", threshold=1.0)
+    assert stats.forwards == 14  # one forward per generated token
+
+
+def test_confidence_threshold_zero_commits_a_block_per_step(model):
+    assert committed_per_step(model, threshold=0.0) == [1, 4, 4, 4, 1]  # the first block holds 3 prompt tokens
+    _, stats = run(model, sampler="confidence", threshold=0.0)
+    assert stats.forwards == 5
+
+
+def test_first_hitting_commits_one_token_per_step(model):
+    _, stats = run(model, sampler="first_hitting")
+    assert stats.forwards == 14
+
+
+def test_completions_cut_each_row_at_its_first_end_of_text():
+    tokens = torch.tensor([[EOT, 5, 6, 7, 8, 9], [EOT, 5, EOT, 7, EOT, 9], [EOT, 5, 6, 7, 8, EOT]])
+    assert completions(tokens, 2, EOT) == [[6, 7, 8, 9], [], [6, 7, 8]]
+
+
+def test_generation_stops_once_every_sample_has_ended():
+    model = random_model(seed=1)
+
+    def favour_end_of_text(head, inputs, logits):  # rows end within a few blocks, at different places
+        return logits + 2.0 * (torch.arange(logits.size(-1)) == EOT)
+
+    model.head.register_forward_hook(favour_end_of_text)
+    tokens, stats = run(model, sampler="first_hitting", num_samples=4, max_new_tokens=400)
+    generated = tokens[:, len(PROMPT):]
+    first_end = [row.index(EOT) for row in generated.tolist()]  # every row has ended
+    assert len(set(first_end)) > 1  # at different places
+    # the batch stops with the block in which the last row ends: blocks start 1 token into the generation
+    last_block_end = 1 + BLOCK * ((max(first_end) - 1) // BLOCK + 1)
+    assert stats.new_tokens == generated.size(1) == min(last_block_end, 400) < 400
+    for row, completion in zip(generated.tolist(), completions(tokens, len(PROMPT), EOT)):
+        assert completion == row[: row.index(EOT)] and EOT not in completion
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = random_model(vocab_size=50257)
+    path = tmp_path_factory.mktemp("checkpoints") / "final.pt"
+    hparams = asdict(replace(Hyperparameters(), n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+                             block_size=BLOCK, seq_len=64))
+    torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
+                    hparams=hparams, step=0, optimizers=[], loader={}, rng={}), path)
+    return path
+
+
+def sample_cli(*flags):
+    return subprocess.run([sys.executable, "sample.py", *flags], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_cli_prints_samples_and_a_summary(checkpoint):
+    result = sample_cli(f"--checkpoint={checkpoint}", "--prompt=The history of the world is",
+                        "--num_samples=2", "--max_new_tokens=9", "--show_denoising=True")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("The history of the world is") == 2
+    assert "---- sample 1 ----" in result.stdout and "░" in result.stdout
+    assert "tokens/s, NFE/token" in result.stdout.splitlines()[-1]
+
+
+def test_cli_help_lists_every_option():
+    result = sample_cli("--help")
+    assert result.returncode == 0
+    for name, value in asdict(Settings()).items():
+        assert f"--{name}={value}" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint=/no/such/file.pt"], "does not exist"),
+    (["--checkpoint={text}"], "is not a checkpoint"),
+    (["--checkpoint={foreign}"], "is not a bd3lm-speedrun-v1 checkpoint"),
+    (["--checkpoint={ckpt}", "--prompt=" + "word " * 70], "more than the 64"),
+    (["--checkpoint={ckpt}", "--sampler=beam"], "--sampler must be one of"),
+])
+def test_cli_bad_input_gives_one_line(tmp_path, checkpoint, flags, message):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    paths = dict(text=tmp_path / "notes.txt", foreign=tmp_path / "foreign.pt", ckpt=checkpoint)
+    result = sample_cli(*(flag.format(**paths) for flag in flags))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold=1.5"], "--threshold must lie in [0, 1]"),
+    (["--steps_per_block=0"], "--steps_per_block must be at least 1"),
+    (["--top_p=0"], "--top_p must lie in (0, 1]"),
+    (["--top_p=1.2"], "--top_p must lie in (0, 1]"),
+    (["--temperature=-1"], "--temperature must not be negative"),
+    (["--num_samples=many"], "--num_samples takes a value of type int"),
+    (["--kv_cache=maybe"], "--kv_cache takes True or False"),
+    (["--beam_width=4"], "unknown flag --beam_width"),
+    (["--prompt=a", "--prompt_file=b.txt"], "not both"),
+    (["--prompt_file=/no/such/prompt.txt"], "does not exist"),
+])
+def test_bad_options_give_one_line_in_process(capsys, checkpoint, flags, message):
+    """The same path as the command line, without starting a process per case."""
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([f"--checkpoint={checkpoint}", *flags])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and message in stderr and len(stderr.strip().splitlines()) == 1
