@@ -60,27 +60,21 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def parse_value(name: str, kind: type, text: str):
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return text.lower() in ("true", "1", "yes")
-        raise SettingsError(f"--{name} takes True or False, got {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise SettingsError(f"--{name} takes a value of type {kind.__name__}, got {text!r}") from None
-
-
 def parse_settings(argv: list[str]) -> Settings:
-    kinds = {f.name: f.type for f in fields(Settings)}
-    values = {}
+    """`--name=value` flags over the defaults, each value converted to its field's type."""
+    kinds, values = {f.name: f.type for f in fields(Settings)}, {}
     for arg in argv:
         name, equals, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not equals:
             raise SettingsError(f"expected --name=value, got {arg!r} (see --help)")
         if name not in kinds:
             raise SettingsError(f"unknown flag --{name} (see --help)")
-        values[name] = parse_value(name, kinds[name], text)
+        if kinds[name] is bool and text.lower() not in ("true", "false"):
+            raise SettingsError(f"--{name} takes True or False, got {text!r}")
+        try:
+            values[name] = text.lower() == "true" if kinds[name] is bool else kinds[name](text)
+        except ValueError:
+            raise SettingsError(f"--{name} takes a value of type {kinds[name].__name__}, got {text!r}") from None
     return Settings(**values)
 
 
@@ -208,9 +202,8 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
             history = torch.cat([tokens[:, :begin], block], 1)  # clean context in both halves, noisy block in x_t
             return model.logits(history, history)[:, begin:]
 
-        step_printer = (lambda block: on_step(index, block)) if on_step else None
-        tokens[:, begin:end] = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id, generator,
-                                             step_printer)
+        show = (lambda block: on_step(index, block)) if on_step else None
+        tokens[:, begin:end] = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id, generator, show)
         if end == tokens.size(1) or (tokens[:, len(prompt):end] == eot).any(-1).all():
             tokens = tokens[:, :end]
             break
@@ -225,10 +218,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
 
 def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]:
     """Each row's generated tokens, cut before its first <|endoftext|>."""
-    rows = []
-    for row in tokens[:, prompt_length:].tolist():
-        rows.append(row[: row.index(eot)] if eot in row else row)
-    return rows
+    return [row[: row.index(eot)] if eot in row else row for row in tokens[:, prompt_length:].tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -244,9 +234,12 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
         raise SettingsError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise SettingsError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project")
-    model = BD3LM(ModelConfig(**state["model_config"])).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval(), state["hparams"]
+    try:
+        model = BD3LM(ModelConfig(**state["model_config"])).to(device)
+        model.load_state_dict(state["model"])
+        return model.eval(), state["hparams"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited checkpoint
+        raise SettingsError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
 
 
 def main(argv: list[str]) -> None:
@@ -258,11 +251,9 @@ def main(argv: list[str]) -> None:
     try:
         s = parse_settings(argv)
         check_settings(s)
-        if s.device == "auto":
-            s.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if s.device == "cuda" and not torch.cuda.is_available():
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise SettingsError("--device=cuda but this machine has no CUDA device")
-        device = torch.device(s.device)
         model, hparams = load_model(s.checkpoint, device)
         if s.prompt_file:
             if not os.path.isfile(s.prompt_file):

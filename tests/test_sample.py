@@ -77,6 +77,15 @@ def test_cached_and_reference_paths_give_the_same_tokens(model, sampler):
     assert not torch.equal(cached[0], cached[1])  # rows are drawn independently
 
 
+@pytest.mark.parametrize("prompt", [PROMPT[:1], PROMPT + [77], PROMPT[:3] + [EOT] + PROMPT[1:]])
+def test_cached_and_reference_paths_agree_for_any_prompt_layout(model, prompt):
+    """Just BOS, a prompt ending on a block boundary, and one holding a second document."""
+    settings = Settings(num_samples=2, max_new_tokens=9, sampler="confidence", threshold=0.2)
+    cached, _ = generate(model, prompt, settings, torch.Generator().manual_seed(0))
+    reference, _ = generate(model, prompt, replace(settings, kv_cache=False), torch.Generator().manual_seed(0))
+    assert torch.equal(cached, reference) and (cached[:, : len(prompt)] == torch.tensor(prompt)).all()
+
+
 def test_ddpm_skips_the_forward_when_a_step_changes_nothing(model):
     tokens, stats = run(model, sampler="ddpm", steps_per_block=64, num_samples=1)
     # 64 steps for each of 5 blocks, but a block changes at most once per masked token, 14 in all
