@@ -90,12 +90,12 @@ class Hyperparameters:
 
 PRESETS = {
     "record": {},
+    # sized for 2 CPU cores: about 300K train tokens in under 4 minutes; bf16 autocast doubles CPU throughput
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
-        seq_len=512, batch_size=4, steps=200, warmup_steps=10, cooldown_frac=0.5,
-        muon_lr=0.05, embed_lr=0.3, head_lr=0.004, scalar_lr=0.02, muon_momentum_warmup=50,
-        val_every=50, save_final=True, unigram_baseline=True,
+        seq_len=256, batch_size=8, steps=150, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=50,
+        autocast="bf16", val_every=50, save_final=True, unigram_baseline=True,
     ),
 }
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
