@@ -41,7 +41,7 @@ class Settings:
     max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
-    threshold: float = setting(0.9, "confidence: commit every token the model gives at least this probability")
+    threshold: float = setting(0.9, "confidence: commit every token whose top probability reaches this (>= 1 per step)")
     temperature: float = setting(1.0, "divides the logits before drawing; 0 takes the most likely token")
     top_p: float = setting(1.0, "nucleus: draw from the smallest set of tokens holding this much probability")
     seed: int = setting(0, "seed of the one generator all random draws come from")
