@@ -181,6 +181,19 @@ def model_config(hp: Hyperparameters) -> ModelConfig:
                        mlp_hidden=hp.mlp_hidden, block_size=hp.block_size, attn_backend=hp.attn_backend)
 
 
+def make_optimizers(model: BD3LM, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+    """Muon for the hidden matrices, Adam for the embedding, the head and the scalars (bench.py uses it too)."""
+    groups = model.param_groups()
+    if sum(p.numel() for group in groups.values() for p in group) != model.num_params():
+        raise RuntimeError("model.param_groups() does not cover every parameter exactly once")
+    muon = torch.optim.Muon(groups["hidden_matrices"], lr=hp.muon_lr, momentum=hp.muon_momentum,
+                            weight_decay=hp.weight_decay)
+    adam_groups = [dict(params=groups[name], lr=lr) for name, lr in
+                   (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
+    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=hp.weight_decay, fused=True)
+    return [muon, adam]
+
+
 def fail(message: str, status: int = 1):
     """One line on stderr (from rank 0 only), then exit: user errors never print a traceback."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -273,15 +286,8 @@ def main(argv: list[str]) -> None:
         log(f"unigram_baseline:{baseline:.4f}")
     if use_cuda and hp.compile:
         model.trunk.compile()
-    groups = model.param_groups()
-    if sum(p.numel() for group in groups.values() for p in group) != model.num_params():
-        raise RuntimeError("model.param_groups() does not cover every parameter exactly once")
-    muon = torch.optim.Muon(groups["hidden_matrices"], lr=hp.muon_lr, momentum=hp.muon_momentum,
-                            weight_decay=hp.weight_decay)
-    adam_groups = [dict(params=groups[name], lr=lr) for name, lr in
-                   (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
-    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=hp.weight_decay, fused=True)
-    optimizers = [muon, adam]
+    optimizers = make_optimizers(model, hp)
+    muon = optimizers[0]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
