@@ -334,7 +334,7 @@ class BD3LM(nn.Module):
         x_t = torch.where(noise.masked, self.config.mask_id, tokens)
         hidden = self._pass(x_t[None], tokens[None])[0, :length]
         where = noise.masked.nonzero().squeeze(1)
-        ce = F.cross_entropy(self.logits_of(hidden[where]).float(), tokens[where], reduction="none")
+        ce = F.cross_entropy(self.logits_of(hidden[where]), tokens[where], reduction="none")
         return torch.zeros(length, device=tokens.device).index_put((where,), ce / noise.t[where])
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
@@ -342,12 +342,12 @@ class BD3LM(nn.Module):
         independent). The slow, obvious path: for tests and the reference sampler."""
         self._check_tokens(x_0, 2, allow_mask=True)
         self._check_tokens(x_t, 2, allow_mask=True)
-        return self.logits_of(self._pass(x_t, x_0)[:, : x_0.size(1)]).float()
+        return self.logits_of(self._pass(x_t, x_0)[:, : x_0.size(1)])
 
     def logits_of(self, hidden: Tensor) -> Tensor:
         """Head: hidden states -> logits over the real vocabulary. [MASK] and padding columns are dropped,
         so they can never be predicted."""
-        logits = self.head(hidden)[..., : self.config.vocab_size]
+        logits = self.head(hidden)[..., : self.config.vocab_size].float()  # softcap and softmax in fp32 under bf16
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -404,7 +404,7 @@ class BD3LM(nn.Module):
     def cache_logits(self, cache: KVCache, noisy_block: Tensor) -> Tensor:
         """Logits [N, n, vocab_size] of a noisy block [N, n] given the cached clean context."""
         hidden, _ = self._cached_pass(cache, noisy_block, clean=False)
-        return self.logits_of(hidden).float()
+        return self.logits_of(hidden)
 
     @torch.no_grad()
     def cache_append(self, cache: KVCache, clean_tokens: Tensor) -> None:
