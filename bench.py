@@ -159,7 +159,7 @@ def main(argv: list[str]) -> None:
               f"{seq_len / seconds:,.0f} | {flops / 1e9:.3f} | {flops * seq_len / seconds / peak:.1%} |")
     top_costs = profile_step(TrainStep(train_cases[-1][1], train_cases[-1][2], 1000, device, bf16))
 
-    scale_config, base = (record, 8192) if use_cuda else (demo, 256) if bench.quick else (mid, 1024)
+    scale_config, base = (record, 8192) if use_cuda else (demo, 256) if bench.quick else (mid, 512)
     print(f"\n## Scaling with sequence length (training step, {scale_config.n_layer}x{scale_config.model_dim} model)\n")
     print("| documents | " + " | ".join(f"{base * k} tokens" for k in (1, 2, 4)) + " | growth 2x | growth 4x |")
     print("|---|---|---|---|---|---|")

@@ -339,10 +339,10 @@ class BD3LM(nn.Module):
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
         """Full-vocabulary logits [N, L, vocab_size] of every noisy position of [x_t ; x_0] (rows
-        independent). The slow, obvious path: for tests and the reference sampler."""
+        independent). The slow, obvious path, always with the dense mask: for tests and the reference sampler."""
         self._check_tokens(x_0, 2, allow_mask=True)
         self._check_tokens(x_t, 2, allow_mask=True)
-        return self.logits_of(self._pass(x_t, x_0)[:, : x_0.size(1)])
+        return self.logits_of(self._pass(x_t, x_0, dense=True)[:, : x_0.size(1)])
 
     def logits_of(self, hidden: Tensor) -> Tensor:
         """Head: hidden states -> logits over the real vocabulary. [MASK] and padding columns are dropped,
@@ -351,10 +351,10 @@ class BD3LM(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def _pass(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+    def _pass(self, x_t: Tensor, x_0: Tensor, dense: bool = False) -> Tensor:
         cfg = self.config
         _, pos, _ = document_layout(x_0, cfg.block_size, cfg.bos_id)
-        if self._use_flex(x_0.device) and x_0.size(0) == 1:
+        if not dense and self._use_flex(x_0.device) and x_0.size(0) == 1:
             mask = block_diffusion_block_mask(x_0[0], cfg.block_size, cfg.bos_id)
         else:
             mask = block_diffusion_mask(x_0, cfg.block_size, cfg.bos_id)[:, None]
