@@ -253,7 +253,7 @@ def main(argv: list[str]) -> None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     for name in ("train.py", "model.py"):
-        with open(os.path.join(here, name)) as f:
+        with open(os.path.join(here, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
             log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
     log(f"python:{platform.python_version()}", console=False)
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
