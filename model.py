@@ -199,12 +199,18 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotate the halves of x [N, S, H, D] by angles pos * base^(-2i/D)."""
-    half = x.size(-1) // 2
-    inv_freq = base ** -(torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rotary_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [N, S, 1, head_dim / 2] of the angles pos * base^(-2i/head_dim), once per pass."""
+    half = head_dim // 2
+    inv_freq = base ** -(torch.arange(half, device=pos.device, dtype=torch.float32) / half)
     angle = pos[..., None, None].float() * inv_freq
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    return angle.cos(), angle.sin()
+
+
+def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate the halves of x [N, S, H, D] by the angles of `rope` (from rotary_tables)."""
+    cos, sin = (table.to(x.dtype) for table in rope)
+    half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)
 
@@ -224,7 +230,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, first_layer: bool):
         super().__init__()
         inner = config.n_head * config.head_dim
-        self.n_head, self.head_dim, self.rope_base = config.n_head, config.head_dim, config.rope_base
+        self.n_head, self.head_dim = config.n_head, config.head_dim
         self.q = init_linear(config.model_dim, inner)
         self.k = init_linear(config.model_dim, inner)
         self.v = init_linear(config.model_dim, inner)
@@ -232,7 +238,7 @@ class Attention(nn.Module):
         # value residual: later layers mix the first layer's values into their own
         self.value_mix = None if first_layer else nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, x: Tensor, pos: Tensor, mask, first_values, past=None):
+    def forward(self, x: Tensor, rope, mask, first_values, past=None):
         """x [N, S, dim] attends to its own keys, preceded by the cached keys and values `past` if given.
         `mask` is a BlockMask or a dense boolean [N, 1, S, S_past + S]. Returns (output, (k, v), values)."""
         N, S, _ = x.shape
@@ -242,7 +248,7 @@ class Attention(nn.Module):
         if first_values is not None:
             v = (1 - self.value_mix) * v + self.value_mix * first_values
         values = v
-        q, k = rotary(norm(q), pos, self.rope_base), rotary(norm(k), pos, self.rope_base)
+        q, k = rotary(norm(q), rope), rotary(norm(k), rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         new_kv = (k, v)
         if past is not None:
@@ -270,8 +276,8 @@ class Block(nn.Module):
         self.attn = Attention(config, first_layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, mask, first_values, past=None):
-        y, new_kv, values = self.attn(norm(x), pos, mask, first_values, past)
+    def forward(self, x, rope, mask, first_values, past=None):
+        y, new_kv, values = self.attn(norm(x), rope, mask, first_values, past)
         x = x + y
         return x + self.mlp(norm(x)), new_kv, values
 
@@ -285,16 +291,18 @@ class Trunk(nn.Module):
         self.embed = nn.Embedding(config.vocab_size + 1, config.model_dim)
         self.blocks = nn.ModuleList(Block(config, i == 0) for i in range(config.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
+        self.head_dim, self.rope_base = config.head_dim, config.rope_base
 
     def forward(self, idx: Tensor, pos: Tensor, mask, past=None):
         """Returns the normed hidden states [N, S, dim] and each layer's new (k, v)."""
         x = norm(self.embed(idx))
+        rope = rotary_tables(pos, self.head_dim, self.rope_base)
         skips, new_kvs, first_values = [], [], None
         half = len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             if i >= half:
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x, new_kv, values = block(x, pos, mask, first_values, None if past is None else past[i])
+            x, new_kv, values = block(x, rope, mask, first_values, None if past is None else past[i])
             first_values = values if i == 0 else first_values
             new_kvs.append(new_kv)
             if i < half:
