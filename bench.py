@@ -23,9 +23,9 @@ from model import BD3LM, ModelConfig, block_diffusion_block_mask, block_diffusio
 from model import train_noise as make_train_noise
 from sample import Settings as SampleSettings
 from sample import generate, load_model
-from train import Hyperparameters, make_optimizers
+from train import Hyperparameters, cpu_has_native_bf16, make_optimizers
 
-BOS = 50256
+EOT = 50256
 
 
 @dataclass
@@ -67,11 +67,10 @@ def median_time(fn, repeats: int, device: torch.device, warmup: bool = True) -> 
 
 
 def document_stream(length: int, mean_doc: int, generator: torch.Generator) -> torch.Tensor:
-    """Random token ids cut into documents of about `mean_doc` tokens (one document when mean_doc >= length)."""
-    tokens = torch.randint(0, BOS, (length,), generator=generator)
-    starts = torch.rand(length, generator=generator) < 1 / mean_doc
-    starts[0] = True
-    tokens[starts] = BOS
+    """Random token ids cut by <|endoftext|> into documents of about `mean_doc` tokens (one document when
+    mean_doc >= length)."""
+    tokens = torch.randint(0, EOT, (length,), generator=generator)
+    tokens[torch.rand(length, generator=generator) < 1 / mean_doc] = EOT
     return tokens
 
 
@@ -93,9 +92,9 @@ class TrainStep:
         self.model = BD3LM(config).to(device)
         if device.type == "cuda":
             self.model.trunk.compile()
-        self.optimizers = make_optimizers(self.model, Hyperparameters())
+        self.optimizers = make_optimizers(self.model, Hyperparameters(), fast_bf16=bf16)
         self.tokens = document_stream(seq_len, mean_doc, gen).to(device)
-        self.noise = make_train_noise(self.tokens.cpu(), config.block_size, BOS, 0.3, 0.8, gen)
+        self.noise = make_train_noise(seq_len, config.block_size, 0.3, 0.8, gen)
         self.noise = type(self.noise)(*(x.to(device) for x in self.noise))
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -128,7 +127,7 @@ def main(argv: list[str]) -> None:
     use_cuda = bench.device == "cuda" or (bench.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     repeats = 3 if bench.quick else bench.repeats
-    bf16 = use_cuda  # what train.py does: bf16 autocast on GPU, fp32 on CPU
+    bf16 = use_cuda or cpu_has_native_bf16()  # what train.py does with --autocast=auto
     machine = torch.cuda.get_device_name() if use_cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{torch.get_num_threads()} threads"
     print(f"# bench.py, {time.strftime('%Y-%m-%d')}\n\nmachine: {machine}; python {platform.python_version()}; "
@@ -177,11 +176,11 @@ def main(argv: list[str]) -> None:
     for length in (seq_len, 16384):
         for label, mean_doc in (("~1K-token documents", 1000), ("one document", 10**9)):
             tokens = document_stream(length, mean_doc, gen).to(device)
-            block_mask = block_diffusion_block_mask(tokens, 16, BOS)
+            block_mask = block_diffusion_block_mask(tokens, 16, EOT)
             tiles = (2 * length // 128) ** 2
             computed = (block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()).item() / tiles
-            build = median_time(lambda: block_diffusion_block_mask(tokens, 16, BOS), repeats, device)
-            dense = median_time(lambda: block_diffusion_mask(tokens, 16, BOS), repeats, device) \
+            build = median_time(lambda: block_diffusion_block_mask(tokens, 16, EOT), repeats, device)
+            dense = median_time(lambda: block_diffusion_mask(tokens, 16, EOT), repeats, device) \
                 if length == seq_len else None  # a dense 32K x 32K mask is what the BlockMask avoids
             share = f"{(build if use_cuda else dense) / step_seconds[name]:.1%}" if length == seq_len else "-"
             print(f"| {label} | {length} | {computed:.2%} | {build * 1e3:.1f} | "
@@ -206,7 +205,7 @@ def main(argv: list[str]) -> None:
 
             def run():
                 generator = torch.Generator(device=device).manual_seed(0)
-                runs.append(generate(model, [BOS], settings, generator)[1])
+                runs.append(generate(model, [], settings, generator)[1])
 
             # generation has nothing to warm up; the slow reference and quick runs are timed once
             once = bench.quick or not kv_cache

@@ -1,11 +1,14 @@
 """
 The block diffusion language model (BD3-LM, arXiv 2503.09573) and its exact training objective.
 
-A token stream is cut into blocks of `block_size` tokens, aligned to document starts. Each block is
-noised by masking every token with probability t (one t per block), and the model predicts the clean
-tokens of a block from its noisy version and the clean blocks before it in the same document.
-Training runs one transformer pass over [x_t ; x_0] under the mask rule of the paper's section 3.2;
-inference keeps the clean blocks in a KV cache and runs one noisy block at a time.
+A sequence is cut into fixed slots of `block_size` tokens: token i is in block i // block_size, and its rotary
+position is i. `<|endoftext|>` ends a document and is predicted like any other token. Each block is noised by
+masking every token with probability t (one t per block), and the model predicts the clean tokens of a block
+from its noisy version and the clean earlier blocks of the document that the block starts in. Everything a
+noisy block sees is fixed by its own noisy tokens and the clean tokens before it, so the product over blocks
+is a distribution over the whole stream and the loss bounds its negative log-likelihood.
+Training runs one transformer pass over [x_t ; x_0] under the mask rule below; inference keeps the clean
+blocks in a KV cache and runs one noisy block at a time.
 
 This file knows nothing about data files, tokenizers, optimizers or distributed training; it imports
 only torch. Token ids are GPT-2 ids (the real vocabulary) plus one [MASK] id equal to `vocab_size`.
@@ -32,7 +35,7 @@ class ModelConfig:
     model_dim: int = 768
     mlp_hidden: int = 3056  # 4 * 768 would put the record model at 162.17M parameters, over the 162M cap
     block_size: int = 16
-    bos_id: int = 50256
+    eot_id: int = 50256  # <|endoftext|>: ends a document
     attn_backend: str = "auto"  # "auto" (flex on CUDA, sdpa elsewhere), "flex" or "sdpa"
     rope_base: float = 10000.0
     logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 turns it off
@@ -53,8 +56,8 @@ class ModelConfig:
             raise ValueError(f"n_layer must be even for the U-net skip connections, got {self.n_layer}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not 0 <= self.bos_id < self.vocab_size:
-            raise ValueError(f"bos_id {self.bos_id} is not a token id of a {self.vocab_size}-token vocabulary")
+        if not 0 <= self.eot_id < self.vocab_size:
+            raise ValueError(f"eot_id {self.eot_id} is not a token id of a {self.vocab_size}-token vocabulary")
         if self.attn_backend not in ("auto", "flex", "sdpa"):
             raise ValueError(f"attn_backend must be auto, flex or sdpa, got {self.attn_backend!r}")
 
@@ -63,18 +66,13 @@ class ModelConfig:
 # Documents, blocks and the noise process
 
 
-def document_layout(tokens: Tensor, block_size: int, bos_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token of a stream [..., L]: document index, position inside the document, global block index.
-    Every BOS starts a document, and so does the first token (a stream may start mid-document).
-    Block indices count across documents, so equal block index implies equal document."""
-    starts = tokens == bos_id
-    starts[..., 0] = True
-    doc = starts.cumsum(-1) - 1
-    index = torch.arange(tokens.size(-1), device=tokens.device).expand_as(tokens)
-    doc_start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
-    pos = index - doc_start
-    block = (pos % block_size == 0).cumsum(-1) - 1
-    return doc, pos, block
+def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token of a sequence [..., L]: its document (the number of <|endoftext|> strictly before it), its
+    block (index // block_size), and the document its block starts in (the only one the block may look back at)."""
+    eot = (tokens == eot_id).long()
+    doc = eot.cumsum(-1) - eot
+    block = torch.arange(tokens.size(-1), device=tokens.device) // block_size
+    return doc, block.expand_as(tokens), doc[..., block * block_size]
 
 
 class Noise(NamedTuple):
@@ -82,17 +80,11 @@ class Noise(NamedTuple):
     masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
 
 
-def _block_start(tokens: Tensor, block_size: int, bos_id: int) -> Tensor:
-    """Stream index of the first token of each token's block."""
-    _, pos, _ = document_layout(tokens, block_size, bos_id)
-    return torch.arange(tokens.numel(), device=tokens.device) - pos % block_size
-
-
-def train_noise(tokens: Tensor, block_size: int, bos_id: int, t_lo: float, t_hi: float,
-                generator: torch.Generator) -> Noise:
+def train_noise(length: int, block_size: int, t_lo: float, t_hi: float, generator: torch.Generator) -> Noise:
     """t ~ U(t_lo, t_hi) per block, then mask each token with probability t, from the caller's generator."""
-    draws = torch.rand(2, tokens.numel(), generator=generator, device=generator.device).to(tokens.device)
-    t = t_lo + (t_hi - t_lo) * draws[0, _block_start(tokens, block_size, bos_id)]
+    draws = torch.rand(2, length, generator=generator, device=generator.device)
+    index = torch.arange(length, device=generator.device)
+    t = t_lo + (t_hi - t_lo) * draws[0, index - index % block_size]
     return Noise(t, draws[1] < t)
 
 
@@ -113,14 +105,19 @@ def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
     return ((x >> 8).double() + 0.5) / 2**24
 
 
-def eval_noise(tokens: Tensor, block_size: int, bos_id: int, seed: int, offset: int) -> Noise:
+def eval_noise(length: int, block_size: int, seed: int, offset: int, stratified: bool = False) -> Noise:
     """t ~ U(0, 1) per block and the masks, derived from `seed` and each token's global position
-    (`offset` is the position of tokens[0] in the whole val stream), so the val loss does not depend
-    on how the stream is split over ranks or steps."""
-    positions = offset + torch.arange(tokens.numel(), device=tokens.device)
-    block_positions = offset + _block_start(tokens, block_size, bos_id)
-    t = _hash_uniform(2 * seed, block_positions).float()
-    return Noise(t, _hash_uniform(2 * seed + 1, positions).float() < t)
+    (`offset` is the position of the sequence's first token in the whole val stream), so the val loss does
+    not depend on how the stream is split over ranks or steps."""
+    index = torch.arange(length)
+    block = index // block_size
+    if stratified:
+        blocks = block[-1] + 1
+        t = (_hash_uniform(2 * seed, torch.tensor([offset])) + block.double() / blocks) % 1
+    else:
+        t = _hash_uniform(2 * seed, offset + block * block_size)
+    t = t.float()
+    return Noise(t, _hash_uniform(2 * seed + 1, offset + index).float() < t)
 
 
 # -----------------------------------------------------------------------------
@@ -128,54 +125,58 @@ def eval_noise(tokens: Tensor, block_size: int, bos_id: int, seed: int, offset: 
 
 
 def mask_rule(doc_q, block_q, clean_q, doc_k, block_k, clean_k):
-    """BD3-LM attention (paper section 3.2), elementwise on broadcastable tensors. Never across documents."""
-    block_diagonal = (clean_q == clean_k) & (block_q == block_k)
-    offset_block_causal = ~clean_q & clean_k & (block_k < block_q)
-    block_causal = clean_q & clean_k & (block_k <= block_q)
-    return (doc_q == doc_k) & (block_diagonal | offset_block_causal | block_causal)
+    """BD3-LM attention (paper section 3.2), elementwise on broadcastable tensors. `doc` is, for a clean
+    position, its document; for a noisy one, the document its block starts in. A noisy block sees itself
+    whatever the documents, and the clean earlier blocks of the document it starts in; a clean token sees
+    the clean tokens of its document up to the end of its own block."""
+    block_diagonal = ~clean_q & ~clean_k & (block_k == block_q)
+    offset_block_causal = ~clean_q & clean_k & (block_k < block_q) & (doc_k == doc_q)
+    block_causal = clean_q & clean_k & (block_k <= block_q) & (doc_k == doc_q)
+    return block_diagonal | offset_block_causal | block_causal
 
 
-def _doubled_layout(tokens: Tensor, block_size: int, bos_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Document, block and is-clean of every position of [x_t ; x_0] (both halves share the layout of x_0)."""
-    doc, _, block = document_layout(tokens, block_size, bos_id)
+def _doubled_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Document (as mask_rule reads it), block and is-clean of every position of [x_t ; x_0]. Both halves take
+    their layout from the clean tokens before each block only, so nothing in x_t or in a later block moves it."""
+    doc, block, block_doc = document_layout(tokens, block_size, eot_id)
     clean = torch.arange(2 * tokens.size(-1), device=tokens.device) >= tokens.size(-1)
-    return torch.cat([doc, doc], -1), torch.cat([block, block], -1), clean.expand(*tokens.shape[:-1], -1)
+    return torch.cat([block_doc, doc], -1), torch.cat([block, block], -1), clean.expand(*tokens.shape[:-1], -1)
 
 
-def block_diffusion_mask(tokens: Tensor, block_size: int, bos_id: int) -> Tensor:
+def block_diffusion_mask(tokens: Tensor, block_size: int, eot_id: int) -> Tensor:
     """Dense boolean mask [2L, 2L] (queries by keys; the first L positions are the noisy half x_t)
-    for the vectorized pass over the clean stream `tokens` [L]. Batched input [N, L] gives [N, 2L, 2L]."""
-    doc, block, clean = _doubled_layout(tokens, block_size, bos_id)
+    for the vectorized pass over the clean sequence `tokens` [L]. Batched input [N, L] gives [N, 2L, 2L]."""
+    doc, block, clean = _doubled_layout(tokens, block_size, eot_id)
     q, k = (..., slice(None), None), (..., None, slice(None))
     return mask_rule(doc[q], block[q], clean[q], doc[k], block[k], clean[k])
 
 
-def block_diffusion_block_mask(tokens: Tensor, block_size: int, bos_id: int) -> BlockMask:
-    """The same mask as a FlexAttention BlockMask for a 1-D stream, built from per-tile summaries in
+def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> BlockMask:
+    """The same mask as a FlexAttention BlockMask for a 1-D sequence, built from per-tile summaries in
     O((2L/TILE)^2) instead of evaluating all (2L)^2 pairs. Document and block indices only grow along
     each half, so a tile's first and last values bound it: a tile pair is skipped when no pair in it
-    can pass the rule, and marked full (no mask_mod needed) when every pair must."""
+    can pass the rule (other documents, later blocks), and marked full (no mask_mod needed) when every pair must."""
     length = tokens.numel()
     if length % TILE:
         raise ValueError(f"the flex attention backend needs a sequence length divisible by {TILE}, got {length}")
-    doc, block, clean = _doubled_layout(tokens, block_size, bos_id)
+    doc, block, clean = _doubled_layout(tokens, block_size, eot_id)
     tiles = 2 * length // TILE
     first_doc, last_doc = doc.view(tiles, TILE)[:, 0], doc.view(tiles, TILE)[:, -1]
     first_block, last_block = block.view(tiles, TILE)[:, 0], block.view(tiles, TILE)[:, -1]
     tile_clean = clean.view(tiles, TILE)[:, 0]
     q, k = (slice(None), None), (None, slice(None))
 
-    docs_overlap = (first_doc[q] <= last_doc[k]) & (first_doc[k] <= last_doc[q])
-    one_doc = (first_doc[q] == last_doc[q]) & (first_doc[k] == last_doc[k]) & (first_doc[q] == first_doc[k])
-    same_half = tile_clean[q] == tile_clean[k]
+    noisy_to_noisy = ~tile_clean[q] & ~tile_clean[k]
     noisy_to_clean = ~tile_clean[q] & tile_clean[k]
     clean_to_clean = tile_clean[q] & tile_clean[k]
+    docs_overlap = (first_doc[q] <= last_doc[k]) & (first_doc[k] <= last_doc[q])
+    one_doc = (first_doc[q] == last_doc[q]) & (first_doc[k] == last_doc[k]) & (first_doc[q] == first_doc[k])
     blocks_overlap = (first_block[q] <= last_block[k]) & (first_block[k] <= last_block[q])
     one_block = (first_block[q] == last_block[q]) & (first_block[k] == last_block[k]) & blocks_overlap
-    any_allowed = (same_half & blocks_overlap) \
+    any_allowed = (noisy_to_noisy & blocks_overlap) \
         | (noisy_to_clean & docs_overlap & (first_block[k] < last_block[q])) \
         | (clean_to_clean & docs_overlap & (first_block[k] <= last_block[q]))
-    all_allowed = (same_half & one_block) \
+    all_allowed = (noisy_to_noisy & one_block) \
         | (noisy_to_clean & one_doc & (last_block[k] < first_block[q])) \
         | (clean_to_clean & one_doc & (last_block[k] <= first_block[q]))
     partial = any_allowed & ~all_allowed
@@ -361,12 +362,12 @@ class BD3LM(nn.Module):
 
     def _pass(self, x_t: Tensor, x_0: Tensor, dense: bool = False) -> Tensor:
         cfg = self.config
-        _, pos, _ = document_layout(x_0, cfg.block_size, cfg.bos_id)
         if not dense and self._use_flex(x_0.device) and x_0.size(0) == 1:
-            mask = block_diffusion_block_mask(x_0[0], cfg.block_size, cfg.bos_id)
+            mask = block_diffusion_block_mask(x_0[0], cfg.block_size, cfg.eot_id)
         else:
-            mask = block_diffusion_mask(x_0, cfg.block_size, cfg.bos_id)[:, None]
-        hidden, _ = self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos], 1), mask)
+            mask = block_diffusion_mask(x_0, cfg.block_size, cfg.eot_id)[:, None]
+        pos = torch.arange(x_0.size(1), device=x_0.device)
+        hidden, _ = self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos])[None], mask)
         return hidden
 
     def _use_flex(self, device: torch.device) -> bool:
@@ -390,23 +391,30 @@ class BD3LM(nn.Module):
                        tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device))
 
     def _cached_pass(self, cache: KVCache, tokens: Tensor, clean: bool):
-        """Run `tokens` [N, n] after the cached clean context. Clean tokens attend as the clean half of
-        training does (same document, key block <= own block); noisy ones as the noisy half (same
-        document, key block strictly earlier, or the same block among themselves)."""
+        """Run `tokens` [N, n] after the cached clean context, under the training mask: clean tokens attend as
+        the clean half does (their document, up to the end of their block), a noisy block as the noisy half
+        (itself, and the cached blocks of the document it starts in)."""
         self._check_tokens(tokens, 2, allow_mask=True)
         cfg, n, length = self.config, tokens.size(1), cache.length
         if tokens.size(0) != cache.tokens.size(0) or length + n > cache.tokens.size(1):
             raise ValueError(f"{tuple(tokens.shape)} tokens do not fit a cache of shape {tuple(cache.tokens.shape)} "
                              f"holding {length}")
+        if not clean and (length % cfg.block_size or n > cfg.block_size):
+            raise ValueError(f"a noisy block must start on a block boundary and fit one block of {cfg.block_size}: "
+                             f"{n} tokens after {length} cached")
+        if clean and (length + n) % cfg.block_size and length + n < cache.tokens.size(1):
+            raise ValueError(f"clean tokens must end on a block boundary (a clean token sees its whole block): "
+                             f"{n} tokens after {length} cached, block size {cfg.block_size}")
         history = torch.cat([cache.tokens[:, :length], tokens], 1)
-        doc, pos, block = document_layout(history, cfg.block_size, cfg.bos_id)
+        doc, block, block_doc = document_layout(history, cfg.block_size, cfg.eot_id)
         new = slice(length, length + n)
-        clean_q = torch.tensor(clean, device=tokens.device)
-        clean_k = (torch.arange(length + n, device=tokens.device) < length) | clean_q
-        mask = mask_rule(doc[:, new, None], block[:, new, None], clean_q,
+        doc_q = (doc if clean else block_doc)[:, new, None]
+        clean_k = (torch.arange(length + n, device=tokens.device) < length) | clean
+        mask = mask_rule(doc_q, block[:, new, None], torch.tensor(clean, device=tokens.device),
                          doc[:, None, :], block[:, None, :], clean_k)[:, None]
         past = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.keys, cache.values)]
-        return self.trunk(tokens, pos[:, new], mask, past)
+        pos = torch.arange(length, length + n, device=tokens.device)
+        return self.trunk(tokens, pos[None], mask, past)
 
     @torch.no_grad()
     def cache_logits(self, cache: KVCache, noisy_block: Tensor) -> Tensor:

@@ -3,10 +3,14 @@ Generate text from a trained BD3-LM checkpoint, block by block.
 
     python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The history of" --max_new_tokens=256
 
-Each new block starts as all [MASK] (or with the prompt's tail in it when the prompt does not end on a block
-boundary) and is denoised in a few steps by one of three samplers; the finished block then enters the KV cache
-as clean context, so a denoising step costs one forward pass of one block. `--kv_cache=False` instead recomputes
-the whole history at every step: the slow reference, which gives the same tokens for the same seed.
+The prompt and the text after it are one sequence cut into fixed blocks, as in training; an empty prompt starts
+a new document at block 0. Each new block starts as all [MASK] (or with the prompt's tail in it when the prompt
+does not end on a block boundary) and is denoised in a few steps by one of three samplers; the finished block
+then enters the KV cache as clean context, so a denoising step costs one forward pass of one block. A sample
+ends at its first generated <|endoftext|>. `--kv_cache=False` instead recomputes the whole history at every step:
+the slow reference. Both paths compute the same logits up to float rounding (about 1e-5); the tokens drawn from
+them are the same until a draw lands within that rounding of a step of the cumulative distribution, which on a
+trained model happens every few hundred tokens, after which the two samples go their own ways.
 
 `generate` knows the model's inference API and the samplers, nothing about tokenizers or files; `main` is the
 command line around it: settings, checkpoint, prompt, printing.
@@ -21,9 +25,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model import BD3LM, ModelConfig, document_layout
+from model import BD3LM, ModelConfig
 
-CHECKPOINT_FORMAT = "bd3lm-speedrun-v1"  # the only format train.py writes and this file reads
+CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # the only format train.py writes and this file reads
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 MASK_GLYPH = "░"
 
@@ -35,7 +39,7 @@ def setting(default, help: str):
 @dataclass
 class Settings:
     checkpoint: str = setting("", "checkpoint written by train.py (required)")
-    prompt: str = setting("", "text to continue; empty: the start of a new document")
+    prompt: str = setting("", "text to continue (<|endoftext|> in it ends a document); empty: a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
     num_samples: int = setting(1, "samples generated together as one batch")
     max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
@@ -176,16 +180,14 @@ class Stats:
 @torch.no_grad()
 def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Generator, on_step=None,
              progress: bool = False) -> tuple[Tensor, Stats]:
-    """Continue `prompt` (token ids, starting with BOS) in `s.num_samples` rows at once. Returns the tokens
-    [N, len(prompt) + generated] and stats. Stops early once every row has emitted <|endoftext|>.
+    """Continue `prompt` (token ids, possibly none) in `s.num_samples` rows at once. Returns the tokens
+    [N, len(prompt) + generated] and stats. Stops early once every row has generated an <|endoftext|>.
     `on_step(block_index, block)` sees each block after every step that changed it."""
     cfg, device = model.config, model.head.weight.device
-    eot = cfg.bos_id  # a document ends where the next one begins
     start_time, stats = time.perf_counter(), Stats()
     tokens = torch.full((s.num_samples, len(prompt) + s.max_new_tokens), cfg.mask_id, device=device)
-    tokens[:, : len(prompt)] = torch.tensor(prompt, device=device)
-    _, pos, _ = document_layout(tokens[0, : len(prompt)], cfg.block_size, cfg.bos_id)
-    first_block = len(prompt) - int(pos[-1] + 1) % cfg.block_size  # the prompt's tail is fixed in this block
+    tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    first_block = len(prompt) - len(prompt) % cfg.block_size  # the prompt's tail is fixed in this block
     cache = model.new_cache(s.num_samples, tokens.size(1)) if s.kv_cache else None
     if cache and first_block > 0:
         model.cache_append(cache, tokens[:, :first_block])
@@ -204,7 +206,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
 
         show = (lambda block: on_step(index, block)) if on_step else None
         tokens[:, begin:end] = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id, generator, show)
-        if end == tokens.size(1) or (tokens[:, len(prompt):end] == eot).any(-1).all():
+        if end == tokens.size(1) or (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all():
             tokens = tokens[:, :end]
             break
         if cache:
@@ -233,7 +235,9 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
     except Exception:
         raise SettingsError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SettingsError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project")
+        said = state.get("format") if isinstance(state, dict) else None
+        found = f" (it says {said!r}: retrain with this code)" if said else ""
+        raise SettingsError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
     try:
         model = BD3LM(ModelConfig(**state["model_config"])).to(device)
         model.load_state_dict(state["model"])
@@ -261,10 +265,13 @@ def main(argv: list[str]) -> None:
             with open(s.prompt_file) as f:
                 s.prompt = f.read()
         tokenizer = get_tokenizer()
-        prompt = [model.config.bos_id] + tokenizer.encode(s.prompt, disallowed_special=())
+        prompt = tokenizer.encode(s.prompt, allowed_special={"<|endoftext|>"})
         if len(prompt) > hparams["seq_len"]:
-            raise SettingsError(f"the prompt has {len(prompt)} tokens (with BOS), more than the {hparams['seq_len']} "
+            raise SettingsError(f"the prompt has {len(prompt)} tokens, more than the {hparams['seq_len']} "
                                 f"this model was trained on")
+        if len(prompt) + s.max_new_tokens > hparams["seq_len"]:
+            print(f"warning: {len(prompt)} prompt + {s.max_new_tokens} new tokens run past the {hparams['seq_len']} "
+                  f"positions this model was trained on; text beyond them may degrade", file=sys.stderr)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -277,7 +284,7 @@ def main(argv: list[str]) -> None:
     generator = torch.Generator(device).manual_seed(s.seed)
     tokens, stats = generate(model, prompt, s, generator, on_step=show if s.show_denoising else None,
                              progress=not s.show_denoising)
-    for row, completion in enumerate(completions(tokens, len(prompt), model.config.bos_id)):
+    for row, completion in enumerate(completions(tokens, len(prompt), model.config.eot_id)):
         print(f"---- sample {row} ----\n{s.prompt}{tokenizer.decode(completion)}")
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "

@@ -80,7 +80,7 @@ class Hyperparameters:
     weight_decay: float = setting(0.0, "decoupled weight decay of every parameter")
     # run
     seed: int = setting(0, "seed of the initial weights and of the training noise")
-    autocast: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32")
     compile: bool = setting(True, "torch.compile the transformer trunk on CUDA (CPU runs stay eager)")
     val_every: int = setting(250, "validate every this many steps (0: only at the start and the end)")
     save_every: int = setting(0, "write checkpoint_dir/run_id/latest.pt every this many steps (0: never)")
@@ -92,16 +92,16 @@ class Hyperparameters:
 
 PRESETS = {
     "record": {},
-    # sized for 2 idle CPU cores: 245K train tokens in about 3 minutes; bf16 autocast doubles CPU throughput
+    # sized for 2 idle CPU cores: a few minutes; bf16 autocast (where the CPU has native bf16) doubles throughput
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
         seq_len=256, batch_size=8, steps=120, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=40,
-        autocast="bf16", val_every=60, save_final=True, unigram_baseline=True,
+        val_every=60, save_final=True, unigram_baseline=True,
     ),
 }
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
-CHECKPOINT_FORMAT = "bd3lm-speedrun-v1"
+CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # v2: <|endoftext|> ends a document, fixed block slots
 
 
 class ConfigError(ValueError):
@@ -181,13 +181,48 @@ def model_config(hp: Hyperparameters) -> ModelConfig:
                        mlp_hidden=hp.mlp_hidden, block_size=hp.block_size, attn_backend=hp.attn_backend)
 
 
-def make_optimizers(model: BD3LM, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """The quintic Newton-Schulz orthogonalization of torch.optim.Muon (and modded-nanogpt), in `dtype`."""
+    a, b, c = 3.4445, -4.775, 2.0315
+    x = grad.to(dtype)
+    tall = grad.size(0) > grad.size(1)
+    x = x.T if tall else x
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update step for step (Nesterov momentum, Newton-Schulz, lr scaled by
+    sqrt(max(1, rows / cols)), decoupled weight decay), with the Newton-Schulz dtype a choice: torch's bf16
+    where bf16 matmuls are fast, fp32 on CPUs without native bf16, where they run hundreds of times slower."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype: torch.dtype):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buffer.lerp_(p.grad, 1 - group["momentum"])
+                update = newton_schulz(p.grad.lerp(buffer, group["momentum"]), self.ns_dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * max(1, p.size(0) / p.size(1)) ** 0.5)
+
+
+def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[torch.optim.Optimizer]:
     """Muon for the hidden matrices, Adam for the embedding, the head and the scalars (bench.py uses it too)."""
     groups = model.param_groups()
     if sum(p.numel() for group in groups.values() for p in group) != model.num_params():
         raise RuntimeError("model.param_groups() does not cover every parameter exactly once")
-    muon = torch.optim.Muon(groups["hidden_matrices"], lr=hp.muon_lr, momentum=hp.muon_momentum,
-                            weight_decay=hp.weight_decay)
+    muon = Muon(groups["hidden_matrices"], lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.weight_decay,
+                ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     adam_groups = [dict(params=groups[name], lr=lr) for name, lr in
                    (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
     adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=hp.weight_decay, fused=True)
@@ -226,7 +261,8 @@ def main(argv: list[str]) -> None:
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and use_cuda)
+    fast_bf16 = use_cuda or cpu_has_native_bf16()
+    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and fast_bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     torch.manual_seed(hp.seed)
@@ -259,7 +295,7 @@ def main(argv: list[str]) -> None:
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
-    log(f"world_size:{world_size} grad_accum:{grad_accum}")
+    log(f"world_size:{world_size} grad_accum:{grad_accum} autocast:{'bf16' if bf16 else 'fp32'}")
 
     # -----------------------------------------------------------------------------
     # Data
@@ -286,7 +322,7 @@ def main(argv: list[str]) -> None:
         log(f"unigram_baseline:{baseline:.4f}")
     if use_cuda and hp.compile:
         model.trunk.compile()
-    optimizers = make_optimizers(model, hp)
+    optimizers = make_optimizers(model, hp, fast_bf16)
     muon = optimizers[0]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -318,7 +354,7 @@ def main(argv: list[str]) -> None:
         token_count = torch.zeros((), dtype=torch.float64, device=device)
         with torch.no_grad(), autocast:
             for offset, tokens in val_batches(hp.val_file, hp.val_tokens, hp.seq_len, rank, world_size):
-                noise = eval_noise(tokens, config.block_size, config.bos_id, VAL_NOISE_SEED, offset)
+                noise = eval_noise(tokens.numel(), config.block_size, VAL_NOISE_SEED, offset)
                 loss = model(tokens.to(device), Noise(*(x.to(device) for x in noise)))
                 loss_sum += loss.double() * tokens.numel()
                 token_count += tokens.numel()
@@ -381,7 +417,7 @@ def main(argv: list[str]) -> None:
             # noise depends on the sequence's place in the global batch, not on which rank draws it
             chunk = step * hp.batch_size + micro_step * world_size + rank
             noise_generator.manual_seed((hp.seed << 32) + chunk)
-            noise = train_noise(tokens, config.block_size, config.bos_id, hp.t_lo, hp.t_hi, noise_generator)
+            noise = train_noise(tokens.numel(), config.block_size, hp.t_lo, hp.t_hi, noise_generator)
             with autocast:
                 loss = model(tokens.to(device), Noise(*(x.to(device) for x in noise))) / hp.batch_size
             loss.backward()
@@ -418,6 +454,12 @@ def main(argv: list[str]) -> None:
         dist.destroy_process_group()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates them,
+    hundreds of times slower than fp32 on an AVX2-only CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def nvidia_smi() -> str:
     try:
         return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
@@ -445,7 +487,8 @@ def load_checkpoint(path, model, config, optimizers, loader, device) -> int:
     except Exception as error:
         fail(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        found = f" (it says {state['format']!r})" if isinstance(state, dict) and "format" in state else ""
+        fail(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint{found}")
     if state["model_config"] != asdict(config):
         differences = ", ".join(f"{key} {value} (now {asdict(config)[key]})"
                                 for key, value in state["model_config"].items() if asdict(config)[key] != value)

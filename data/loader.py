@@ -3,10 +3,11 @@
 The shards of a split are concatenated, in the order given, into one stream with global positions. The
 training stream is cut into chunks of `seq_len` tokens: chunk j goes to rank j % world_size, so one call of
 `next_batch` on every rank reads the next `world_size` chunks, and the chunks a run sees do not depend on
-how it is spread over ranks and gradient-accumulation steps. With `align_to_bos` each chunk starts at the
-next `<|endoftext|>` (document start) at or after the end of the previous chunk; the tokens skipped to get
-there count as consumed and are never read. When the stream cannot fill the next window the loader raises
-DataExhausted: it never wraps around. Its position is one global offset, saved as (shard, offset).
+how it is spread over ranks and gradient-accumulation steps. With `align_to_documents` each chunk starts at
+the first document that begins at or after the end of the previous chunk (the token after an `<|endoftext|>`,
+which ends the document before it); the tokens skipped to get there count as consumed and are never read.
+When the stream cannot fill the next window the loader raises DataExhausted: it never wraps around. Its
+position is one global offset, saved as (shard, offset).
 
 Validation reads the first `num_tokens` of its stream in fixed, unaligned chunks (`val_batches`), so the
 tokens evaluated and their global offsets are the same for every world size.
@@ -55,7 +56,7 @@ class TokenStream:
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # global position of each file's start
         self.num_tokens = self.starts[-1]
         self._memmaps = {}
-        self._bos_file, self._bos_positions = None, None
+        self._eot_file, self._eot_positions = None, None
 
     def file_of(self, position: int) -> int:
         """Index of the file holding `position` (len(files) at the end of the stream); skips empty files."""
@@ -76,15 +77,16 @@ class TokenStream:
             start, index = start + take, index + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def next_bos(self, position: int) -> int | None:
-        """The first position >= `position` that holds `<|endoftext|>`, or None if there is none."""
+    def next_document_start(self, position: int) -> int | None:
+        """The first position >= `position` right after an `<|endoftext|>`, or None if there is none."""
+        position = max(position - 1, 0)  # look for the <|endoftext|> that ends the document before
         index = self.file_of(position)
         while index < len(self.files):
-            if self._bos_file != index:  # one file's document starts at a time: the stream is read forward
-                self._bos_file, self._bos_positions = index, np.flatnonzero(self.shard_tokens(index) == EOT)
-            k = int(np.searchsorted(self._bos_positions, position - self.starts[index]))
-            if k < len(self._bos_positions):
-                return self.starts[index] + int(self._bos_positions[k])
+            if self._eot_file != index:  # one file's document ends at a time: the stream is read forward
+                self._eot_file, self._eot_positions = index, np.flatnonzero(self.shard_tokens(index) == EOT)
+            k = int(np.searchsorted(self._eot_positions, position - self.starts[index]))
+            if k < len(self._eot_positions):
+                return self.starts[index] + int(self._eot_positions[k]) + 1
             index += 1
             position = self.starts[index]
         return None
@@ -93,11 +95,12 @@ class TokenStream:
 class TokenLoader:
     """Each `next_batch` call returns this rank's chunk of the next global window of the training stream."""
 
-    def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_bos: bool = True):
+    def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True):
         if seq_len < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need seq_len >= 1, 0 <= rank < world_size: {seq_len=} {rank=} {world_size=}")
         self.stream = TokenStream(files)
-        self.seq_len, self.rank, self.world_size, self.align_to_bos = seq_len, rank, world_size, align_to_bos
+        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
+        self.align_to_documents = align_to_documents
         self.position = 0  # global position of the first token not yet consumed
 
     @property
@@ -113,8 +116,8 @@ class TokenLoader:
     def next_batch(self) -> torch.Tensor:
         starts, position = [], self.position
         for _ in range(self.world_size):
-            if self.align_to_bos:
-                position = self.stream.next_bos(position)
+            if self.align_to_documents:
+                position = self.stream.next_document_start(position)
             if position is None or position + self.seq_len > self.stream.num_tokens:
                 raise DataExhausted(
                     f"training data exhausted after {self.position:,} of {self.stream.num_tokens:,} tokens"

@@ -361,11 +361,11 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
 @pytest.fixture
 def position_shards(tmp_path):
     """Shards whose token at global position p is p (so every token read tells where it came from), except
-    at document starts, which hold EOT. Files of uneven sizes, one of them empty; documents cross files."""
+    where a document ends, which holds EOT. Files of uneven sizes, one of them empty; documents cross files."""
     total = int(rng.integers(30_000, 45_000))
     stream = np.arange(total, dtype=np.uint16)
-    doc_starts = np.unique(np.concatenate([[0], rng.integers(1, total, size=total // 300)]))
-    stream[doc_starts] = EOT
+    doc_ends = np.unique(np.concatenate([[0], rng.integers(1, total, size=total // 300)]))
+    stream[doc_ends] = EOT
     cuts = sorted(rng.integers(1, total, size=3).tolist())
     cuts.insert(2, cuts[1])  # an empty shard
     paths = []
@@ -379,7 +379,7 @@ def reference_chunks(stream, seq_len, align):
     """The stream's chunks in order, found the slow obvious way."""
     chunks, position = [], 0
     while True:
-        while align and position < len(stream) and stream[position] != EOT:
+        while align and position < len(stream) and (position == 0 or stream[position - 1] != EOT):
             position += 1
         if position + seq_len > len(stream):
             return chunks
@@ -400,7 +400,7 @@ def test_ranks_read_one_window_per_step(position_shards, world_size, align):
             assert x.dtype == torch.int64 and x.shape == (seq_len,)
             start, tokens = expected[step * world_size + rank]
             np.testing.assert_array_equal(x.numpy(), tokens)
-            assert x[0] == EOT or not align
+            assert not align or stream[start - 1] == EOT  # a chunk starts a document
         if not align:
             begin = step * world_size * seq_len
             contiguous = stream[begin : begin + world_size * seq_len]

@@ -1,5 +1,6 @@
 """
-model.py against slow, obvious versions of itself. Run: python -m pytest tests/test_model.py
+model.py against slow, obvious versions of itself, and black-box checks of what a prediction may see.
+Run: python -m pytest tests/test_model.py
 """
 
 import math
@@ -14,19 +15,18 @@ from model import (
     ModelConfig,
     block_diffusion_block_mask,
     block_diffusion_mask,
-    document_layout,
     eval_noise,
     train_noise,
 )
 
-VOCAB, BOS = 97, 96
+VOCAB, EOT = 97, 96
 
 
-def small_model(block_size=4, vocab_size=VOCAB, bos_id=BOS, seed=0, **overrides) -> BD3LM:
+def small_model(block_size=4, vocab_size=VOCAB, eot_id=EOT, seed=0, **overrides) -> BD3LM:
     """A tiny model with every weight random (zero-initialized projections would hide bugs)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
-                      block_size=block_size, bos_id=bos_id, attn_backend="sdpa", **overrides)
+                      block_size=block_size, eot_id=eot_id, attn_backend="sdpa", **overrides)
     model = BD3LM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -34,55 +34,71 @@ def small_model(block_size=4, vocab_size=VOCAB, bos_id=BOS, seed=0, **overrides)
     return model
 
 
-def random_stream(length, gen, bos_id=BOS, vocab=VOCAB, mean_doc=20, start_mid_doc=False) -> torch.Tensor:
-    """Random tokens split into documents of random length (some shorter than a block), each opening with BOS."""
+def random_stream(length, gen, eot_id=EOT, vocab=VOCAB, mean_doc=20) -> torch.Tensor:
+    """Random tokens in which an <|endoftext|> ends a document with probability 1 / mean_doc at every position,
+    so documents of every length occur, shorter than a block and two in one block included."""
     tokens = torch.randint(0, vocab - 1, (length,), generator=gen)
-    tokens[tokens == bos_id] = 0
-    starts = torch.rand(length, generator=gen) < 1 / mean_doc
-    starts[0] = not start_mid_doc
-    tokens[starts] = bos_id
+    tokens[tokens == eot_id] = 0
+    tokens[torch.rand(length, generator=gen) < 1 / mean_doc] = eot_id
     return tokens
 
 
-def naive_layout(tokens, block_size, bos_id):
-    """For each position: (document start index, block index inside the document), by walking back to a BOS."""
-    layout = []
-    for i in range(len(tokens)):
-        start = i
-        while start > 0 and tokens[start] != bos_id:
-            start -= 1
-        layout.append((start, (i - start) // block_size))
-    return layout
+def tricky_streams(length, block_size, gen):
+    """Streams that put <|endoftext|> where the rule is easy to get wrong: on the first and on the last slot of a
+    block, twice in one block, at the start of the stream, and nowhere at all (one document mid-stream)."""
+    streams = [random_stream(length, gen, mean_doc=m) for m in (3, 8, 10**9)]
+    edges = random_stream(length, gen, mean_doc=10**9)
+    edges[::block_size] = EOT  # first slot of every block
+    edges[block_size - 1::3 * block_size] = EOT  # last slot of every third block
+    if block_size >= 4:
+        edges[block_size + 1: length: 5 * block_size] = EOT  # with the first slot: two in one block
+    return streams + [edges]
 
 
 # -----------------------------------------------------------------------------
-# 1. the dense mask against a per-pair rule
+# 1. the dense mask against a per-pair rule written from DESIGN.md section 2
+
+
+def document_of(tokens, i):
+    """The number of <|endoftext|> strictly before position i."""
+    return sum(1 for j in range(i) if tokens[j] == EOT)
+
+
+def rule_allows(tokens, block_size, q, k):
+    """The three lines of the rule, for one pair of positions of [x_t ; x_0] (the first L are noisy)."""
+    length = len(tokens)
+    q_noisy, k_noisy = q < length, k < length
+    q, k = q % length, k % length
+    block_q, block_k = q // block_size, k // block_size
+    if q_noisy and k_noisy:
+        return block_q == block_k
+    if q_noisy:  # the key must be in the document where the query's block starts
+        return block_k < block_q and document_of(tokens, k) == document_of(tokens, block_q * block_size)
+    if not k_noisy:
+        return block_k <= block_q and document_of(tokens, k) == document_of(tokens, q)
+    return False
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
-@pytest.mark.parametrize("start_mid_doc", [False, True])
-def test_dense_mask_matches_per_pair_rule(block_size, start_mid_doc):
-    gen = torch.Generator().manual_seed(block_size + 10 * start_mid_doc)
+def test_dense_mask_matches_per_pair_rule(block_size):
+    gen = torch.Generator().manual_seed(block_size)
     for length in (1, 7, 45):
-        tokens = random_stream(length, gen, mean_doc=6, start_mid_doc=start_mid_doc)
-        layout = naive_layout(tokens.tolist(), block_size, BOS)
-        expected = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
-        for q in range(2 * length):
-            for k in range(2 * length):
-                (doc_q, blk_q), (doc_k, blk_k) = layout[q % length], layout[k % length]
-                q_noisy, k_noisy = q < length, k < length
-                if doc_q != doc_k:
-                    continue
-                if q_noisy and k_noisy:
-                    expected[q, k] = blk_q == blk_k
-                elif q_noisy:
-                    expected[q, k] = blk_k < blk_q
-                elif not k_noisy:
-                    expected[q, k] = blk_k <= blk_q
-        mask = block_diffusion_mask(tokens, block_size, BOS)
-        assert mask.shape == (2 * length, 2 * length)
-        assert torch.equal(mask, expected)
-        assert mask.diagonal().all()
+        for tokens in tricky_streams(length, block_size, gen):
+            ids = tokens.tolist()
+            expected = torch.tensor([[rule_allows(ids, block_size, q, k) for k in range(2 * length)]
+                                     for q in range(2 * length)])
+            mask = block_diffusion_mask(tokens, block_size, EOT)
+            assert mask.shape == (2 * length, 2 * length)
+            assert torch.equal(mask, expected)
+            assert mask.diagonal().all()  # no empty attention row
+
+
+def test_mask_of_a_batch_is_the_mask_of_each_row():
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.stack(tricky_streams(40, 4, gen))
+    batched = block_diffusion_mask(rows, 4, EOT)
+    for row, mask in zip(rows, batched):
+        assert torch.equal(mask, block_diffusion_mask(row, 4, EOT))
 
 
 # -----------------------------------------------------------------------------
@@ -103,20 +119,47 @@ def block_mask_to_dense(block_mask, length):
     return dense
 
 
-@pytest.mark.parametrize("length,mean_doc,block_size", [(256, 30, 16), (384, 1000, 16), (256, 9, 4), (128, 50, 1)])
-def test_block_mask_equals_dense_mask(length, mean_doc, block_size):
-    gen = torch.Generator().manual_seed(length + mean_doc)
-    tokens = random_stream(length, gen, mean_doc=mean_doc)
-    block_mask = block_diffusion_block_mask(tokens, block_size, BOS)
-    assert torch.equal(block_mask_to_dense(block_mask, 2 * length), block_diffusion_mask(tokens, block_size, BOS))
+def tiles_needed(dense):
+    """How many TILE x TILE tiles of a dense mask hold at least one allowed pair."""
+    n = dense.size(0) // TILE
+    return int(dense.view(n, TILE, n, TILE).any(-1).any(1).sum())
 
 
-@pytest.mark.parametrize("length,mean_doc", [(256, 25), (384, 1000)])
+@pytest.mark.parametrize("length,block_size", [(256, 16), (384, 16), (256, 4), (128, 1), (256, 128), (256, 256)])
+def test_block_mask_equals_dense_mask_and_skips_every_empty_tile(length, block_size):
+    gen = torch.Generator().manual_seed(length + block_size)
+    for tokens in tricky_streams(length, block_size, gen) + [random_stream(length, gen, mean_doc=100)]:
+        block_mask = block_diffusion_block_mask(tokens, block_size, EOT)
+        dense = block_diffusion_mask(tokens, block_size, EOT)
+        assert torch.equal(block_mask_to_dense(block_mask, 2 * length), dense)
+        computed = int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
+        assert computed >= tiles_needed(dense)
+        if block_size > 1:  # with 1-token blocks and 1-token documents a tile's summary cannot see that it is empty
+            assert computed == tiles_needed(dense)
+
+
+def test_block_mask_skips_cross_document_tiles():
+    """Two 256-token documents: no tile pairs a query of one with a clean key of the other."""
+    tokens = torch.randint(0, EOT, (512,), generator=torch.Generator().manual_seed(1))
+    tokens[255] = EOT  # the first document ends on the last slot of block 15, tile 1
+    block_mask = block_diffusion_block_mask(tokens, 16, EOT)
+    dense = block_mask_to_dense(block_mask, 1024)
+    second_doc_queries = torch.cat([torch.arange(256, 512), torch.arange(768, 1024)])
+    first_doc_clean_keys = torch.arange(512, 768)
+    assert not dense[second_doc_queries][:, first_doc_clean_keys].any()
+    kv = block_mask.kv_indices[0, 0]
+    for q_tile in (2, 3, 6, 7):  # tiles of the second document's queries, noisy and clean
+        listed = set(kv[q_tile, : block_mask.kv_num_blocks[0, 0, q_tile]].tolist())
+        listed |= set(block_mask.full_kv_indices[0, 0, q_tile, : block_mask.full_kv_num_blocks[0, 0, q_tile]].tolist())
+        assert not listed & {4, 5}
+
+
+@pytest.mark.parametrize("length,mean_doc", [(256, 25), (384, 10**9)])
 def test_flex_forward_equals_sdpa_forward(length, mean_doc):
     gen = torch.Generator().manual_seed(length)
     tokens = random_stream(length, gen, mean_doc=mean_doc)
     model = small_model(block_size=16)
-    noise = eval_noise(tokens, 16, BOS, seed=3, offset=0)
+    noise = eval_noise(length, 16, seed=3, offset=0)
     x_t = torch.where(noise.masked, model.config.mask_id, tokens)
     model.config.attn_backend = "flex"
     with torch.no_grad():
@@ -130,78 +173,193 @@ def test_flex_forward_equals_sdpa_forward(length, mean_doc):
 
 
 # -----------------------------------------------------------------------------
-# 3. the vectorized [x_t ; x_0] pass against a loop over blocks
+# 3. black box: what the logits of a noisy block may depend on
+
+
+def other_token(token, gen, eot_allowed=True):
+    """A different real token, <|endoftext|> included when allowed."""
+    choices = [t for t in range(VOCAB) if t != token and (eot_allowed or t != EOT)]
+    return choices[int(torch.randint(len(choices), (1,), generator=gen))]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_noisy_block_sees_only_its_noisy_tokens_and_its_documents_clean_past(block_size):
+    """Perturb everything block b must not depend on: x_t outside block b, every clean token of block b and
+    after (inserting, moving and deleting <|endoftext|>), and the other documents before it (their text and
+    their boundaries). Its logits do not move. Change a clean earlier token of its document: they do."""
+    gen = torch.Generator().manual_seed(20 + block_size)
+    model = small_model(block_size=block_size)
+    length = 48
+    for trial in range(12):
+        x_0 = random_stream(length, gen, mean_doc=[6, 15, 40][trial % 3])
+        masked = torch.rand(length, generator=gen) < 0.5
+        x_t = torch.where(masked, model.config.mask_id, x_0)
+        b = int(torch.randint(1, length // block_size, (1,), generator=gen))
+        start, end = b * block_size, (b + 1) * block_size
+        eots_before = (x_0[:start] == EOT).nonzero().squeeze(1)
+        doc_start = int(eots_before[-1]) + 1 if len(eots_before) else 0  # first token of block b's document
+        with torch.no_grad():
+            reference = model.logits(x_t[None], x_0[None])[0, start:end]
+
+        for _ in range(6):
+            y_t, y_0 = x_t.clone(), x_0.clone()
+            outside = torch.ones(length, dtype=torch.bool)
+            outside[start:end] = False
+            y_t[outside] = torch.where(torch.rand(length, generator=gen) < 0.5, model.config.mask_id,
+                                       torch.randint(0, VOCAB, (length,), generator=gen))[outside]
+            y_0[start:] = random_stream(length - start, gen, mean_doc=3)  # EOTs inserted, moved, deleted
+            if doc_start > 1:  # other documents: any text, any boundaries, as long as the last one stays
+                y_0[: doc_start - 1] = random_stream(doc_start - 1, gen, mean_doc=4)
+            with torch.no_grad():
+                moved = model.logits(y_t[None], y_0[None])[0, start:end]
+            torch.testing.assert_close(moved, reference, rtol=0, atol=1e-5)
+
+        if doc_start < start:  # the block has clean context in its document: a change there must show
+            i = int(torch.randint(doc_start, start, (1,), generator=gen))
+            y_0 = x_0.clone()
+            y_0[i] = other_token(int(x_0[i]), gen, eot_allowed=False)
+            with torch.no_grad():
+                moved = model.logits(x_t[None], y_0[None])[0, start:end]
+            assert (moved - reference).abs().max() > 1e-3
+        if doc_start > 0:  # removing the end of the previous document joins it to block b's context
+            y_0 = x_0.clone()
+            y_0[doc_start - 1] = other_token(EOT, gen, eot_allowed=False)
+            with torch.no_grad():
+                moved = model.logits(x_t[None], y_0[None])[0, start:end]
+            assert (moved - reference).abs().max() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# 4. the vectorized [x_t ; x_0] pass against a loop over blocks
 
 
 def naive_token_losses(model, tokens, noise):
-    """For each block: run the clean prefix of its document followed by the noisy block, block-causally."""
-    cfg = model.config
-    losses = torch.zeros(len(tokens))
-    layout = naive_layout(tokens.tolist(), cfg.block_size, cfg.bos_id)
+    """For each block: the clean tokens of the document it starts in, then the noisy block, run as one
+    ordinary sequence with a block-causal mask over the fixed slots."""
+    cfg, length = model.config, len(tokens)
+    losses = torch.zeros(length)
     x_t = torch.where(noise.masked, cfg.mask_id, tokens)
-    i = 0
-    while i < len(tokens):
-        doc_start, block = layout[i]
-        end = i
-        while end < len(tokens) and layout[end] == (doc_start, block):
-            end += 1
-        sequence = torch.cat([tokens[doc_start:i], x_t[i:end]])
-        pos = torch.arange(len(sequence))
-        block_of = pos // cfg.block_size
-        mask = (block_of[None, :] <= block_of[:, None])[None, None]
+    ids = tokens.tolist()
+    for start in range(0, length, cfg.block_size):
+        end = min(start + cfg.block_size, length)
+        doc_start = start
+        while doc_start > 0 and ids[doc_start - 1] != EOT:
+            doc_start -= 1
+        sequence = torch.cat([tokens[doc_start:start], x_t[start:end]])
+        pos = torch.arange(doc_start, end)
+        slot = pos // cfg.block_size
+        mask = (slot[None, :] <= slot[:, None])[None, None]
         hidden, _ = model.trunk(sequence[None], pos[None], mask)
-        logits = model.logits_of(hidden[0, i - doc_start:]).float()
-        ce = F.cross_entropy(logits, tokens[i:end], reduction="none")
-        losses[i:end] = torch.where(noise.masked[i:end], ce / noise.t[i:end], 0.0)
-        i = end
+        logits = model.logits_of(hidden[0, start - doc_start:]).float()
+        ce = F.cross_entropy(logits, tokens[start:end], reduction="none")
+        losses[start:end] = torch.where(noise.masked[start:end], ce / noise.t[start:end], 0.0)
     return losses
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16, 128])
+@pytest.mark.parametrize("block_size", [1, 4, 16, 96, 128])
 def test_vectorized_loss_equals_per_block_loop(block_size):
+    """Block size 1 is an autoregressive model with document masking; 96 and 128 (>= L) are MDLM."""
     gen = torch.Generator().manual_seed(100 + block_size)
     model = small_model(block_size=block_size)
-    for start_mid_doc in (False, True):
-        tokens = random_stream(96, gen, mean_doc=30, start_mid_doc=start_mid_doc)
-        noise = train_noise(tokens, block_size, BOS, 0.0, 1.0, gen)
+    eot_losses = []
+    for tokens in tricky_streams(96, block_size, gen):
+        noise = train_noise(96, block_size, 0.0, 1.0, gen)
         with torch.no_grad():
             vectorized = model.token_losses(tokens, noise)
             naive = naive_token_losses(model, tokens, noise)
         assert noise.masked.any() and (vectorized > 0).sum() == noise.masked.sum()
         torch.testing.assert_close(vectorized, naive, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model(tokens, noise), naive.sum() / len(tokens), rtol=1e-4, atol=1e-6)
+        eot_losses.append(vectorized[(tokens == EOT) & noise.masked])
+    eot_losses = torch.cat(eot_losses)
+    assert len(eot_losses) > 0 and (eot_losses > 0).all()  # <|endoftext|> is a target like any token
 
 
 # -----------------------------------------------------------------------------
-# 4. the KV-cache path against the full pass
+# 5. the KV-cache path against the full pass
 
 
 def test_cache_logits_equal_full_pass():
-    """A batch of rows (same document boundaries, different text): prompt blocks cached at once, then
-    each noisy block's cached logits against the full pass, then the block enters the cache."""
+    """A batch of rows with different documents: a prompt of several blocks cached at once, then each noisy
+    block's cached logits against the full pass, then the block enters the cache. <|endoftext|> falls on block
+    edges and inside blocks, in the prompt and in the noisy blocks, where it may be masked or not."""
     gen = torch.Generator().manual_seed(8)
-    block_size, rows, length = 4, 3, 70
+    block_size, length = 4, 70
     model = small_model(block_size=block_size)
     for _ in range(3):
-        layout_row = random_stream(length, gen, mean_doc=15)
-        x_0 = torch.stack([random_stream(length, gen, mean_doc=10**9) for _ in range(rows)])
-        x_0[:, layout_row == BOS] = BOS
-        masked = torch.stack([train_noise(x, block_size, BOS, 0.2, 0.9, gen).masked for x in x_0])
-        masked &= x_0 != BOS  # a sampler never masks a BOS: the prompt gives it, or it ends the sample
+        x_0 = torch.stack(tricky_streams(length, block_size, gen))
+        masked = torch.stack([train_noise(length, block_size, 0.2, 0.9, gen).masked for _ in x_0])
         x_t = torch.where(masked, model.config.mask_id, x_0)
         with torch.no_grad():
             full = model.logits(x_t, x_0)
-        _, _, block = document_layout(layout_row, block_size, BOS)
-        cache = model.new_cache(rows, length)
-        prompt_end = int((block == 2).nonzero()[0])
-        model.cache_append(cache, x_0[:, :prompt_end])
-        for b in range(2, int(block.max()) + 1):
-            where = (block == b).nonzero().squeeze(1)
-            start, end = int(where[0]), int(where[-1]) + 1
+        cache = model.new_cache(len(x_0), length)
+        model.cache_append(cache, x_0[:, : 3 * block_size])
+        for start in range(3 * block_size, length, block_size):
+            end = min(start + block_size, length)
             logits = model.cache_logits(cache, x_t[:, start:end])
             torch.testing.assert_close(logits, full[:, start:end], rtol=1e-4, atol=1e-4)
             model.cache_append(cache, x_0[:, start:end])
         assert cache.length == length
+
+
+def test_cache_refuses_unaligned_blocks():
+    model = small_model(block_size=4)
+    cache = model.new_cache(1, 16)
+    with pytest.raises(ValueError, match="end on a block boundary"):
+        model.cache_append(cache, torch.zeros(1, 3, dtype=torch.long))
+    model.cache_append(cache, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="fit one block"):
+        model.cache_logits(cache, torch.zeros(1, 5, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# 6. <|endoftext|> is learnable
+
+
+def test_end_of_text_is_learned_where_a_document_ends():
+    """Documents of random length and random text (ids 1-9) that end with a marker (id 0) and then
+    <|endoftext|>. A tiny model trained for a few seconds must predict <|endoftext|> right after the marker and
+    nowhere else. Each query sees only the true past: every later clean token is replaced by random text without
+    <|endoftext|>, so a rule that read the document's end from x_0 (the old one, under which <|endoftext|> was a
+    target only at a document's first position, with no past) is left with its training signal alone. That
+    signal pushes <|endoftext|> down at every position with a past, so under the old rule the probability after
+    the marker stays near that of any other position: it cannot pass by chance."""
+    vocab, eot, marker, block_size, length = 12, 11, 0, 4, 128
+    gen = torch.Generator().manual_seed(0)
+
+    def documents(n_tokens):
+        tokens = []
+        while len(tokens) < n_tokens:
+            size = int(torch.randint(1, 12, (1,), generator=gen))
+            tokens += torch.randint(1, 10, (size,), generator=gen).tolist() + [marker, eot]
+        return torch.tensor(tokens[:n_tokens])
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, eot_id=eot, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+                      block_size=block_size, attn_backend="sdpa", logit_softcap=0)
+    model = BD3LM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        tokens = documents(length)
+        loss = model(tokens, train_noise(length, block_size, 0.0, 1.0, gen))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    tokens = documents(length)
+    positions = torch.arange(block_size, length)
+    x_t, x_0 = tokens.repeat(len(positions), 1), tokens.repeat(len(positions), 1)
+    for row, i in enumerate(positions.tolist()):  # query i: the tokens before it given, i and later masked
+        start = i - i % block_size
+        x_t[row, i:start + block_size] = cfg.mask_id
+        x_0[row, start:] = torch.randint(1, 10, (length - start,), generator=gen)
+    with torch.no_grad():
+        probs = torch.softmax(model.logits(x_t, x_0), -1)
+    p_eot = probs[torch.arange(len(positions)), positions, eot]
+    after_marker = tokens[positions - 1] == marker
+    assert after_marker.sum() > 10
+    assert p_eot[after_marker].mean() > 0.9 and p_eot[after_marker].min() > 0.5, p_eot[after_marker]
+    assert p_eot[~after_marker].mean() < 0.05, p_eot[~after_marker]
 
 
 # -----------------------------------------------------------------------------
@@ -217,11 +375,11 @@ def test_uniform_logits_average_log_vocab():
         model.head.weight.zero_()
     gen = torch.Generator().manual_seed(5)
     chunk, chunks = 2048, 2048
-    stream = random_stream(chunk * chunks, gen, bos_id=cfg.bos_id, vocab=cfg.vocab_size, mean_doc=500)
+    stream = random_stream(chunk * chunks, gen, eot_id=cfg.eot_id, vocab=cfg.vocab_size, mean_doc=500)
     weights = []
     for i in range(chunks):
         tokens = stream[i * chunk:(i + 1) * chunk]
-        noise = eval_noise(tokens, cfg.block_size, cfg.bos_id, seed=0, offset=i * chunk)
+        noise = eval_noise(chunk, cfg.block_size, seed=0, offset=i * chunk)
         weights.append((noise.masked / noise.t).sum().item() / chunk)
         if i < 3:
             with torch.no_grad():
@@ -251,11 +409,11 @@ def test_optimizer_steps_on_real_text():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     window = stream[:512]
-    noise = eval_noise(window, cfg.block_size, cfg.bos_id, seed=0, offset=0)
+    noise = eval_noise(len(window), cfg.block_size, seed=0, offset=0)
     with torch.no_grad():
         before = model(window, noise).item()
     for step in range(12):
-        loss = model(window, train_noise(window, cfg.block_size, cfg.bos_id, 0.3, 0.8, gen))
+        loss = model(window, train_noise(len(window), cfg.block_size, 0.3, 0.8, gen))
         optimizer.zero_grad()
         loss.backward()
         if step >= 2:  # the zero-initialized head, then the zero-initialized projections, block gradients at first
@@ -277,7 +435,7 @@ def test_compiled_flex_eval_matches_eager():
     tokens = random_stream(256, gen, mean_doc=40)
     model = small_model(block_size=16)
     model.config.attn_backend = "flex"
-    noise = eval_noise(tokens, 16, BOS, seed=0, offset=0)
+    noise = eval_noise(len(tokens), 16, seed=0, offset=0)
     with torch.no_grad():
         eager = model.token_losses(tokens, noise)
         model.trunk.compile()
@@ -289,7 +447,7 @@ def test_bf16_autocast_matches_fp32():
     gen = torch.Generator().manual_seed(12)
     tokens = random_stream(256, gen, mean_doc=40)
     model = small_model(block_size=16)
-    noise = eval_noise(tokens, 16, BOS, seed=0, offset=0)
+    noise = eval_noise(len(tokens), 16, seed=0, offset=0)
     with torch.no_grad():
         fp32 = model(tokens, noise)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -303,22 +461,19 @@ def test_bf16_autocast_matches_fp32():
 
 
 def test_eval_noise_depends_only_on_global_position():
-    gen = torch.Generator().manual_seed(13)
-    tokens = random_stream(500, gen, mean_doc=40)
-    whole = eval_noise(tokens, 16, BOS, seed=4, offset=1000)
-    split = int((tokens == BOS).nonzero()[3])
-    for lo, hi in ((0, split), (split, len(tokens))):
-        part = eval_noise(tokens[lo:hi], 16, BOS, seed=4, offset=1000 + lo)
+    whole = eval_noise(512, 16, seed=4, offset=1024)
+    for lo, hi in ((0, 160), (160, 512)):
+        part = eval_noise(hi - lo, 16, seed=4, offset=1024 + lo)
         assert torch.equal(part.t, whole.t[lo:hi]) and torch.equal(part.masked, whole.masked[lo:hi])
-    assert not torch.equal(eval_noise(tokens, 16, BOS, seed=5, offset=1000).masked, whole.masked)
+    assert not torch.equal(eval_noise(512, 16, seed=5, offset=1024).masked, whole.masked)
+    assert not torch.equal(eval_noise(512, 16, seed=4, offset=1536).masked, whole.masked)
 
 
 def test_noise_is_constant_per_block_and_in_range():
     gen = torch.Generator().manual_seed(14)
-    tokens = random_stream(4000, gen, mean_doc=40)
-    _, _, block = document_layout(tokens, 16, BOS)
-    for noise, lo, hi in ((train_noise(tokens, 16, BOS, 0.3, 0.8, gen), 0.3, 0.8),
-                          (eval_noise(tokens, 16, BOS, seed=1, offset=0), 0.0, 1.0)):
+    block = torch.arange(4000) // 16
+    for noise, lo, hi in ((train_noise(4000, 16, 0.3, 0.8, gen), 0.3, 0.8),
+                          (eval_noise(4000, 16, seed=1, offset=0), 0.0, 1.0)):
         assert noise.t.min() >= lo and noise.t.max() <= hi
         same_block = block[1:] == block[:-1]
         assert torch.equal(noise.t[1:][same_block], noise.t[:-1][same_block])
@@ -327,7 +482,7 @@ def test_noise_is_constant_per_block_and_in_range():
 
 def test_bad_input_raises_value_error():
     model = small_model()
-    noise = eval_noise(torch.zeros(8, dtype=torch.long), 4, BOS, 0, 0)
+    noise = eval_noise(8, 4, 0, 0)
     with pytest.raises(ValueError, match="token ids must lie"):
         model(torch.full((8,), VOCAB), noise)
     with pytest.raises(ValueError, match="token ids must lie"):
@@ -341,7 +496,7 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="attn_backend"):
         BD3LM(ModelConfig(attn_backend="xformers"))
     with pytest.raises(ValueError, match="divisible by 128"):
-        block_diffusion_block_mask(torch.zeros(100, dtype=torch.long), 16, BOS)
+        block_diffusion_block_mask(torch.zeros(100, dtype=torch.long), 16, EOT)
 
 
 def test_record_config_fits_the_rules():

@@ -24,17 +24,17 @@ from sample import SAMPLERS, Settings, completions, generate  # noqa: E402
 from train import CHECKPOINT_FORMAT, Hyperparameters  # noqa: E402
 
 VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
-EOT = VOCAB - 1  # <|endoftext|>, which also starts every document
+EOT = VOCAB - 1  # <|endoftext|>, which ends a document
 BLOCK = 4
-# BOS and 6 tokens: the prompt ends mid-block (3 tokens into its second block), so its tail is fixed in a noisy block
-PROMPT = [EOT, 11, 22, 33, 44, 55, 66]
+# 7 tokens: the prompt ends mid-block (3 tokens into its second block), so its tail is fixed in a noisy block
+PROMPT = [11, 22, 33, 44, 55, 66, 77]
 SAMPLER_SETTINGS = {"ddpm": dict(steps_per_block=4, temperature=0.8, top_p=0.95), "first_hitting": {},
                     "confidence": dict(threshold=0.2)}
 
 
 def random_model(seed: int = 0, vocab_size: int = VOCAB) -> BD3LM:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, bos_id=vocab_size - 1, n_layer=2, n_head=2, head_dim=16,
+    config = ModelConfig(vocab_size=vocab_size, eot_id=vocab_size - 1, n_layer=2, n_head=2, head_dim=16,
                          model_dim=32, mlp_hidden=64, block_size=BLOCK)
     model = BD3LM(config).eval()
     with torch.no_grad():
@@ -77,9 +77,11 @@ def test_cached_and_reference_paths_give_the_same_tokens(model, sampler):
     assert not torch.equal(cached[0], cached[1])  # rows are drawn independently
 
 
-@pytest.mark.parametrize("prompt", [PROMPT[:1], PROMPT + [77], PROMPT[:3] + [EOT] + PROMPT[1:]])
+@pytest.mark.parametrize("prompt", [[], PROMPT[:1], PROMPT + [88], PROMPT[:3] + [EOT] + PROMPT[3:],
+                                    PROMPT[:2] + [EOT, EOT] + PROMPT[2:6] + [EOT], PROMPT[:3] + [EOT]])
 def test_cached_and_reference_paths_agree_for_any_prompt_layout(model, prompt):
-    """Just BOS, a prompt ending on a block boundary, and one holding a second document."""
+    """Empty (a new document), one token, ending on a block boundary, holding several documents (two ends in
+    one block), ending with <|endoftext|> mid-block and on a block's last slot."""
     settings = Settings(num_samples=2, max_new_tokens=9, sampler="confidence", threshold=0.2)
     cached, _ = generate(model, prompt, settings, torch.Generator().manual_seed(0))
     reference, _ = generate(model, prompt, replace(settings, kv_cache=False), torch.Generator().manual_seed(0))
@@ -155,6 +157,59 @@ def test_generation_stops_once_every_sample_has_ended():
     assert stats.new_tokens == generated.size(1) == min(last_block_end, 400) < 400
     for row, completion in zip(generated.tolist(), completions(tokens, len(PROMPT), EOT)):
         assert completion == row[: row.index(EOT)] and EOT not in completion
+    # rows that ended mid-block went on into new documents while the others finished: the same tokens either way
+    assert any(end % BLOCK != 0 and end < max(first_end) - BLOCK for end in first_end)
+    reference, _ = run(model, sampler="first_hitting", num_samples=4, max_new_tokens=400, kv_cache=False)
+    assert torch.equal(tokens, reference)
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """A small model trained for a few seconds on real text (the Python reference's topics), so that its
+    distributions are as peaked as a real model's, with every way a rounding difference could show."""
+    import pydoc_data.topics
+
+    from data.tokenizer import get_tokenizer
+    from model import train_noise
+
+    tokenizer = get_tokenizer()
+    text = [t for doc in list(pydoc_data.topics.topics.values())[:40] for t in tokenizer.encode_ordinary(doc) + [50256]]
+    torch.manual_seed(0)
+    model = BD3LM(ModelConfig(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, block_size=BLOCK))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(60):
+        window = torch.tensor(text[step * 128:(step + 1) * 128])
+        loss = model(window, train_noise(128, BLOCK, 0.0, 1.0, gen))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), loss.item(), tokenizer.encode_ordinary("The with statement")
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_cached_forward_equals_a_full_recompute_on_a_trained_model(trained_model, sampler):
+    """What holds on a trained model: each forward of the cached sampler gives the logits that a full pass over
+    the same history gives, to float rounding. (Identical token streams do not follow: a draw that lands within
+    that rounding of a step of the cumulative distribution can go either way.)"""
+    model, final_loss, prompt = trained_model
+    assert final_loss < 9.0  # it has learned something: uniform over 50257 tokens costs ln(50257) = 10.8
+    cache_logits, differences = model.cache_logits, []
+
+    def checked_cache_logits(cache, block):
+        logits = cache_logits(cache, block)
+        history = torch.cat([cache.tokens[:, :cache.length], block], 1)
+        full = model.logits(history, history)[:, cache.length:]
+        differences.append(float((logits - full).abs().max()))
+        return logits
+
+    model.cache_logits = checked_cache_logits
+    try:
+        settings = Settings(num_samples=2, max_new_tokens=60, sampler=sampler, **SAMPLER_SETTINGS[sampler])
+        generate(model, prompt, settings, torch.Generator().manual_seed(7))
+    finally:
+        del model.cache_logits
+    assert len(differences) >= 15 and max(differences) < 1e-4, max(differences)
 
 
 # -----------------------------------------------------------------------------
@@ -196,7 +251,7 @@ def test_cli_help_lists_every_option():
 @pytest.mark.parametrize("flags, message", [
     (["--checkpoint=/no/such/file.pt"], "does not exist"),
     (["--checkpoint={text}"], "is not a checkpoint"),
-    (["--checkpoint={foreign}"], "is not a bd3lm-speedrun-v1 checkpoint"),
+    (["--checkpoint={foreign}"], "is not a bd3lm-speedrun-v2 checkpoint"),
     (["--checkpoint={ckpt}", "--prompt=" + "word " * 70], "more than the 64"),
     (["--checkpoint={ckpt}", "--sampler=beam"], "--sampler must be one of"),
 ])

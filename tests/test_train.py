@@ -74,7 +74,8 @@ def test_demo_run_end_to_end(tmp_path):
     config = json.loads(parsed.header["config"].group("json"))
     assert config["preset"] == "demo" and config["steps"] == steps
     lines = text.split("\n")
-    for pattern in (r"python:\d+\.\d+\.\d+", r"torch:\S+ cuda:\S+", r"nvidia-smi:", r"world_size:1 grad_accum:\d+",
+    for pattern in (r"python:\d+\.\d+\.\d+", r"torch:\S+ cuda:\S+", r"nvidia-smi:",
+                    r"world_size:1 grad_accum:\d+ autocast:(bf16|fp32)",
                     r"unigram_baseline:\d+\.\d{4}", r"train_tokens:\d+", r"peak_memory:\d+MiB", r"checkpoint:\S+"):
         assert any(re.fullmatch(pattern, line) for line in lines), pattern
     step_lines = [line for line in lines if re.fullmatch(r"step:\d+/12 train_loss:\d+\.\d{4} train_time:\d+ms "
@@ -246,3 +247,31 @@ def test_resume_with_other_model_config_is_refused(tmp_path):
     result = run_train(tmp_path, *SMALL, "--mlp_hidden=512", f"--resume={checkpoint}", check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "different model config: mlp_hidden 256 (now 512)" in result.stderr
+
+
+def test_muon_equals_torch_muon_and_fp32_newton_schulz_stays_close():
+    """train.Muon with bf16 Newton-Schulz is torch.optim.Muon, bit for bit, over steps with changing LR and
+    momentum; with fp32 Newton-Schulz (CPUs without native bf16) it differs by bf16 rounding only."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32, 96), (48, 48)]
+    start = [torch.randn(shape) for shape in shapes]
+    runs = {}
+    for name in ("torch", "bf16", "fp32"):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        if name == "torch":
+            optimizer = torch.optim.Muon(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+        else:
+            optimizer = train.Muon(params, lr=0.05, momentum=0.9, weight_decay=0.01,
+                                   ns_dtype=torch.bfloat16 if name == "bf16" else torch.float32)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            for group in optimizer.param_groups:
+                group["lr"], group["momentum"] = 0.05 / (step + 1), 0.85 + 0.03 * step
+            optimizer.step()
+        runs[name] = params
+    for reference, ours, fp32, initial in zip(runs["torch"], runs["bf16"], runs["fp32"], start):
+        assert torch.equal(ours, reference)
+        assert not torch.equal(reference, initial)
+        torch.testing.assert_close(fp32, reference, rtol=0, atol=0.03 * float((reference - initial).abs().max()))
