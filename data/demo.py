@@ -96,6 +96,8 @@ def docstrings(modules: list) -> list[str]:
 def _public_attribute(owner, name: str):
     if name.startswith("_"):
         return None
+    if owner is sys and hasattr(sys, f"__{name}__"):  # hooks that tools replace (pytest: unraisablehook): the originals
+        name = f"__{name}__"
     try:
         return getattr(owner, name)
     except Exception:  # lazy attributes that fail to load on this platform

@@ -352,6 +352,11 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
     documents, counts = demo.collect_documents()
     assert len(documents) == len(set(documents)) == sum(counts.values())
     assert len(split_documents(np.concatenate([val, train]))) == len(documents)
+    # the same corpus in a plain process as here under pytest, which replaces sys.unraisablehook
+    fresh = subprocess.run([sys.executable, "-c", "import hashlib, json; from data.demo import collect_documents; "
+                            "print(hashlib.sha256(json.dumps(collect_documents()[0]).encode()).hexdigest())"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == hashlib.sha256(json.dumps(documents).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_demo_run_end_to_end(tmp_path):
     path = re.search(r"^checkpoint:(\S+)$", text, re.M).group(1)
     assert f"python sample.py --checkpoint={path}" in run.stdout
     state = torch.load(path, weights_only=True)
-    assert state["format"] == "bd3lm-speedrun-v1" and state["step"] == steps
+    assert state["format"] == train.CHECKPOINT_FORMAT == "bd3lm-speedrun-v2" and state["step"] == steps
     assert set(state) >= {"model", "model_config", "hparams", "optimizers", "loader", "rng"}
     assert state["hparams"] == config
 
@@ -274,4 +274,5 @@ def test_muon_equals_torch_muon_and_fp32_newton_schulz_stays_close():
     for reference, ours, fp32, initial in zip(runs["torch"], runs["bf16"], runs["fp32"], start):
         assert torch.equal(ours, reference)
         assert not torch.equal(reference, initial)
-        torch.testing.assert_close(fp32, reference, rtol=0, atol=0.03 * float((reference - initial).abs().max()))
+        moved = float((reference - initial).detach().abs().max())
+        torch.testing.assert_close(fp32, reference, rtol=0, atol=0.03 * moved)
