@@ -249,7 +249,8 @@ class Attention(nn.Module):
         if first_values is not None:
             v = (1 - self.value_mix) * v + self.value_mix * first_values
         values = v
-        q, k = rotary(norm(q), rope), rotary(norm(k), rope)
+        # on CUDA, autocast runs rms_norm in fp32 (torch >= 2.12) while v stays bf16: flex attention needs one dtype
+        q, k = rotary(norm(q), rope).to(v.dtype), rotary(norm(k), rope).to(v.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         new_kv = (k, v)
         if past is not None:

@@ -9,8 +9,8 @@ does not end on a block boundary) and is denoised in a few steps by one of three
 then enters the KV cache as clean context, so a denoising step costs one forward pass of one block. A sample
 ends at its first generated <|endoftext|>. `--kv_cache=False` instead recomputes the whole history at every step:
 the slow reference. Both paths compute the same logits up to float rounding (about 1e-5); the tokens drawn from
-them are the same until a draw lands within that rounding of a step of the cumulative distribution, which on a
-trained model happens every few hundred tokens, after which the two samples go their own ways.
+them are the same until a draw lands within that rounding of a step of the cumulative distribution, which on the
+trained demo model can happen within a few hundred tokens, after which the two samples go their own ways.
 
 `generate` knows the model's inference API and the samplers, nothing about tokenizers or files; `main` is the
 command line around it: settings, checkpoint, prompt, printing.
@@ -107,8 +107,8 @@ def check_settings(s: Settings) -> None:
 
 
 def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Probabilities [..., V] to draw from, in float64 so the cached and the reference path, whose logits
-    differ only by float rounding, draw the same tokens."""
+    """Probabilities [..., V] to draw from, in float64, so that the rounding of this step adds nothing to the
+    rounding by which the cached and the reference path's logits differ."""
     if temperature == 0:
         return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax(logits.double() / temperature, -1)

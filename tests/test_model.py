@@ -506,3 +506,26 @@ def test_record_config_fits_the_rules():
     assert model.num_params() <= 162_000_000
     assert cfg.block_size == 16 and cfg.mask_id == 50257 and cfg.padded_vocab % 128 == 0
     assert model.head.weight.shape[0] == cfg.padded_vocab
+
+
+def test_attention_gets_one_dtype_when_the_norm_returns_fp32(monkeypatch):
+    """What CUDA autocast does to QK-norm (rms_norm in fp32, v in bf16), simulated on CPU: q, k and v reach the
+    attention call in v's dtype."""
+    import model as model_module
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def fp32_norm(x):
+        return F.rms_norm(x.float(), (x.size(-1),))
+
+    def recording_sdpa(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(model_module, "norm", fp32_norm)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording_sdpa)
+    model = small_model(block_size=4)
+    noise = eval_noise(32, 4, seed=0, offset=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(random_stream(32, torch.Generator().manual_seed(3)), noise)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
