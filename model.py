@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 TILE = 128  # FlexAttention's tile size: a BlockMask says which TILE x TILE tiles of scores to compute
+SMALL_GPU_SHARED_MEMORY = 101_376  # bytes of shared memory per block on sm_86 and sm_89 (RTX 3090, RTX 4090)
 
 
 @dataclass
@@ -192,6 +193,16 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
                                     BLOCK_SIZE=TILE, mask_mod=mask_mod)
 
 
+def flex_kernel_options(device_properties) -> dict:
+    """FlexAttention options for a GPU (torch.cuda.get_device_properties). The default head_dim-128
+    backward stages about 130 KB, more than an RTX 3090/4090 has, where torch retries it unpipelined; these
+    smaller backward tiles (each dividing TILE) fit with margin. Larger GPUs (H100: 227 KB) keep the defaults."""
+    props = device_properties
+    if getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block) > SMALL_GPU_SHARED_MEMORY:
+        return {}
+    return {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+
+
 # -----------------------------------------------------------------------------
 # The transformer
 
@@ -238,6 +249,7 @@ class Attention(nn.Module):
         self.proj = init_linear(inner, config.model_dim, zero=True)
         # value residual: later layers mix the first layer's values into their own
         self.value_mix = None if first_layer else nn.Parameter(torch.tensor(0.5))
+        self.flex_options = {}  # set by BD3LM.set_flex_options for the GPU at hand
 
     def forward(self, x: Tensor, rope, mask, first_values, past=None):
         """x [N, S, dim] attends to its own keys, preceded by the cached keys and values `past` if given.
@@ -256,7 +268,7 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         if isinstance(mask, BlockMask):
-            y = flex_attention(q, k, v, block_mask=mask)
+            y = flex_attention(q, k, v, block_mask=mask, kernel_options=self.flex_options)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(N, S, -1)), new_kv, values
@@ -435,6 +447,11 @@ class BD3LM(nn.Module):
         cache.length = end
 
     # --- helpers for the scripts around the model
+
+    def set_flex_options(self, options: dict) -> None:
+        """FlexAttention kernel options (see flex_kernel_options) for every layer."""
+        for block in self.trunk.blocks:
+            block.attn.flex_options = dict(options)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from data.demo import DEMO_DIR, prepare_demo
 from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
-from model import BD3LM, ModelConfig, Noise, eval_noise, model_flops_per_token, train_noise
+from model import BD3LM, ModelConfig, Noise, eval_noise, flex_kernel_options, model_flops_per_token, train_noise
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -258,6 +258,7 @@ def main(argv: list[str]) -> None:
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # read at the first allocation
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
@@ -267,6 +268,8 @@ def main(argv: list[str]) -> None:
 
     torch.manual_seed(hp.seed)
     model = BD3LM(config).to(device)
+    if use_cuda:
+        model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
     if hp.dry_run:
         if master:
             print(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
@@ -296,6 +299,8 @@ def main(argv: list[str]) -> None:
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
     log(f"world_size:{world_size} grad_accum:{grad_accum} autocast:{'bf16' if bf16 else 'fp32'}")
+    if use_cuda:
+        log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
 
     # -----------------------------------------------------------------------------
     # Data

@@ -529,3 +529,40 @@ def test_attention_gets_one_dtype_when_the_norm_returns_fp32(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(random_stream(32, torch.Generator().manual_seed(3)), noise)
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+
+
+def test_flex_backward_tiles_are_chosen_from_the_gpus_shared_memory(monkeypatch):
+    """Faked device properties: 24 GB consumer cards (sm_86, sm_89: 101,376 bytes per block) get backward tiles
+    that divide the 128-token tile; an A100 or H100 keeps the autotuned defaults. The options reach the call."""
+    from types import SimpleNamespace
+
+    import model as model_module
+
+    rtx_3090 = SimpleNamespace(name="NVIDIA GeForce RTX 3090", major=8, minor=6, shared_memory_per_block=49_152,
+                               shared_memory_per_block_optin=101_376)
+    rtx_4090 = SimpleNamespace(name="NVIDIA GeForce RTX 4090", major=8, minor=9, shared_memory_per_block=49_152,
+                               shared_memory_per_block_optin=101_376)
+    a100 = SimpleNamespace(name="NVIDIA A100", major=8, minor=0, shared_memory_per_block=49_152,
+                           shared_memory_per_block_optin=166_912)
+    h100 = SimpleNamespace(name="NVIDIA H100", major=9, minor=0, shared_memory_per_block=49_152,
+                           shared_memory_per_block_optin=232_448)
+    for props in (rtx_3090, rtx_4090):
+        options = model_module.flex_kernel_options(props)
+        assert set(options) == {"bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"}
+        assert all(TILE % size == 0 for size in options.values())
+    assert model_module.flex_kernel_options(a100) == model_module.flex_kernel_options(h100) == {}
+
+    seen, flex = [], model_module.flex_attention
+
+    def recording_flex(*args, **kwargs):
+        seen.append(kwargs["kernel_options"])
+        return flex(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "flex_attention", recording_flex)
+    model = small_model(block_size=16)
+    model.config.attn_backend = "flex"
+    model.set_flex_options(model_module.flex_kernel_options(rtx_3090))
+    with torch.no_grad():
+        model(random_stream(128, torch.Generator().manual_seed(4)), eval_noise(128, 16, seed=0, offset=0))
+    assert len(seen) == model.config.n_layer and all(options == model_module.flex_kernel_options(rtx_3090)
+                                                     for options in seen)
