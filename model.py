@@ -106,18 +106,13 @@ def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
     return ((x >> 8).double() + 0.5) / 2**24
 
 
-def eval_noise(length: int, block_size: int, seed: int, offset: int, stratified: bool = False) -> Noise:
-    """t ~ U(0, 1) per block and the masks, derived from `seed` and each token's global position
+def eval_noise(length: int, block_size: int, seed: int, offset: int) -> Noise:
+    """t ~ U(0, 1) per block, independently, and the masks, derived from `seed` and each token's global position
     (`offset` is the position of the sequence's first token in the whole val stream), so the val loss does
-    not depend on how the stream is split over ranks or steps."""
+    not depend on how the stream is split over ranks or steps. (Stratifying t over the blocks of a sequence
+    does not shrink the spread: it comes from which tokens a block with small t masks, not from t itself.)"""
     index = torch.arange(length)
-    block = index // block_size
-    if stratified:
-        blocks = block[-1] + 1
-        t = (_hash_uniform(2 * seed, torch.tensor([offset])) + block.double() / blocks) % 1
-    else:
-        t = _hash_uniform(2 * seed, offset + block * block_size)
-    t = t.float()
+    t = _hash_uniform(2 * seed, offset + index - index % block_size).float()
     return Noise(t, _hash_uniform(2 * seed + 1, offset + index).float() < t)
 
 

@@ -172,7 +172,8 @@ def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Check a training log against records/README.md.")
     parser.add_argument("log", type=Path, help="the training log (logs/<run_id>.txt)")
-    parser.add_argument("--target", type=float, default=3.44, help="highest final val NELBO, nats/token")
+    parser.add_argument("--target", type=float, default=3.43,
+                        help="highest final val NELBO, nats/token: 3.44 less the 0.01 margin for the val noise")
     parser.add_argument("--val_tokens", type=int, default=10_485_760,
                         help="val tokens the final evaluation must use")
     parser.add_argument("--max_params", type=int, default=162_000_000,
