@@ -19,11 +19,18 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from model import BD3LM, ModelConfig, block_diffusion_block_mask, block_diffusion_mask, model_flops_per_token
+from model import (
+    BD3LM,
+    ModelConfig,
+    block_diffusion_block_mask,
+    block_diffusion_mask,
+    flex_kernel_options,
+    model_flops_per_token,
+)
 from model import train_noise as make_train_noise
 from sample import Settings as SampleSettings
 from sample import generate, load_model
-from train import Hyperparameters, cpu_has_native_bf16, make_optimizers
+from train import Hyperparameters, cpu_has_bf16_kernels, make_optimizers
 
 EOT = 50256
 
@@ -90,7 +97,8 @@ class TrainStep:
     def __init__(self, config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool):
         gen = torch.Generator().manual_seed(0)
         self.model = BD3LM(config).to(device)
-        if device.type == "cuda":
+        if device.type == "cuda":  # what train.py does on a GPU
+            self.model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
             self.model.trunk.compile()
         self.optimizers = make_optimizers(self.model, Hyperparameters(), fast_bf16=bf16)
         self.tokens = document_stream(seq_len, mean_doc, gen).to(device)
@@ -127,7 +135,7 @@ def main(argv: list[str]) -> None:
     use_cuda = bench.device == "cuda" or (bench.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     repeats = 3 if bench.quick else bench.repeats
-    bf16 = use_cuda or cpu_has_native_bf16()  # what train.py does with --autocast=auto
+    bf16 = use_cuda or cpu_has_bf16_kernels()  # what train.py does with --autocast=auto
     machine = torch.cuda.get_device_name() if use_cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{torch.get_num_threads()} threads"
     print(f"# bench.py, {time.strftime('%Y-%m-%d')}\n\nmachine: {machine}; python {platform.python_version()}; "
@@ -140,7 +148,7 @@ def main(argv: list[str]) -> None:
     for name, flops in peaks.items():
         print(f"| {name} | {flops / 1e12:.3f} |")
     if not bf16:
-        print("| bf16 | not measured: this CPU has no native bf16 (emulated, hundreds of times slower) |")
+        print("| bf16 | not measured: no bf16 kernels for this CPU (hundreds of times slower than fp32) |")
 
     demo = ModelConfig(n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024, attn_backend="auto")
     mid = ModelConfig(n_layer=8, n_head=6, head_dim=64, model_dim=384, mlp_hidden=1536)

@@ -80,7 +80,7 @@ class Hyperparameters:
     weight_decay: float = setting(0.0, "decoupled weight decay of every parameter")
     # run
     seed: int = setting(0, "seed of the initial weights and of the training noise")
-    autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32")
+    autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32")
     compile: bool = setting(True, "torch.compile the transformer trunk on CUDA (CPU runs stay eager)")
     val_every: int = setting(250, "validate every this many steps (0: only at the start and the end)")
     save_every: int = setting(0, "write checkpoint_dir/run_id/latest.pt every this many steps (0: never)")
@@ -92,7 +92,7 @@ class Hyperparameters:
 
 PRESETS = {
     "record": {},
-    # sized for 2 idle CPU cores: a few minutes; bf16 autocast (where the CPU has native bf16) doubles throughput
+    # sized for 2 idle CPU cores: a few minutes; bf16 autocast (on CPUs with bf16 kernels) doubles throughput
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
@@ -187,7 +187,7 @@ def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: f
     x = grad.to(dtype)
     tall = grad.size(0) > grad.size(1)
     x = x.T if tall else x
-    x.div_(x.norm().clamp(min=eps))
+    x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -197,7 +197,7 @@ def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: f
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update step for step (Nesterov momentum, Newton-Schulz, lr scaled by
     sqrt(max(1, rows / cols)), decoupled weight decay), with the Newton-Schulz dtype a choice: torch's bf16
-    where bf16 matmuls are fast, fp32 on CPUs without native bf16, where they run hundreds of times slower."""
+    where bf16 matmuls are fast, fp32 on CPUs without bf16 kernels, where they run hundreds of times slower."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -209,7 +209,10 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
                 buffer.lerp_(p.grad, 1 - group["momentum"])
                 update = newton_schulz(p.grad.lerp(buffer, group["momentum"]), self.ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -258,11 +261,12 @@ def main(argv: list[str]) -> None:
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
-        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # read at the first allocation
+        if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    fast_bf16 = use_cuda or cpu_has_native_bf16()
+    fast_bf16 = use_cuda or cpu_has_bf16_kernels()
     bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and fast_bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -459,9 +463,10 @@ def main(argv: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates them,
-    hundreds of times slower than fp32 on an AVX2-only CPU."""
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 matmul kernels for this CPU: x86 with AVX-512 (in hardware with AVX512-BF16 or AMX,
+    converted otherwise) or ARM with bf16. Without them (AVX2-only CPUs) bf16 matmuls run hundreds of times
+    slower than fp32."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

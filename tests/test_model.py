@@ -56,7 +56,7 @@ def tricky_streams(length, block_size, gen):
 
 
 # -----------------------------------------------------------------------------
-# 1. the dense mask against a per-pair rule written from DESIGN.md section 2
+# 1. the dense mask against a per-pair rule written from its three lines
 
 
 def document_of(tokens, i):
@@ -133,9 +133,9 @@ def test_block_mask_equals_dense_mask_and_skips_every_empty_tile(length, block_s
         dense = block_diffusion_mask(tokens, block_size, EOT)
         assert torch.equal(block_mask_to_dense(block_mask, 2 * length), dense)
         computed = int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
-        assert computed >= tiles_needed(dense)
-        if block_size > 1:  # with 1-token blocks and 1-token documents a tile's summary cannot see that it is empty
-            assert computed == tiles_needed(dense)
+        assert computed >= tiles_needed(dense)  # never skips a tile it needs
+        if block_size > 1:  # exact on these streams; with documents much shorter than a block the per-tile
+            assert computed == tiles_needed(dense)  # summaries may list a tile that turns out empty (harmless)
 
 
 def test_block_mask_skips_cross_document_tiles():

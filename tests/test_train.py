@@ -251,7 +251,7 @@ def test_resume_with_other_model_config_is_refused(tmp_path):
 
 def test_muon_equals_torch_muon_and_fp32_newton_schulz_stays_close():
     """train.Muon with bf16 Newton-Schulz is torch.optim.Muon, bit for bit, over steps with changing LR and
-    momentum; with fp32 Newton-Schulz (CPUs without native bf16) it differs by bf16 rounding only."""
+    momentum; with fp32 Newton-Schulz (CPUs without bf16 kernels) it differs by bf16 rounding only."""
     torch.manual_seed(0)
     shapes = [(64, 32), (32, 96), (48, 48)]
     start = [torch.randn(shape) for shape in shapes]
