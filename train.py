@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from data.demo import DEMO_DIR, prepare_demo
 from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
@@ -357,21 +358,11 @@ def main(argv: list[str]) -> None:
     # Validation
 
     def evaluate() -> tuple[float, int]:
-        """Val NELBO in nats/token: the same chunks and the same noise whatever the world size."""
         model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        token_count = torch.zeros((), dtype=torch.float64, device=device)
-        with torch.no_grad(), autocast:
-            for offset, tokens in val_batches(hp.val_file, hp.val_tokens, hp.seq_len, rank, world_size):
-                noise = eval_noise(tokens.numel(), config.block_size, VAL_NOISE_SEED, offset)
-                loss = model(tokens.to(device), Noise(*(x.to(device) for x in noise)))
-                loss_sum += loss.double() * tokens.numel()
-                token_count += tokens.numel()
-        if world_size > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(token_count)
+        with autocast:
+            result = val_nelbo(model, hp.val_file, hp.val_tokens, hp.seq_len, VAL_NOISE_SEED, rank, world_size)
         model.train()
-        return (loss_sum / token_count).item(), int(token_count.item())
+        return result
 
     # -----------------------------------------------------------------------------
     # Checkpoint
@@ -461,6 +452,27 @@ def main(argv: list[str]) -> None:
             print(f"sample from it: python sample.py --checkpoint={path}")
     if world_size > 1:
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
+              world_size: int = 1, progress: bool = False) -> tuple[float, int]:
+    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into
+    fixed chunks of seq_len, under eval_noise(seed): the same chunks and noise whatever the world size.
+    Returns (NELBO, tokens) summed over all ranks (eval.py uses it too)."""
+    device = model.head.weight.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    token_count = torch.zeros((), dtype=torch.float64, device=device)
+    chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
+    for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
+        noise = eval_noise(tokens.numel(), model.config.block_size, seed, offset)
+        loss = model(tokens.to(device), Noise(*(x.to(device) for x in noise)))
+        loss_sum += loss.double() * tokens.numel()
+        token_count += tokens.numel()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    return (loss_sum / token_count).item(), int(token_count.item())
 
 
 def cpu_has_bf16_kernels() -> bool:

@@ -1,0 +1,89 @@
+"""eval.py through its command line, on a checkpoint that train.py writes here (about a minute on 2 cores).
+
+    python -m pytest -q tests/test_eval.py
+"""
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from data.demo import DEMO_DIR, prepare_demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tokens:(\d+) seq_len:(\d+) "
+                    r"autocast:(bf16|fp32) files:(\S+)")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A two-layer demo-corpus model trained for 6 steps; returns (checkpoint path, final val_loss of its log)."""
+    prepare_demo()
+    folder = tmp_path_factory.mktemp("run")
+    flags = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=256",
+             "--seq_len=128", "--batch_size=2", "--val_tokens=1024", "--steps=6", "--warmup_steps=0", "--val_every=0",
+             "--autocast=fp32", "--unigram_baseline=False", "--run_id=small", f"--log_dir={folder}/logs",
+             f"--checkpoint_dir={folder}/checkpoints"]
+    subprocess.run([sys.executable, "train.py", *flags], cwd=REPO, env=ONE_THREAD, check=True, capture_output=True,
+                   timeout=600)
+    log = open(f"{folder}/logs/small.txt").read()
+    final = re.findall(r"^step:6/6 val_loss:(\S+) ", log, re.M)[-1]
+    return f"{folder}/checkpoints/small/final.pt", final
+
+
+def evaluate(*flags, launcher=(sys.executable, "eval.py")):
+    return subprocess.run([*launcher, *flags], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True,
+                          timeout=600)
+
+
+def result_of(completed):
+    assert completed.returncode == 0, completed.stderr
+    return RESULT.fullmatch(completed.stdout.strip().splitlines()[-1])
+
+
+def test_reproduces_the_runs_last_val_line(run):
+    checkpoint, logged = run
+    result = result_of(evaluate(f"--checkpoint={checkpoint}", "--autocast=fp32"))
+    assert result.group(1) == logged
+    assert result.group(3, 4, 5, 6) == ("1", "1024", "128", "fp32")
+    assert result.group(7).endswith("demo_val_000000.bin")
+
+
+def test_several_seeds_give_mean_and_standard_error(run):
+    checkpoint, logged = run
+    completed = evaluate(f"--checkpoint={checkpoint}", "--autocast=fp32", "--seeds=3")
+    result = result_of(completed)
+    per_seed = [float(v) for v in re.findall(r"^seed:\d+ val_nelbo:(\S+)$", completed.stdout, re.M)]
+    assert len(per_seed) == 3 and f"{per_seed[0]:.4f}" == logged and len(set(per_seed)) == 3
+    assert float(result.group(1)) == pytest.approx(statistics.fmean(per_seed), abs=1e-4)
+    assert float(result.group(2)) == pytest.approx(statistics.stdev(per_seed) / 3**0.5, abs=1e-4)
+
+
+def test_two_ranks_give_the_one_process_result_on_other_files(run):
+    checkpoint, _ = run
+    flags = [f"--checkpoint={checkpoint}", "--autocast=fp32", f"--files={DEMO_DIR}/demo_train_*.bin",
+             "--val_tokens=3072", "--seq_len=256"]
+    one = result_of(evaluate(*flags))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py")
+    two = result_of(evaluate(*flags, launcher=torchrun))
+    assert one.group(1) == two.group(1) and one.group(4) == two.group(4) == "3072"
+    assert one.group(7).endswith("demo_train_000000.bin")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint=/no/such.pt"], "does not exist"),
+    (["--checkpoint={ckpt}", "--files=/no/such/*.bin"], "no shards match /no/such/*.bin"),
+    (["--checkpoint={ckpt}", "--val_tokens=1000"], "must be a multiple of seq_len 128"),
+    (["--checkpoint={ckpt}", "--seeds=0"], "--seeds must be at least 1"),
+    (["--checkpoint={ckpt}", "--seeds=many"], "--seeds takes a value of type int"),
+    (["--checkpoint={ckpt}", "--folds=2"], "unknown flag --folds"),
+])
+def test_bad_input_gives_one_line_and_status_2(run, flags, message):
+    completed = evaluate(*(flag.format(ckpt=run[0]) for flag in flags))
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error: ") and message in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1
