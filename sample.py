@@ -39,8 +39,8 @@ def setting(default, help: str):
 @dataclass
 class Settings:
     checkpoint: str = setting("", "checkpoint written by train.py (required)")
-    prompt: str = setting("", "text to continue; empty: a new document (<|endoftext|> in it ends a document, "
-                                  "so do not start with one)")
+    prompt: str = setting("", "text to continue (an <|endoftext|> in it ends a document there: do not start "
+                                  "with one); empty: a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
     num_samples: int = setting(1, "samples generated together as one batch")
     max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
