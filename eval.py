@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from data.loader import find_shards, val_batches
 from sample import SettingsError, load_model
-from train import VAL_NOISE_SEED, cpu_has_bf16_kernels, parse_value, val_nelbo
+from train import VAL_NOISE_SEED, cpu_has_bf16_kernels, parse_flags, val_nelbo
 
 
 def setting(default, help: str):
@@ -48,15 +48,7 @@ def usage() -> str:
 
 
 def parse_settings(argv: list[str]) -> Settings:
-    kinds, values = {f.name: f.type for f in fields(Settings)}, {}
-    for arg in argv:
-        name, equals, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not equals:
-            raise SettingsError(f"expected --name=value, got {arg!r} (see --help)")
-        if name not in kinds:
-            raise SettingsError(f"unknown flag --{name} (see --help)")
-        values[name] = parse_value(name, kinds[name], text)
-    s = Settings(**values)
+    s = Settings(**parse_flags(argv, Settings))  # ConfigError, a ValueError, names a bad flag
     if s.seeds < 1:
         raise SettingsError(f"--seeds must be at least 1, got {s.seeds}")
     if s.val_tokens < -1 or s.seq_len < 0:

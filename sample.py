@@ -26,8 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model import BD3LM, ModelConfig
+from train import CHECKPOINT_FORMAT, ConfigError, parse_flags
 
-CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # the only format train.py writes and this file reads
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 MASK_GLYPH = "░"
 
@@ -67,20 +67,10 @@ def usage() -> str:
 
 def parse_settings(argv: list[str]) -> Settings:
     """`--name=value` flags over the defaults, each value converted to its field's type."""
-    kinds, values = {f.name: f.type for f in fields(Settings)}, {}
-    for arg in argv:
-        name, equals, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not equals:
-            raise SettingsError(f"expected --name=value, got {arg!r} (see --help)")
-        if name not in kinds:
-            raise SettingsError(f"unknown flag --{name} (see --help)")
-        if kinds[name] is bool and text.lower() not in ("true", "false"):
-            raise SettingsError(f"--{name} takes True or False, got {text!r}")
-        try:
-            values[name] = text.lower() == "true" if kinds[name] is bool else kinds[name](text)
-        except ValueError:
-            raise SettingsError(f"--{name} takes a value of type {kinds[name].__name__}, got {text!r}") from None
-    return Settings(**values)
+    try:
+        return Settings(**parse_flags(argv, Settings))
+    except ConfigError as error:
+        raise SettingsError(str(error)) from None
 
 
 def check_settings(s: Settings) -> None:

@@ -131,10 +131,10 @@ def parse_value(name: str, kind: type, text: str):
         raise ConfigError(f"--{name} takes a value of type {kind.__name__}, got {text!r}") from None
 
 
-def parse_args(argv: list[str]) -> Hyperparameters:
-    """`--name=value` flags over the chosen preset over the defaults."""
-    kinds = {f.name: f.type for f in fields(Hyperparameters)}
-    flags = {}
+def parse_flags(argv: list[str], settings_class) -> dict:
+    """`--name=value` flags for the fields of a settings dataclass, each value converted to its field's type
+    (sample.py and eval.py use it too)."""
+    kinds, flags = {f.name: f.type for f in fields(settings_class)}, {}
     for arg in argv:
         name, equals, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not equals:
@@ -142,6 +142,12 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         if name not in kinds:
             raise ConfigError(f"unknown flag --{name} (see --help)")
         flags[name] = parse_value(name, kinds[name], text)
+    return flags
+
+
+def parse_args(argv: list[str]) -> Hyperparameters:
+    """`--name=value` flags over the chosen preset over the defaults."""
+    flags = parse_flags(argv, Hyperparameters)
     preset = flags.get("preset", Hyperparameters.preset)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
