@@ -17,18 +17,14 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
 from data.loader import find_shards, val_batches
 from sample import SettingsError, load_model
-from train import VAL_NOISE_SEED, cpu_has_bf16_kernels, parse_flags, val_nelbo
-
-
-def setting(default, help: str):
-    return field(default=default, metadata={"help": help})
+from train import VAL_NOISE_SEED, cpu_has_bf16_kernels, parse_flags, setting, val_nelbo
 
 
 @dataclass

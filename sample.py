@@ -19,21 +19,17 @@ command line around it: settings, checkpoint, prompt, printing.
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from model import BD3LM, ModelConfig
-from train import CHECKPOINT_FORMAT, ConfigError, parse_flags
+from train import ConfigError, parse_flags, read_checkpoint, setting
 
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 MASK_GLYPH = "░"
-
-
-def setting(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -222,13 +218,9 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
     if not os.path.isfile(path):
         raise SettingsError(f"checkpoint {path!r} does not exist" if path else "--checkpoint=PATH is required")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception:
-        raise SettingsError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        said = state.get("format") if isinstance(state, dict) else None
-        found = f" (it says {said!r}: retrain with this code)" if said else ""
-        raise SettingsError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
+        state = read_checkpoint(path, device)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     try:
         model = BD3LM(ModelConfig(**state["model_config"])).to(device)
         model.load_state_dict(state["model"])

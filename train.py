@@ -508,15 +508,26 @@ def rng_state() -> dict:
     return state
 
 
+def read_checkpoint(path: str, device) -> dict:
+    """A checkpoint of this code's format, loaded with weights_only=True (sample.py and eval.py use it too);
+    a ValueError with one line naming the problem otherwise."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:
+        raise ValueError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        said = state.get("format") if isinstance(state, dict) else None
+        found = f" (it says {said!r}: retrain with this code)" if said else ""
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
+    return state
+
+
 def load_checkpoint(path, model, config, optimizers, loader, device) -> int:
     """Restore weights, optimizer states, data position and RNG; returns the step to continue from."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:
-        fail(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = f" (it says {state['format']!r})" if isinstance(state, dict) and "format" in state else ""
-        fail(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint{found}")
+        state = read_checkpoint(path, device)
+    except ValueError as error:
+        fail(str(error))
     if state["model_config"] != asdict(config):
         differences = ", ".join(f"{key} {value} (now {asdict(config)[key]})"
                                 for key, value in state["model_config"].items() if asdict(config)[key] != value)
