@@ -209,9 +209,11 @@ def norm(x: Tensor) -> Tensor:
 def rotary_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos and sin [N, S, 1, head_dim / 2] of the angles pos * base^(-2i/head_dim), once per pass."""
     half = head_dim // 2
-    inv_freq = base ** -(torch.arange(half, device=pos.device, dtype=torch.float32) / half)
-    angle = pos[..., None, None].float() * inv_freq
-    return angle.cos(), angle.sin()
+    # float64: at position 10^5 a float32 angle is off by ~0.01 rad, and a sliding-window cache (positions far
+    # from 0) must agree with a recompute of the same window (positions from 0): only position differences count
+    inv_freq = base ** -(torch.arange(half, device=pos.device, dtype=torch.float64) / half)
+    angle = pos[..., None, None].double() * inv_freq
+    return angle.cos().float(), angle.sin().float()
 
 
 def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -321,11 +323,13 @@ class Trunk(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens themselves."""
+    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens themselves. Slot 0 holds
+    the token at sequence position `start` (> 0 for a window that begins later in a long sequence)."""
     keys: list[Tensor]
     values: list[Tensor]
     tokens: Tensor  # [N, max_len]
     length: int = 0
+    start: int = 0
 
 
 class BD3LM(nn.Module):
@@ -391,12 +395,16 @@ class BD3LM(nn.Module):
 
     # --- inference with a KV cache of clean tokens
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, start: int = 0) -> KVCache:
+        """An empty cache for `max_len` clean tokens, the first of which will sit at sequence position `start`
+        (a multiple of the block size). Its contents equal a pass over the sequence from `start` on: a window."""
         cfg, param = self.config, self.head.weight
+        if start % cfg.block_size:
+            raise ValueError(f"a cache must start on a block boundary, not at {start} (block size {cfg.block_size})")
         shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
         return KVCache(keys=[param.new_empty(shape) for _ in range(cfg.n_layer)],
                        values=[param.new_empty(shape) for _ in range(cfg.n_layer)],
-                       tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device))
+                       tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device), start=start)
 
     def _cached_pass(self, cache: KVCache, tokens: Tensor, clean: bool):
         """Run `tokens` [N, n] after the cached clean context, under the training mask: clean tokens attend as
@@ -421,7 +429,7 @@ class BD3LM(nn.Module):
         mask = mask_rule(doc_q, block[:, new, None], torch.tensor(clean, device=tokens.device),
                          doc[:, None, :], block[:, None, :], clean_k)[:, None]
         past = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.keys, cache.values)]
-        pos = torch.arange(length, length + n, device=tokens.device)
+        pos = torch.arange(cache.start + length, cache.start + length + n, device=tokens.device)
         return self.trunk(tokens, pos[None], mask, past)
 
     @torch.no_grad()

@@ -7,10 +7,14 @@ The prompt and the text after it are one sequence cut into fixed blocks, as in t
 a new document at block 0. Each new block starts as all [MASK] (or with the prompt's tail in it when the prompt
 does not end on a block boundary) and is denoised in a few steps by one of three samplers; the finished block
 then enters the KV cache as clean context, so a denoising step costs one forward pass of one block. A sample
-ends at its first generated <|endoftext|>. `--kv_cache=False` instead recomputes the whole history at every step:
-the slow reference. Both paths compute the same logits up to float rounding (about 1e-5); the tokens drawn from
-them are the same until a draw lands within that rounding of a step of the cumulative distribution, which on the
-trained demo model can happen within a few hundred tokens, after which the two samples go their own ways.
+ends at its first generated <|endoftext|> (`--stop_at_eot=False`: it goes on into new documents).
+
+Text longer than `--context` (default: the training length) is written under a sliding window that moves by half
+a context at a time; the cache is then re-encoded from the window's tokens, so it always holds exactly what a
+pass over the window would, and memory stays bounded. `--kv_cache=False` instead recomputes the whole window at
+every step: the slow reference. Both paths compute the same logits up to float rounding (about 1e-5); the tokens
+drawn from them are the same until a draw lands within that rounding of a step of the cumulative distribution,
+which on the trained demo model can happen within a few hundred tokens, after which the two samples part.
 
 `generate` knows the model's inference API and the samplers, nothing about tokenizers or files; `main` is the
 command line around it: settings, checkpoint, prompt, printing.
@@ -25,8 +29,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from data.tokenizer import get_tokenizer
 from model import BD3LM, ModelConfig
-from train import ConfigError, parse_flags, read_checkpoint, setting
+from train import ConfigError, parse_flags, peak_memory_mib, read_checkpoint, setting
 
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 MASK_GLYPH = "░"
@@ -39,7 +44,12 @@ class Settings:
                                   "with one); empty: a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
     num_samples: int = setting(1, "samples generated together as one batch")
-    max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
+    max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early); "
+                                       "any number: a window slides over a long text")
+    context: int = setting(0, "tokens one forward sees, noisy block included, a multiple of the block size; "
+                              "0: the training seq_len")
+    stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: go on into new documents, "
+                                      "exactly max_new_tokens")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
     threshold: float = setting(0.9, "confidence: commit every token whose top probability reaches this (>= 1 per step)")
@@ -75,6 +85,8 @@ def check_settings(s: Settings) -> None:
     for name in ("num_samples", "max_new_tokens", "steps_per_block"):
         if getattr(s, name) < 1:
             raise SettingsError(f"--{name} must be at least 1, got {getattr(s, name)}")
+    if s.context < 0:
+        raise SettingsError(f"--context must be 0 (the training seq_len) or positive, got {s.context}")
     if not 0 <= s.threshold <= 1:
         raise SettingsError(f"--threshold must lie in [0, 1], got {s.threshold}")
     if not 0 < s.top_p <= 1:
@@ -164,39 +176,59 @@ class Stats:
     seconds: float = 0.0
 
 
+def check_context(context: int, block_size: int) -> None:
+    if context < block_size or context % block_size:
+        raise SettingsError(f"--context must be a positive multiple of the block size {block_size}, got {context}")
+
+
+def window_start(begin: int, block_size: int, context: int) -> int:
+    """Where the clean context of the block at `begin` starts: at most context - block_size tokens back. The
+    window moves in steps of half the context, so a KV cache is re-encoded once per half window, not per block."""
+    stride = max(block_size, context // 2 // block_size * block_size)
+    return max(0, -(-(begin + block_size - context) // stride) * stride)
+
+
 @torch.no_grad()
 def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Generator, on_step=None,
              progress: bool = False) -> tuple[Tensor, Stats]:
     """Continue `prompt` (token ids, possibly none) in `s.num_samples` rows at once. Returns the tokens
-    [N, len(prompt) + generated] and stats. Stops early once every row has generated an <|endoftext|>.
-    `on_step(block_index, block)` sees each block after every step that changed it."""
+    [N, len(prompt) + generated] and stats. With `s.stop_at_eot`, stops early once every row has generated an
+    <|endoftext|>. Each forward sees the tokens from window_start on, s.context at most (a multiple of the
+    block size; 0: all), so text of any length takes bounded memory. `on_step(block_index, block)` sees each
+    block after every step that changed it."""
     cfg, device = model.config, model.head.weight.device
+    total = len(prompt) + s.max_new_tokens
+    context = s.context or -(-total // cfg.block_size) * cfg.block_size
+    check_context(context, cfg.block_size)
     start_time, stats = time.perf_counter(), Stats()
-    tokens = torch.full((s.num_samples, len(prompt) + s.max_new_tokens), cfg.mask_id, device=device)
+    tokens = torch.full((s.num_samples, total), cfg.mask_id, device=device)
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     first_block = len(prompt) - len(prompt) % cfg.block_size  # the prompt's tail is fixed in this block
-    cache = model.new_cache(s.num_samples, tokens.size(1)) if s.kv_cache else None
-    if cache and first_block > 0:
-        model.cache_append(cache, tokens[:, :first_block])
-        stats.cache_appends += 1
+    cache = None
 
     starts = range(first_block, tokens.size(1), cfg.block_size)
     for index, begin in enumerate(tqdm(starts, unit="block", disable=not progress)):
-        end = min(begin + cfg.block_size, tokens.size(1))
+        end, window = min(begin + cfg.block_size, tokens.size(1)), window_start(begin, cfg.block_size, context)
+        if s.kv_cache and (cache is None or cache.start != window):  # (re-)encode the window's clean tokens
+            cache = model.new_cache(s.num_samples, context, start=window)
+            if begin > window:
+                model.cache_append(cache, tokens[:, window:begin])
+                stats.cache_appends += 1
 
         def block_logits(block: Tensor) -> Tensor:
             stats.forwards += 1
             if cache:
                 return model.cache_logits(cache, block)
-            history = torch.cat([tokens[:, :begin], block], 1)  # clean context in both halves, noisy block in x_t
-            return model.logits(history, history)[:, begin:]
+            history = torch.cat([tokens[:, window:begin], block], 1)  # clean context in both halves, noisy in x_t
+            return model.logits(history, history)[:, begin - window:]
 
         show = (lambda block: on_step(index, block)) if on_step else None
         tokens[:, begin:end] = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id, generator, show)
-        if end == tokens.size(1) or (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all():
+        ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
+        if end == tokens.size(1) or ended:
             tokens = tokens[:, :end]
             break
-        if cache:
+        if cache and window_start(end, cfg.block_size, context) == window:
             model.cache_append(cache, tokens[:, begin:end])
             stats.cache_appends += 1
     if device.type == "cuda":
@@ -205,9 +237,10 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
     return tokens, stats
 
 
-def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]:
-    """Each row's generated tokens, cut before its first <|endoftext|>."""
-    return [row[: row.index(eot)] if eot in row else row for row in tokens[:, prompt_length:].tolist()]
+def completions(tokens: Tensor, prompt_length: int, eot: int, cut: bool = True) -> list[list[int]]:
+    """Each row's generated tokens, cut before its first <|endoftext|> (if `cut`)."""
+    rows = tokens[:, prompt_length:].tolist()
+    return [row[: row.index(eot)] if cut and eot in row else row for row in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -229,35 +262,42 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
         raise SettingsError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
 
 
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("--device=cuda but this machine has no CUDA device")
+    return torch.device("cuda", local_rank) if name != "cpu" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def read_prompt(s: Settings) -> list[int]:
+    """The token ids of --prompt or --prompt_file (which then replaces s.prompt)."""
+    if s.prompt_file:
+        if not os.path.isfile(s.prompt_file):
+            raise SettingsError(f"prompt file {s.prompt_file!r} does not exist")
+        with open(s.prompt_file) as f:
+            s.prompt = f.read()
+    return get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
+
+
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(usage())
         return
-    from data.tokenizer import get_tokenizer  # after --help, which should not wait for the vocabulary
-
     try:
         s = parse_settings(argv)
         check_settings(s)
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SettingsError("--device=cuda but this machine has no CUDA device")
+        device = pick_device(s.device)
         model, hparams = load_model(s.checkpoint, device)
-        if s.prompt_file:
-            if not os.path.isfile(s.prompt_file):
-                raise SettingsError(f"prompt file {s.prompt_file!r} does not exist")
-            with open(s.prompt_file) as f:
-                s.prompt = f.read()
-        tokenizer = get_tokenizer()
-        prompt = tokenizer.encode(s.prompt, allowed_special={"<|endoftext|>"})
-        if len(prompt) > hparams["seq_len"]:
-            raise SettingsError(f"the prompt has {len(prompt)} tokens, more than the {hparams['seq_len']} "
-                                f"this model was trained on")
-        if len(prompt) + s.max_new_tokens > hparams["seq_len"]:
-            print(f"warning: {len(prompt)} prompt + {s.max_new_tokens} new tokens run past the {hparams['seq_len']} "
-                  f"positions this model was trained on; text beyond them may degrade", file=sys.stderr)
+        prompt = read_prompt(s)
+        s.context = s.context or hparams["seq_len"]
+        check_context(s.context, model.config.block_size)
+        if s.context > hparams["seq_len"]:
+            print(f"warning: --context={s.context} is longer than the {hparams['seq_len']} tokens this model was "
+                  f"trained on; predictions that look further back may degrade", file=sys.stderr)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+    tokenizer = get_tokenizer()
 
     def show(index: int, block: Tensor) -> None:
         for row, ids in enumerate(block.tolist()):
@@ -267,12 +307,13 @@ def main(argv: list[str]) -> None:
     generator = torch.Generator(device).manual_seed(s.seed)
     tokens, stats = generate(model, prompt, s, generator, on_step=show if s.show_denoising else None,
                              progress=not s.show_denoising)
-    for row, completion in enumerate(completions(tokens, len(prompt), model.config.eot_id)):
+    for row, completion in enumerate(completions(tokens, len(prompt), model.config.eot_id, cut=s.stop_at_eot)):
         print(f"---- sample {row} ----\n{s.prompt}{tokenizer.decode(completion)}")
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
           f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} ({stats.forwards} forwards + "
-          f"{stats.cache_appends} cache appends, sampler {s.sampler}, kv_cache {s.kv_cache})")
+          f"{stats.cache_appends} cache appends, sampler {s.sampler}, kv_cache {s.kv_cache}, context {s.context}, "
+          f"peak memory {peak_memory_mib(device.type == 'cuda')} MiB)")
 
 
 if __name__ == "__main__":

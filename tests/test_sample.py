@@ -20,7 +20,7 @@ sys.path.insert(0, REPO)
 
 import sample  # noqa: E402
 from model import BD3LM, ModelConfig  # noqa: E402
-from sample import SAMPLERS, Settings, completions, generate  # noqa: E402
+from sample import SAMPLERS, Settings, completions, generate, window_start  # noqa: E402
 from train import CHECKPOINT_FORMAT, Hyperparameters  # noqa: E402
 
 VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
@@ -143,10 +143,6 @@ def test_completions_cut_each_row_at_its_first_end_of_text():
 
 def test_generation_stops_once_every_sample_has_ended():
     model = random_model(seed=1)
-
-    def favour_end_of_text(head, inputs, logits):  # rows end within a few blocks, at different places
-        return logits + 2.0 * (torch.arange(logits.size(-1)) == EOT)
-
     model.head.register_forward_hook(favour_end_of_text)
     tokens, stats = run(model, sampler="first_hitting", num_samples=4, max_new_tokens=400)
     generated = tokens[:, len(PROMPT):]
@@ -161,6 +157,69 @@ def test_generation_stops_once_every_sample_has_ended():
     assert any(end % BLOCK != 0 and end < max(first_end) - BLOCK for end in first_end)
     reference, _ = run(model, sampler="first_hitting", num_samples=4, max_new_tokens=400, kv_cache=False)
     assert torch.equal(tokens, reference)
+
+
+def favour_end_of_text(head, inputs, logits):
+    """A forward hook on the head: rows end within a few blocks, at different places."""
+    return logits + 2.0 * (torch.arange(logits.size(-1)) == EOT)
+
+
+def test_window_start_keeps_the_context_within_bounds():
+    for context in (BLOCK, 2 * BLOCK, 3 * BLOCK, 8 * BLOCK):
+        starts = [window_start(begin, BLOCK, context) for begin in range(0, 40 * BLOCK, BLOCK)]
+        for begin, start in zip(range(0, 40 * BLOCK, BLOCK), starts):
+            assert start % BLOCK == 0 and 0 <= begin - start <= context - BLOCK
+        assert starts == sorted(starts)
+        stride = max(BLOCK, context // 2 // BLOCK * BLOCK)
+        assert len(set(starts)) == len(set(range(0, max(starts) + 1, stride)))  # moves once per stride
+        if context >= 2 * BLOCK:  # then the window never shrinks below half the context
+            assert min(begin - start for begin, start in zip(range(0, 40 * BLOCK, BLOCK), starts)
+                       if begin + BLOCK >= context) >= context // 2 - BLOCK
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("context", [BLOCK, 3 * BLOCK, 4 * BLOCK])
+def test_windowed_cache_gives_the_tokens_of_a_recompute_over_the_window(model, sampler, context):
+    """Ten and more times the context: the cache, re-encoded when the window moves, against a full pass over
+    the window at every step; rows go on past <|endoftext|> into new documents inside the window."""
+    model = random_model(seed=1)
+    model.head.register_forward_hook(favour_end_of_text)
+    settings = Settings(num_samples=3, max_new_tokens=12 * context + 3, context=context, stop_at_eot=False,
+                        sampler=sampler, **SAMPLER_SETTINGS[sampler])
+    cached, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0))
+    reference, _ = generate(model, PROMPT, replace(settings, kv_cache=False), torch.Generator().manual_seed(0))
+    assert torch.equal(cached, reference)
+    assert cached.shape == (3, len(PROMPT) + 12 * context + 3)  # exactly max_new_tokens, past every end
+    assert ((cached[:, len(PROMPT):] == EOT).sum(1) >= 2).any()
+
+
+def test_windowed_generation_ignores_everything_before_the_window(model):
+    """Black box: a prompt whose head lies before the first window; rewriting that head (other tokens,
+    other document ends) changes nothing, rewriting one token inside the window does."""
+    prompt = list(range(100, 120))  # blocks of 4: the first generated block starts at 20, its window at 16
+    settings = Settings(num_samples=2, max_new_tokens=30, context=2 * BLOCK, sampler="ddpm", steps_per_block=4)
+    assert window_start(20, BLOCK, 2 * BLOCK) == 16
+
+    def sample(prompt):
+        return generate(model, prompt, settings, torch.Generator().manual_seed(3))[0][:, 20:]
+
+    base = sample(prompt)
+    for head in ([7] * 16, [EOT] * 16, list(range(200, 216)), [1, EOT, 3, 4, EOT] + [9] * 11):
+        assert torch.equal(sample(head + prompt[16:]), base)
+    assert not torch.equal(sample(prompt[:17] + [7] + prompt[18:]), base)
+
+
+def test_a_long_generation_keeps_the_cache_at_the_context_size(model, monkeypatch):
+    sizes, new_cache = [], model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda n, max_len, start: sizes.append(max_len) or
+                        new_cache(n, max_len, start))
+    settings = Settings(num_samples=1, max_new_tokens=400, context=4 * BLOCK, stop_at_eot=False,
+                        sampler="first_hitting")
+    tokens, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0))
+    assert tokens.size(1) == len(PROMPT) + 400 and set(sizes) == {4 * BLOCK}
+    # the window moves every 2 blocks; each move re-encodes 1 or 2 blocks, in between 1 block is appended
+    assert len(sizes) == (len(PROMPT) + 400 - 2 * BLOCK) // (2 * BLOCK) + 1
+    assert stats.cache_appends <= 2 * len(sizes) + 1 and stats.forwards == 400
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +311,7 @@ def test_cli_help_lists_every_option():
     (["--checkpoint=/no/such/file.pt"], "does not exist"),
     (["--checkpoint={text}"], "is not a checkpoint"),
     (["--checkpoint={foreign}"], "is not a bd3lm-speedrun-v2 checkpoint"),
-    (["--checkpoint={ckpt}", "--prompt=" + "word " * 70], "more than the 64"),
+    (["--checkpoint={ckpt}", "--context=6"], "--context must be a positive multiple of the block size 4"),
     (["--checkpoint={ckpt}", "--sampler=beam"], "--sampler must be one of"),
 ])
 def test_cli_bad_input_gives_one_line(tmp_path, checkpoint, flags, message):
