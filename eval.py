@@ -1,15 +1,24 @@
 """
-The validation NELBO of a checkpoint, on its run's val shard or on any shards.
+What a checkpoint is worth: the validation NELBO on data, or the quality of its samples under a judge.
 
     python eval.py --checkpoint=checkpoints/demo/final.pt                      # what the run's last val line says
     python eval.py --checkpoint=PATH --seeds=8                                 # mean and standard error over noise
     python eval.py --checkpoint=PATH --files='data/mine/mine_val_*.bin' --val_tokens=0
     torchrun --standalone --nproc_per_node=8 eval.py --checkpoint=PATH         # the same number, faster
+    python eval.py --checkpoint=PATH --judge=checkpoints/ar/final.pt --sampler=confidence --threshold=0.7
+    python eval.py --checkpoint=PATH --judge=gpt2-large --sweep=True            # needs `pip install transformers`
 
-The protocol is training's validation (train.val_nelbo): fixed chunks of seq_len tokens, t ~ U(0, 1) per block
-and masks from a seed and each token's global position, so the result does not depend on the world size.
-Seed k of `--seeds=K` is train.py's val seed plus k, so `--seeds=1` reproduces the log. The last line is the
-result, `key:value` pairs a script can parse.
+NELBO: the protocol is training's validation (train.val_nelbo): fixed chunks of seq_len tokens, t ~ U(0, 1) per
+block and masks from a seed and each token's global position, so the result does not depend on the world size.
+Seed k of `--seeds=K` is train.py's val seed plus k, so `--seeds=1` reproduces the log.
+
+Sample quality (`--judge`): sample.py's generate with sample.py's flags, then the generative perplexity of the
+samples under an autoregressive judge (a checkpoint of this repository trained with --block_size=1, or a Hugging
+Face causal LM such as GPT-2 Large, as in the BD3-LM paper), the mean unigram entropy of each sample (low: a
+degenerate, repetitive sample), lengths, the share that ended with <|endoftext|>, tokens/s and forwards per token.
+`--sweep=True` runs a table of samplers and knobs instead and prints it as markdown.
+
+The last line is the result, `key:value` pairs a script can parse.
 """
 
 import glob
@@ -17,34 +26,54 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass, fields
+from collections import Counter
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
 
+import sample
 from data.loader import find_shards, val_batches
+from model import BD3LM
 from sample import SettingsError, load_model
 from train import VAL_NOISE_SEED, cpu_has_bf16_kernels, parse_flags, setting, val_nelbo
 
+GPT2_VOCAB = 50257
+
 
 @dataclass
-class Settings:
-    checkpoint: str = setting("", "checkpoint written by train.py (required)")
-    files: str = setting("", "glob of shards to evaluate on; empty: the run's val shard")
-    val_tokens: int = setting(-1, "tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
-    seq_len: int = setting(0, "tokens per chunk; 0: the run's seq_len")
-    seeds: int = setting(1, "noise seeds; with more than one, the mean and its standard error")
+class Settings(sample.Settings):
+    """sample.py's settings (they apply to sample quality) and those of the NELBO."""
+    files: str = setting("", "NELBO: glob of shards to evaluate on; empty: the run's val shard")
+    val_tokens: int = setting(-1, "NELBO: tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
+    seq_len: int = setting(0, "NELBO: tokens per chunk; 0: the run's seq_len")
+    seeds: int = setting(1, "NELBO: noise seeds; with more than one, the mean and its standard error")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
+    judge: str = setting("", "score samples instead of data: a checkpoint trained with --block_size=1, or a Hugging "
+                             "Face causal LM name or folder (needs transformers)")
+    sweep: bool = setting(False, "with --judge: sweep the samplers' knobs and print a markdown table")
+    num_samples: int = setting(64, "samples generated together as one batch")
+
+
+SAMPLE_ONLY = {f.name for f in fields(sample.Settings)} - {"checkpoint", "device", "num_samples", "seed"}
+# the sweep: one token per forward, then ever more tokens per forward
+SWEEP = [dict(sampler="first_hitting"), *(dict(sampler="ddpm", steps_per_block=k) for k in (16, 8, 4, 2, 1)),
+         *(dict(sampler="confidence", threshold=p) for p in (0.9, 0.7, 0.5, 0.3, 0.1))]
 
 
 def usage() -> str:
-    lines = ["usage: python eval.py --checkpoint=PATH [--name=value ...]", ""]
-    lines += [f"  {f'--{f.name}={f.default}':<24} {f.metadata['help']}" for f in fields(Settings)]
+    lines = ["usage: python eval.py --checkpoint=PATH [--judge=JUDGE] [--name=value ...]", ""]
+    lines += [f"  {f'--{f.name}={f.default}':<34} {f.metadata['help']}" for f in fields(Settings)]
     return "\n".join(lines)
 
 
 def parse_settings(argv: list[str]) -> Settings:
     s = Settings(**parse_flags(argv, Settings))  # ConfigError, a ValueError, names a bad flag
+    given = {arg[2:].split("=")[0] for arg in argv}
+    if not s.judge and given & (SAMPLE_ONLY | {"sweep"}):
+        raise SettingsError(f"--{sorted(given & (SAMPLE_ONLY | {'sweep'}))[0]} applies to sample quality: give "
+                            f"--judge too")
+    sample.check_settings(s)
     if s.seeds < 1:
         raise SettingsError(f"--seeds must be at least 1, got {s.seeds}")
     if s.val_tokens < -1 or s.seq_len < 0:
@@ -55,30 +84,169 @@ def parse_settings(argv: list[str]) -> Settings:
     return s
 
 
+# -----------------------------------------------------------------------------
+# Judges: sum of -log p(continuation | context) under an autoregressive model
+
+
+def repository_judge(judge: BD3LM, max_len: int):
+    """A checkpoint of this repository trained with --block_size=1: with every x_t position masked, position i
+    sees the clean tokens before it in its document, so its logits are the autoregressive p(x_i | x_<i)."""
+    def nll(context: list[int], continuation: list[int]) -> float:
+        x_0 = torch.tensor([context + continuation], device=judge.head.weight.device)
+        with torch.no_grad():
+            logits = judge.logits(torch.full_like(x_0, judge.config.mask_id), x_0)[0, len(context):]
+        return -float(logits.log_softmax(-1).gather(-1, x_0[0, len(context):, None]).sum())
+    return nll, max_len
+
+
+def hugging_face_judge(name: str, device: torch.device):
+    """A Hugging Face causal LM with GPT-2's vocabulary; the text is preceded by <|endoftext|>, GPT-2's start."""
+    try:
+        from transformers import AutoModelForCausalLM, logging
+    except ImportError:
+        raise SettingsError(f"--judge={name} is no checkpoint file here, and a Hugging Face judge needs "
+                            f"`pip install transformers`") from None
+    logging.set_verbosity_error()  # errors reach the user as one line; progress bars and notices would bury it
+    logging.disable_progress_bar()
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"cannot load the Hugging Face judge {name!r}: {str(error).splitlines()[0]}") from None
+    if lm.config.vocab_size != GPT2_VOCAB:
+        raise SettingsError(f"the judge {name!r} has a vocabulary of {lm.config.vocab_size} tokens, not GPT-2's "
+                            f"{GPT2_VOCAB}: it cannot read our token ids")
+
+    def nll(context: list[int], continuation: list[int]) -> float:
+        ids = torch.tensor([[GPT2_VOCAB - 1, *context, *continuation]], device=device)
+        with torch.no_grad():
+            logits = lm(ids).logits[0, len(context):-1].float()  # position i predicts token i + 1
+        return -float(logits.log_softmax(-1).gather(-1, ids[0, len(context) + 1:, None]).sum())
+    return nll, (getattr(lm.config, "n_positions", None) or lm.config.max_position_embeddings) - 1
+
+
+def load_judge(name: str, model: BD3LM, device: torch.device):
+    """(nll function, longest context + continuation it can score) of a judge given by --judge."""
+    if not os.path.isfile(name):
+        return hugging_face_judge(name, device)
+    judge, hparams = load_model(name, device)
+    if judge.config.block_size != 1:
+        raise SettingsError(f"the judge {name} was trained with --block_size={judge.config.block_size}; a judge "
+                            f"must be autoregressive: --block_size=1")
+    if (judge.config.vocab_size, judge.config.eot_id) != (model.config.vocab_size, model.config.eot_id):
+        raise SettingsError(f"the judge {name} has a vocabulary of {judge.config.vocab_size} tokens, the model "
+                            f"{model.config.vocab_size}: it cannot read the model's token ids")
+    return repository_judge(judge, hparams["seq_len"])
+
+
+# -----------------------------------------------------------------------------
+# Sample quality
+
+
+def unigram_entropy(tokens: list[int]) -> float:
+    """Entropy in nats of the token frequencies of one sample (0 for a sample of one repeated token)."""
+    counts = Counter(tokens).values()
+    return -sum(c / len(tokens) * math.log(c / len(tokens)) for c in counts) if tokens else 0.0
+
+
+def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
+    """Generate s.num_samples samples after `prompt` and score them. The judge scores what a reader gets: each
+    sample up to and with its first <|endoftext|> (with --stop_at_eot=False: everything generated)."""
+    nll, judge_len = judge
+    eot = model.config.eot_id
+    tokens, stats = sample.generate(model, prompt, s, torch.Generator(model.head.weight.device).manual_seed(s.seed))
+    documents = sample.completions(tokens, len(prompt), eot)
+    scored = [row[: len(doc) + 1] if s.stop_at_eot else row for doc, row in
+              zip(documents, tokens[:, len(prompt):].tolist())]
+    if len(prompt) + max(map(len, scored)) > judge_len:
+        raise SettingsError(f"the judge reads at most {judge_len} tokens: lower --max_new_tokens (prompt "
+                            f"{len(prompt)} + samples up to {max(map(len, scored))})")
+    losses = [nll(prompt, row) for row in scored]
+    per_token = [loss / len(row) for loss, row in zip(losses, scored)]
+    lengths = [len(doc) for doc in documents]
+    return dict(gen_ppl=math.exp(sum(losses) / sum(map(len, scored))),
+                log_ppl_stderr=statistics.stdev(per_token) / math.sqrt(len(per_token)) if len(scored) > 1 else 0.0,
+                entropy=statistics.fmean(unigram_entropy(doc) for doc in documents),
+                median_length=statistics.median(lengths), max_length=max(lengths),
+                ended=sum(eot in row for row in tokens[:, len(prompt):].tolist()) / len(documents),
+                tokens_per_s=s.num_samples * stats.new_tokens / stats.seconds,
+                tokens_per_forward=stats.new_tokens / stats.forwards, samples=len(documents))
+
+
+def knobs(s: Settings) -> str:
+    return {"ddpm": f"steps_per_block={s.steps_per_block}", "confidence": f"threshold={s.threshold}"}.get(s.sampler, "")
+
+
+def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
+    rows = ["| sampler | knob | tokens/forward | tokens/s | gen PPL | entropy | ended with EOT | median length |",
+            "|---|---|---|---|---|---|---|---|"]
+    for overrides in SWEEP:
+        setting_s = replace(s, **overrides)
+        q = sample_quality(model, judge, prompt, setting_s)
+        rows.append(f"| {setting_s.sampler} | {knobs(setting_s)} | {q['tokens_per_forward']:.2f} | "
+                    f"{q['tokens_per_s']:.0f} | {q['gen_ppl']:.1f} ± {q['gen_ppl'] * q['log_ppl_stderr']:.1f} | "
+                    f"{q['entropy']:.2f} | {q['ended']:.0%} | {q['median_length']:.0f} |")
+        print(rows[-1], file=sys.stderr, flush=True)  # progress: a sweep takes minutes
+    return "\n".join(rows)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(usage())
         return
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     try:
         s = parse_settings(argv)
+        device = sample.pick_device(s.device, int(os.environ.get("LOCAL_RANK", "0")))
         model, hparams = load_model(s.checkpoint, device)
-        files = find_shards(s.files) if s.files else [hparams["val_file"]]
-        if not s.files and not glob.glob(hparams["val_file"]):
-            raise SettingsError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
-        seq_len = s.seq_len or hparams["seq_len"]
-        num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
-        val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
+        if s.judge:
+            if world_size > 1:
+                raise SettingsError("sample quality runs in one process: start it without torchrun")
+            s.context = s.context or hparams["seq_len"]
+            sample.check_context(s.context, model.config.block_size)
+            prompt = sample.read_prompt(s)
+            judge = load_judge(s.judge, model, device)
+        else:
+            files = find_shards(s.files) if s.files else [hparams["val_file"]]
+            if not s.files and not glob.glob(hparams["val_file"]):
+                raise SettingsError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
+            seq_len = s.seq_len or hparams["seq_len"]
+            num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
+            val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
     except (SettingsError, ValueError, FileNotFoundError) as error:  # ShardError is a ValueError
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if s.judge:
+        report_sample_quality(model, judge, prompt, s)
+    else:
+        report_nelbo(model, files, num_tokens, seq_len, s, device, rank, world_size)
 
+
+def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> None:
+    setup = f"samples:{s.num_samples} max_new_tokens:{s.max_new_tokens} judge:{s.judge} seed:{s.seed}"
+    try:
+        if s.sweep:
+            print(f"{sweep_table(model, judge, prompt, s)}\n\n{setup} temperature:{s.temperature} top_p:{s.top_p}")
+            return
+        q = sample_quality(model, judge, prompt, s)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"gen_ppl:{q['gen_ppl']:.2f} log_ppl_stderr:{q['log_ppl_stderr']:.4f} entropy:{q['entropy']:.3f} "
+          f"median_length:{q['median_length']:g} max_length:{q['max_length']} ended_with_eot:{q['ended']:.3f} "
+          f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
+          f"sampler:{s.sampler} {knobs(s) or 'knob:none'} {setup}")
+
+
+def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, device, rank: int, world_size: int):
     if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    bf16 = s.autocast == "bf16" or (s.autocast == "auto" and (use_cuda or cpu_has_bf16_kernels()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    bf16 = s.autocast == "bf16" or (s.autocast == "auto" and (device.type == "cuda" or cpu_has_bf16_kernels()))
     results = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for k in range(s.seeds):
