@@ -349,14 +349,20 @@ class BD3LM(nn.Module):
 
     def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
         """Per-token terms of the loss [L]: CE / t where masked, 0 elsewhere (SUBS: unmasked tokens are
-        copied through). The head runs only on masked positions of the noisy half."""
+        copied through). Eager, the head runs only on the masked positions of the noisy half; compiled (see
+        compile_loss), on all of them with weight 0 where unmasked, so every shape is fixed and nothing waits
+        for the device to count masked tokens."""
         self._check_tokens(tokens, 1)
         length = tokens.numel()
         x_t = torch.where(noise.masked, self.config.mask_id, tokens)
         hidden = self._pass(x_t[None], tokens[None])[0, :length]
-        where = noise.masked.nonzero().squeeze(1)
-        ce = F.cross_entropy(self.logits_of(hidden[where]), tokens[where], reduction="none")
-        return torch.zeros(length, device=tokens.device).index_put((where,), ce / noise.t[where])
+        if torch.compiler.is_compiling():
+            rows = torch.arange(length, device=tokens.device)
+        else:
+            rows = noise.masked.nonzero().squeeze(1)
+        ce = F.cross_entropy(self._padded_logits(hidden[rows]), tokens[rows], reduction="none")
+        weight = torch.where(noise.masked[rows], 1 / noise.t[rows], 0.0)  # not masked / t: unmasked t may be 0
+        return torch.zeros(length, device=tokens.device).index_put((rows,), ce * weight)
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
         """Full-vocabulary logits [N, L, vocab_size] of every noisy position of [x_t ; x_0] (rows
@@ -368,7 +374,18 @@ class BD3LM(nn.Module):
     def logits_of(self, hidden: Tensor) -> Tensor:
         """Head: hidden states -> logits over the real vocabulary. [MASK] and padding columns are dropped,
         so they can never be predicted."""
-        logits = self.head(hidden)[..., : self.config.vocab_size].float()  # softcap and softmax in fp32 under bf16
+        return self._softcap(self.head(hidden)[..., : self.config.vocab_size])
+
+    def _padded_logits(self, hidden: Tensor) -> Tensor:
+        """The logits of logits_of over the whole padded head, -inf on [MASK] and the padding: the same softmax,
+        and a width that is a multiple of 128 for the compiled loss. The -inf comes after the softcap, which
+        would turn it into -cap."""
+        logits = self._softcap(self.head(hidden))
+        return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= self.config.vocab_size,
+                                  float("-inf"))
+
+    def _softcap(self, logits: Tensor) -> Tensor:
+        logits = logits.float()  # softcap and softmax in fp32 under bf16
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -389,6 +406,8 @@ class BD3LM(nn.Module):
     def _check_tokens(self, tokens: Tensor, dims: int, allow_mask: bool = False) -> None:
         if tokens.dim() != dims or tokens.numel() == 0:
             raise ValueError(f"expected a non-empty {dims}-D tensor of token ids, got shape {tuple(tokens.shape)}")
+        if torch.compiler.is_compiling():
+            return  # reading the ids back would break the graph and wait for the device: compiled callers check first
         top = self.config.vocab_size + (1 if allow_mask else 0)
         if int(tokens.min()) < 0 or int(tokens.max()) >= top:
             raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
@@ -451,6 +470,12 @@ class BD3LM(nn.Module):
 
     # --- helpers for the scripts around the model
 
+    def compile_loss(self, backend="inductor") -> None:
+        """Compile token_losses, which forward calls, as one full graph with static shapes: one graph for
+        training (with its backward) and one for evaluation, whatever the documents and masks. The compiled
+        loss does not check token ids; its callers do, on the CPU. `backend`: any torch.compile backend."""
+        self.token_losses = torch.compile(self.token_losses, fullgraph=True, dynamic=False, backend=backend)
+
     def set_flex_options(self, options: dict) -> None:
         """FlexAttention kernel options (see flex_kernel_options) for every layer."""
         for block in self.trunk.blocks:
@@ -469,8 +494,9 @@ class BD3LM(nn.Module):
 
 def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float = 0.55) -> float:
     """Training FLOPs (forward + backward = 3x forward) per token of the clean stream.
-    Every token passes the trunk twice (noisy and clean half); the head runs on masked tokens only
-    (0.55 = the mean of t ~ U(0.3, 0.8)). Attention is counted for one document of seq_len tokens,
+    Every token passes the trunk twice (noisy and clean half); the head counts on masked tokens only
+    (0.55 = the mean of t ~ U(0.3, 0.8)), the work the objective needs: the compiled loss runs it on every
+    noisy position, so a GPU does more than this count. Attention is counted for one document of seq_len tokens,
     where a query sees on average about seq_len / 2 + block_size keys in either half; it is lower
     for streams of short documents, whose tiles the BlockMask skips."""
     c = config

@@ -144,20 +144,21 @@ def choose_unmasked(s: Settings, step: int, masked: Tensor, confidence: Tensor, 
 
 
 def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator, on_step=None) -> Tensor:
-    """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. A step that commits nothing
-    leaves the block as it was, so the next step reuses the last forward's distribution (no change, no forward)."""
+    """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. Tokens are drawn only where
+    a step commits. A step that commits nothing leaves the block as it was, so the next step reuses the last
+    forward's logits (no change, no forward)."""
     masked = block == mask_id
-    cdf, confidence, step = None, None, 0
+    logits, confidence, step = None, None, 0
     while masked.any():
-        if cdf is None:
+        if logits is None:
             logits = block_logits(block)
-            cdf = token_distribution(logits, s.temperature, s.top_p).cumsum_(-1)
             if s.sampler == "confidence":  # the model's own top probability, before temperature and top-p
-                confidence = torch.softmax(logits.double(), -1).amax(-1)
-        values = draw(cdf, generator)
+                confidence = (logits.amax(-1) - logits.logsumexp(-1)).exp()
         commit = choose_unmasked(s, step, masked, confidence, generator)
         if commit.any():
-            block, masked, cdf = torch.where(commit, values, block), masked & ~commit, None
+            cdf = token_distribution(logits[commit], s.temperature, s.top_p).cumsum_(-1)
+            block = block.masked_scatter(commit, draw(cdf, generator))
+            masked, logits = masked & ~commit, None
             if on_step:
                 on_step(block)
         step += 1

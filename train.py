@@ -14,6 +14,7 @@ This file knows the training loop, the optimizers, distributed training, logs an
 and its objective live in model.py; shards, the token loader and the demo corpus in data/.
 """
 
+import functools
 import glob
 import json
 import math
@@ -70,6 +71,12 @@ class Hyperparameters:
     cooldown_frac: float = setting(0.45, "fraction of the steps at the end over which the LR decays to 0")
     t_lo: float = setting(0.3, "training noise level t ~ U(t_lo, t_hi) per block (validation: U(0, 1))")
     t_hi: float = setting(0.8, "upper end of the training noise interval")
+    clip_search: bool = setting(False, "at each validation but the last, choose the candidate interval whose "
+                                "per-block loss varies least on held-out train tokens and train with it from then on "
+                                "(BD3-LM's data-driven clipped schedule); t_lo/t_hi until the first search")
+    clip_search_widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
+    clip_search_step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
+    clip_search_tokens: int = setting(65_536, "tokens at the end of the train stream held out for the search")
     # optimizers
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     muon_momentum: float = setting(0.95, "Muon momentum after its warm-up")
@@ -82,7 +89,8 @@ class Hyperparameters:
     # run
     seed: int = setting(0, "seed of the initial weights and of the training noise")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32")
-    compile: bool = setting(True, "torch.compile the transformer trunk on CUDA (CPU runs stay eager)")
+    compile: bool = setting(True, "compile the loss on CUDA, one full graph with static shapes (CPU runs stay eager)")
+    warm_up: bool = setting(True, "run the training and val passes once before the clock starts (compile_time)")
     val_every: int = setting(250, "validate every this many steps (0: only at the start and the end)")
     save_every: int = setting(0, "write checkpoint_dir/run_id/latest.pt every this many steps (0: never)")
     save_final: bool = setting(False, "write checkpoint_dir/run_id/final.pt at the end")
@@ -98,10 +106,11 @@ PRESETS = {
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
         seq_len=256, batch_size=8, steps=120, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=40,
-        val_every=60, save_final=True, unigram_baseline=True,
+        val_every=60, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
     ),
 }
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
+CLIP_SEARCH_NOISE_SEED = 1  # fixed: every search, candidate interval and world size draws the same uniforms
 CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # v2: <|endoftext|> ends a document, fixed block slots
 
 
@@ -170,6 +179,14 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--val_tokens={hp.val_tokens} is not a multiple of --seq_len={hp.seq_len}")
     if not 0 <= hp.t_lo < hp.t_hi <= 1:
         raise ConfigError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={hp.t_lo} t_hi={hp.t_hi}")
+    if hp.clip_search:
+        clip_candidates(hp.clip_search_widths, hp.clip_search_step)
+        if hp.clip_search_tokens < hp.seq_len or hp.clip_search_tokens % hp.seq_len:
+            raise ConfigError(f"--clip_search_tokens={hp.clip_search_tokens} is not a positive multiple of "
+                              f"--seq_len={hp.seq_len}")
+        if hp.seq_len % hp.block_size or hp.clip_search_tokens < 2 * hp.block_size:
+            raise ConfigError(f"--clip_search needs whole blocks, two at least: --seq_len={hp.seq_len} and "
+                              f"--clip_search_tokens={hp.clip_search_tokens} in blocks of {hp.block_size}")
     if not 0 <= hp.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown_frac must lie in [0, 1], got {hp.cooldown_frac}")
     if hp.warmup_steps + round(hp.cooldown_frac * hp.steps) > hp.steps:
@@ -181,6 +198,22 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--autocast must be auto, bf16 or fp32, got {hp.autocast!r}")
     if hp.resume and not os.path.isfile(hp.resume):
         raise ConfigError(f"--resume={hp.resume} is not a file")
+
+
+def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
+    """The candidate noise intervals of --clip_search, built as bd3lms builds them: for each width w, the intervals
+    (lo, lo + w) for lo = 0, step, 2 step, ... while lo + w <= 1."""
+    try:
+        parsed = [float(width) for width in widths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--clip_search_widths takes comma-separated numbers, got {widths!r}") from None
+    if not all(0 < width <= 1 for width in parsed):
+        raise ConfigError(f"--clip_search_widths must lie in (0, 1], got {widths!r}")
+    if not 0 < step <= 1:
+        raise ConfigError(f"--clip_search_step must lie in (0, 1], got {step}")
+    intervals = [(round(k * step, 6), round(k * step + width, 6))
+                 for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
+    return list(dict.fromkeys(intervals))
 
 
 def model_config(hp: Hyperparameters) -> ModelConfig:
@@ -201,10 +234,26 @@ def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: f
     return x.T if tall else x
 
 
+def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
+    """The matrices in turns of up to world_size of one size; rank r orthogonalizes the r-th of each turn. Tall
+    and wide matrices of one size cost the same Newton-Schulz, so the ranks get equal work but for the last, partial
+    turn of each size."""
+    by_size = {}
+    for p in params:
+        by_size.setdefault(p.numel(), []).append(p)
+    return [same[i:i + world_size] for same in by_size.values() for i in range(0, len(same), world_size)]
+
+
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update step for step (Nesterov momentum, Newton-Schulz, lr scaled by
     sqrt(max(1, rows / cols)), decoupled weight decay), with the Newton-Schulz dtype a choice: torch's bf16
-    where bf16 matmuls are fast, fp32 on CPUs without bf16 kernels, where they run hundreds of times slower."""
+    where bf16 matmuls are fast, fp32 on CPUs without bf16 kernels, where they run hundreds of times slower.
+
+    Under torch.distributed the ranks share the Newton-Schulz work: each orthogonalizes its turns of the matrices
+    (see `turns`) and the updates are all-gathered, so every rank applies the same updates. The gradients must
+    already be summed over the ranks (GradReducer). Every rank keeps every momentum buffer, a cheap elementwise
+    update: the state is the same on all ranks and on one process, so rank 0's checkpoint resumes on any number
+    of ranks."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -212,18 +261,85 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(p.grad, 1 - group["momentum"])
-                update = newton_schulz(p.grad.lerp(buffer, group["momentum"]), self.ns_dtype)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * max(1, p.size(0) / p.size(1)) ** 0.5)
+                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            gathers = []  # all launched before any is waited for: each gather overlaps the next Newton-Schulz
+            for turn in turns(params, world_size):
+                if rank < len(turn):
+                    p = turn[rank]
+                    nesterov = p.grad.lerp(self.state[p]["momentum_buffer"], group["momentum"])
+                    mine = newton_schulz(nesterov, self.ns_dtype).flatten()
+                else:  # the last turn of a size can leave ranks without a matrix
+                    mine = turn[0].new_zeros(turn[0].numel(), dtype=self.ns_dtype)
+                updates, handle = mine[None], None
+                if world_size > 1:
+                    updates = mine.new_empty(world_size, mine.numel())
+                    handle = dist.all_gather_single(updates.view(-1), mine, async_op=True)
+                gathers.append((handle, turn, updates))
+            for handle, turn, updates in gathers:
+                if handle is not None:
+                    handle.wait()
+                for p, update in zip(turn, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.view_as(p), alpha=-group["lr"] * max(1, p.size(0) / p.size(1)) ** 0.5)
+
+
+class GradReducer:
+    """Sums the gradients over the ranks (on one process it does nothing). The parameters are cut into buckets
+    of about `bucket_mb`, in reverse order, about the order in which the backward finishes them; in the last
+    micro-step's backward each bucket is all-reduced as soon as its gradients are accumulated, so the sums
+    overlap the rest of the backward. A gradient stays None only where it is None on every rank, as on one
+    process that ran every rank's micro-steps."""
+
+    def __init__(self, params, bucket_mb: float = 25):
+        self.buckets, self.missing, self.sent = [], None, []
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        for p in reversed(list(params)):
+            if not self.buckets or sum(q.numel() * q.element_size() for q in self.buckets[-1]) >= bucket_mb * 2**20:
+                self.buckets.append([])
+            self.buckets[-1].append(p)
+            p.register_post_accumulate_grad_hook(functools.partial(self.grad_ready, len(self.buckets) - 1))
+
+    def last_micro_step(self) -> None:
+        """Call before the last micro-step's backward, which then sends the buckets."""
+        self.missing = [len(bucket) for bucket in self.buckets]
+
+    def grad_ready(self, index: int, param: torch.Tensor) -> None:
+        if self.missing is None:
+            return
+        self.missing[index] -= 1
+        # every rank sends the buckets in one order, whatever order the gradients come in: collectives must match
+        while len(self.sent) < len(self.buckets) and self.missing[len(self.sent)] == 0:
+            self.send_next()
+
+    def send_next(self) -> None:
+        bucket = self.buckets[len(self.sent)]
+        # a 1 or 0 per parameter counts the ranks with its gradient; made on the device, as a copy from the host
+        # could make the CPU wait for the GPU in the middle of the backward
+        flat = torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in bucket),
+                          *(p.new_ones(1) if p.grad is not None else p.new_zeros(1) for p in bucket)])
+        for p, grad in zip(bucket, flat.split([p.numel() for p in bucket] + [len(bucket)])):
+            p.grad = grad.view_as(p)  # the all-reduce sums in place
+        self.sent.append((dist.all_reduce(flat, async_op=True), bucket, flat[-len(bucket):]))
+
+    def wait(self) -> None:
+        """Send the buckets the backward did not (one of their parameters got no gradient in the last micro-step)
+        and wait for all sums."""
+        while len(self.sent) < len(self.buckets):
+            self.send_next()
+        for handle, bucket, ranks_with_grad in self.sent:
+            handle.wait()
+            for p, count in zip(bucket, ranks_with_grad.tolist()):
+                if count == 0:
+                    p.grad = None
+        self.missing, self.sent = None, []
 
 
 def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[torch.optim.Optimizer]:
@@ -322,12 +438,17 @@ def main(argv: list[str]) -> None:
         dist.barrier()
     try:
         train_files = find_shards(hp.train_files)
-        loader = TokenLoader(train_files, hp.seq_len, rank, world_size)
+        loader = TokenLoader(train_files, hp.seq_len, rank, world_size,
+                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
         val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
     except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
         fail(str(error))
     log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
+    if hp.clip_search:
+        held_out = held_out_chunks(loader, rank, world_size)
+        candidates = clip_candidates(hp.clip_search_widths, hp.clip_search_step)
+        log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
     baseline = unigram_baseline(train_files, [hp.val_file]) if hp.unigram_baseline else None
 
     # -----------------------------------------------------------------------------
@@ -337,9 +458,10 @@ def main(argv: list[str]) -> None:
     if baseline is not None:
         log(f"unigram_baseline:{baseline:.4f}")
     if use_cuda and hp.compile:
-        model.trunk.compile()
+        model.compile_loss()
     optimizers = make_optimizers(model, hp, fast_bf16)
     muon = optimizers[0]
+    reducer = GradReducer(model.parameters())
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -355,9 +477,11 @@ def main(argv: list[str]) -> None:
         frac = min(step / hp.muon_momentum_warmup, 1.0) if hp.muon_momentum_warmup else 1.0
         return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
 
+    noise_interval = (hp.t_lo, hp.t_hi)  # training t ~ U(lo, hi); --clip_search changes it at validations
     start_step = 0
     if hp.resume:
-        start_step = load_checkpoint(hp.resume, model, config, optimizers, loader, device)
+        start_step, saved_interval = load_checkpoint(hp.resume, model, config, optimizers, loader, device)
+        noise_interval = saved_interval or noise_interval
         log(f"resumed:{hp.resume} step:{start_step}")
 
     # -----------------------------------------------------------------------------
@@ -369,6 +493,20 @@ def main(argv: list[str]) -> None:
             result = val_nelbo(model, hp.val_file, hp.val_tokens, hp.seq_len, VAL_NOISE_SEED, rank, world_size)
         model.train()
         return result
+
+    def search_noise_interval(step: int) -> tuple[float, float]:
+        """The candidate interval under which the per-block training loss varies least on the held-out chunks."""
+        started = time.perf_counter()
+        model.eval()
+        with autocast:
+            variances = {interval: block_loss_variance(model, held_out, *interval, CLIP_SEARCH_NOISE_SEED, world_size)
+                         for interval in candidates}
+        model.train()
+        chosen = min(variances, key=variances.get)
+        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
+        log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
+            f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
+        return chosen
 
     # -----------------------------------------------------------------------------
     # Checkpoint
@@ -383,7 +521,7 @@ def main(argv: list[str]) -> None:
             os.makedirs(checkpoint_folder, exist_ok=True)
             state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(config),
                          hparams=asdict(hp), step=step, optimizers=[opt.state_dict() for opt in optimizers],
-                         loader=loader.state_dict(), rng=rng_state())
+                         loader=loader.state_dict(), rng=rng_state(), noise_interval=noise_interval)
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
         return path
@@ -391,6 +529,8 @@ def main(argv: list[str]) -> None:
     # -----------------------------------------------------------------------------
     # Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
 
+    if hp.warm_up:
+        log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, autocast, device):.0f}ms")
     noise_generator = torch.Generator()
     train_time_ms, step_start = 0.0, time.perf_counter()
 
@@ -408,6 +548,8 @@ def main(argv: list[str]) -> None:
             log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
                 f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")
             step_start = sync_time()
+            if hp.clip_search and not last_step:
+                noise_interval = search_noise_interval(step)  # in the train time: it steers training
         if not resumed_here and hp.save_every and step % hp.save_every == 0 and 0 < step < hp.steps:
             last_checkpoint = save("latest.pt", step)
             log(f"saved:{last_checkpoint} step:{step}")
@@ -418,21 +560,22 @@ def main(argv: list[str]) -> None:
         for micro_step in range(grad_accum):
             try:
                 tokens = loader.next_batch()
-            except DataExhausted as error:
+                check_token_ids(tokens, config.vocab_size)
+            except (DataExhausted, ValueError) as error:
                 fail(f"step {step + 1} of {hp.steps}: {error}")
             # noise depends on the sequence's place in the global batch, not on which rank draws it
             chunk = step * hp.batch_size + micro_step * world_size + rank
             noise_generator.manual_seed((hp.seed << 32) + chunk)
-            noise = train_noise(tokens.numel(), config.block_size, hp.t_lo, hp.t_hi, noise_generator)
+            noise = train_noise(tokens.numel(), config.block_size, *noise_interval, noise_generator)
             with autocast:
-                loss = model(tokens.to(device), Noise(*(x.to(device) for x in noise))) / hp.batch_size
+                loss = model(*to_device(tokens, noise, device)) / hp.batch_size
+            if micro_step == grad_accum - 1:
+                reducer.last_micro_step()
             loss.backward()
             loss_sum += loss.detach()
+        reducer.wait()
         if world_size > 1:
-            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
-            handles.append(dist.all_reduce(loss_sum, async_op=True))
-            for handle in handles:
-                handle.wait()
+            dist.all_reduce(loss_sum)
         train_loss = loss_sum.item()
         if not math.isfinite(train_loss):
             fail(f"train loss is {train_loss} at step {step + 1}; stopped before updating the weights "
@@ -471,14 +614,82 @@ def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: i
     token_count = torch.zeros((), dtype=torch.float64, device=device)
     chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
     for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
-        noise = eval_noise(tokens.numel(), model.config.block_size, seed, offset)
-        loss = model(tokens.to(device), Noise(*(x.to(device) for x in noise)))
+        check_token_ids(tokens, model.config.vocab_size)
+        loss = model(*to_device(tokens, eval_noise(tokens.numel(), model.config.block_size, seed, offset), device))
         loss_sum += loss.double() * tokens.numel()
         token_count += tokens.numel()
     if world_size > 1:
         dist.all_reduce(loss_sum)
         dist.all_reduce(token_count)
     return (loss_sum / token_count).item(), int(token_count.item())
+
+
+def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
+    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
+    chunks of seq_len: chunk i goes to rank i % world_size."""
+    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
+    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
+            for index, start in enumerate(starts) if index % world_size == rank]
+
+
+@torch.no_grad()
+def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: int, world_size: int = 1) -> float:
+    """Sample variance, over every block of `chunks` on all ranks, of the per-block training loss (the mean over
+    the block's tokens of CE / t where masked) under t ~ U(t_lo, t_hi). A chunk's noise comes from train_noise
+    seeded by `seed` and the chunk's index, so every interval reuses the same uniforms (a fair comparison) on
+    any number of ranks. `chunks` are this rank's (index, tokens), as held_out_chunks gives them."""
+    device, block_size = model.head.weight.device, model.config.block_size
+    moments = torch.zeros(3, dtype=torch.float64, device=device)  # blocks, sum, sum of squares
+    generator = torch.Generator()
+    for index, tokens in chunks:
+        generator.manual_seed((seed << 32) + index)
+        noise = train_noise(tokens.numel(), block_size, t_lo, t_hi, generator)
+        losses = model.token_losses(tokens.to(device), Noise(*(x.to(device) for x in noise)))
+        block_losses = losses.double().view(-1, block_size).mean(1)
+        moments[0] += block_losses.numel()
+        moments[1] += block_losses.sum()
+        moments[2] += block_losses.square().sum()
+    if world_size > 1:
+        dist.all_reduce(moments)
+    count, total, squares = moments.tolist()
+    return (squares - total**2 / count) / (count - 1)
+
+
+def warm_up(model: BD3LM, val_file: str, seq_len: int, autocast, device: torch.device) -> float:
+    """Run what training compiles, once, before the clock starts: the training forward and backward and the val
+    forward, on the first val chunk (every chunk has its shape). Nothing the run depends on changes: there is no
+    optimizer step, the gradients are dropped, and neither the loader nor the random state is used. Returns the
+    milliseconds it took: the compile time, where the loss is compiled."""
+    started = time.perf_counter()
+    _, tokens = next(val_batches(val_file, seq_len, seq_len))
+    check_token_ids(tokens, model.config.vocab_size)
+    tokens, noise = to_device(tokens, eval_noise(seq_len, model.config.block_size, VAL_NOISE_SEED, 0), device)
+    with autocast:
+        model(tokens, noise).backward()
+        model.eval()
+        with torch.no_grad():
+            model(tokens, noise)
+        model.train()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()  # every rank starts its clock together, so no first step waits for a slower compile
+    return 1000 * (time.perf_counter() - started)
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """On the CPU, before the copy: the compiled loss cannot check ids without waiting for the device."""
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), the data holds ids in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device) -> tuple[torch.Tensor, Noise]:
+    """Copy a chunk and its noise to `device`; to a GPU from pinned memory, without blocking."""
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    return copy(tokens), Noise(*(copy(x) for x in noise))
 
 
 def cpu_has_bf16_kernels() -> bool:
@@ -522,8 +733,9 @@ def read_checkpoint(path: str, device) -> dict:
     return state
 
 
-def load_checkpoint(path, model, config, optimizers, loader, device) -> int:
-    """Restore weights, optimizer states, data position and RNG; returns the step to continue from."""
+def load_checkpoint(path, model, config, optimizers, loader, device) -> tuple[int, tuple[float, float] | None]:
+    """Restore weights, optimizer states, data position and RNG; returns the step to continue from and the
+    training noise interval (None in checkpoints written before --clip_search existed)."""
     try:
         state = read_checkpoint(path, device)
     except ValueError as error:
@@ -542,7 +754,7 @@ def load_checkpoint(path, model, config, optimizers, loader, device) -> int:
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
-    return state["step"]
+    return state["step"], state.get("noise_interval")
 
 
 if __name__ == "__main__":

@@ -93,12 +93,17 @@ class TokenStream:
 
 
 class TokenLoader:
-    """Each `next_batch` call returns this rank's chunk of the next global window of the training stream."""
+    """Each `next_batch` call returns this rank's chunk of the next global window of the training stream.
+    The last `held_out_tokens` of the stream are never read (train.py's --clip_search measures on them)."""
 
-    def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True):
+    def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True,
+                 held_out_tokens: int = 0):
         if seq_len < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need seq_len >= 1, 0 <= rank < world_size: {seq_len=} {rank=} {world_size=}")
         self.stream = TokenStream(files)
+        if not 0 <= held_out_tokens <= self.stream.num_tokens:
+            raise ValueError(f"cannot hold out {held_out_tokens} of the {self.stream.num_tokens} training tokens")
+        self.end = self.stream.num_tokens - held_out_tokens
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.align_to_documents = align_to_documents
         self.position = 0  # global position of the first token not yet consumed
@@ -118,9 +123,9 @@ class TokenLoader:
         for _ in range(self.world_size):
             if self.align_to_documents:
                 position = self.stream.next_document_start(position)
-            if position is None or position + self.seq_len > self.stream.num_tokens:
+            if position is None or position + self.seq_len > self.end:
                 raise DataExhausted(
-                    f"training data exhausted after {self.position:,} of {self.stream.num_tokens:,} tokens"
+                    f"training data exhausted after {self.position:,} of {self.end:,} tokens"
                     f" in {len(self.stream.files)} shards: no room for another window of {self.world_size}x"
                     f"{self.seq_len} tokens, and data is never repeated; train fewer steps or add shards "
                     "(`python data/cached_finewebedu10B.py N` with a larger N)"

@@ -1,0 +1,180 @@
+"""The compiled loss (BD3LM.compile_loss) and train.py's warm-up before the clock, on CPU.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_compile.py
+
+The GPU compiles the same code with Inductor and FlexAttention. What a CPU can check of it: one graph for training
+and one for evaluation, whatever the documents and masks, with no recompile after the first step (the sdpa backend
+under aot_eager, which traces forward and backward as Inductor does and runs them eagerly: fast to compile); the
+same loss and gradients as eager and as the per-block loop under Inductor; a flex graph that builds its BlockMask
+inside (forward only: flex attention has no backward on CPU); and a warm-up that changes nothing in the run.
+"""
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from test_model import naive_token_losses, tricky_streams
+from test_train import SMALL, load_final, read_log, run_train, val_losses
+from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.utils import counters
+
+import train
+from data.demo import prepare_demo
+from data.shards import HEADER_BYTES, read_shard, write_shard
+from model import BD3LM, ModelConfig, eval_noise, train_noise
+
+VOCAB, EOT = 97, 96
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs Dynamo hands over (a recompile is one more) and runs them
+    with aot_eager."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return lookup_backend("aot_eager")(graph_module, example_inputs)
+
+
+def tiny_model(block_size: int = 4, attn_backend: str = "sdpa") -> BD3LM:
+    """Two layers, every weight random (the zero-initialized head and projections would hide differences)."""
+    torch.manual_seed(0)
+    model = BD3LM(ModelConfig(vocab_size=VOCAB, eot_id=EOT, n_layer=2, n_head=2, head_dim=16, model_dim=32,
+                              mlp_hidden=64, block_size=block_size, attn_backend=attn_backend))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def documents(length: int, gen: torch.Generator) -> torch.Tensor:
+    """Random tokens that <|endoftext|> cuts into documents, at a new rate each call (none at all included)."""
+    tokens = torch.randint(0, EOT, (length,), generator=gen)
+    tokens[torch.rand(length, generator=gen) < 0.3 * torch.rand((), generator=gen)] = EOT
+    return tokens
+
+
+def loss_and_grads(model: BD3LM, tokens, noise) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss = model(tokens, noise)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_one_graph_for_training_and_one_for_evaluation_whatever_the_documents_and_masks():
+    """20 steps, each with new documents, a new mask and a new noise level per block (t from 0: blocks with no
+    masked token at all), an optimizer step between them; the compiled loss and its gradients equal eager ones."""
+    compiled, backend = tiny_model(), CountingBackend()
+    eager = copy.deepcopy(compiled)
+    compiled.compile_loss(backend)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(20):
+        tokens, noise = documents(64, gen), train_noise(64, 4, 0.0, 1.0, gen)
+        (loss, grads), (eager_loss, eager_grads) = (loss_and_grads(m, tokens, noise) for m in (compiled, eager))
+        torch.testing.assert_close(loss, eager_loss)
+        for grad, eager_grad in zip(grads, eager_grads):
+            torch.testing.assert_close(grad, eager_grad)
+        with torch.no_grad():
+            for model in (compiled, eager):
+                for p, grad in zip(model.parameters(), grads):
+                    p -= 0.1 * grad
+                model.eval()  # validation as train.val_nelbo runs it
+            val_noise = eval_noise(64, 4, seed=0, offset=64 * step)
+            torch.testing.assert_close(compiled(tokens, val_noise), eager(tokens, val_noise))
+        for model in (compiled, eager):
+            model.train()
+        assert backend.graphs == 2, f"step {step + 1}: {backend.graphs} graphs"
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def test_inductor_loss_and_gradients_equal_eager_and_the_per_block_loop():
+    """Inductor is the GPU's compiler; on CPU it generates C++, which takes a minute or two."""
+    gen = torch.Generator().manual_seed(3)
+    compiled = tiny_model()
+    eager = copy.deepcopy(compiled)
+    compiled.compile_loss()
+    for tokens in tricky_streams(96, 4, gen)[:2]:
+        noise = train_noise(96, 4, 0.3, 0.8, gen)
+        loss, grads = loss_and_grads(compiled, tokens, noise)
+        eager_loss, eager_grads = loss_and_grads(eager, tokens, noise)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+        for grad, eager_grad in zip(grads, eager_grads):
+            torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            naive = naive_token_losses(eager, tokens, noise).sum() / len(tokens)
+        torch.testing.assert_close(loss, naive, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_flex_graph_builds_its_block_mask_inside():
+    """The GPU path's BlockMask comes from the tokens inside the graph: new documents need no new graph."""
+    compiled, backend = tiny_model(block_size=16, attn_backend="flex"), CountingBackend()
+    eager = copy.deepcopy(compiled)
+    compiled.compile_loss(backend)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for offset in range(0, 4 * 256, 256):
+            tokens, noise = documents(256, gen), eval_noise(256, 16, seed=0, offset=offset)
+            torch.testing.assert_close(compiled(tokens, noise), eager(tokens, noise))
+    assert backend.graphs == 1
+
+
+@pytest.mark.parametrize("softcap", [15.0, 0.0])
+def test_padded_logits_give_the_softmax_of_the_real_vocabulary(softcap):
+    model = tiny_model()
+    model.config.logit_softcap = softcap
+    hidden = torch.randn(5, 32)
+    padded = model._padded_logits(hidden)
+    assert padded.shape[-1] == model.config.padded_vocab == 128
+    assert (padded[:, VOCAB:] == float("-inf")).all()  # [MASK] and the padding can never be predicted
+    torch.testing.assert_close(padded.log_softmax(-1)[:, :VOCAB], model.logits_of(hidden).log_softmax(-1))
+
+
+# -----------------------------------------------------------------------------
+# train.py
+
+
+@pytest.fixture(scope="module")
+def demo_corpus():
+    return prepare_demo()
+
+
+def test_warm_up_changes_nothing_in_the_run(tmp_path, demo_corpus):
+    flags = [*SMALL, "--steps=3", "--val_every=0", "--save_final=True"]
+    run_train(tmp_path, *flags, "--run_id=warm")
+    run_train(tmp_path, *flags, "--run_id=cold", "--warm_up=False")
+    warm, cold = read_log(tmp_path, "warm"), read_log(tmp_path, "cold")
+    compile_time = re.compile(r"^compile_time:\d+ms$", re.M)
+    assert compile_time.search(warm) and not compile_time.search(cold)
+    assert val_losses(warm) == val_losses(cold)
+    weights_warm, weights_cold = load_final(tmp_path, "warm")["model"], load_final(tmp_path, "cold")["model"]
+    for name, tensor in weights_cold.items():
+        assert torch.equal(weights_warm[name], tensor), name
+
+
+def test_bad_token_ids_are_caught_on_the_cpu(tmp_path, capsys, demo_corpus):
+    """The compiled loss cannot check ids; train.py does before the copy, and stops with one line."""
+    train_path, val_path = demo_corpus
+    bad = tmp_path / "bad_train_000000.bin"
+    write_shard(bad, read_shard(train_path)[:4096])
+    with open(bad, "r+b") as f:
+        f.seek(HEADER_BYTES + 2 * 100)
+        f.write(np.uint16(60000).tobytes())
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*SMALL, f"--train_files={bad}", f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/ck"])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1 and stderr.count("\n") == 1
+    assert stderr.startswith("error: step 1 of ") and "token ids must lie in [0, 50257)" in stderr and "60000" in stderr
