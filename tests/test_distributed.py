@@ -94,6 +94,7 @@ def worker(rank: int, folder: str) -> None:
     results = dict(muon_bf16=muon_run(our_muon(torch.bfloat16)), muon_fp32=muon_run(our_muon(torch.float32)),
                    reducer=reducer_run(rank))
     torch.save(results, f"{folder}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears its connections down while the other may still use them
     dist.destroy_process_group()
 
 
