@@ -221,6 +221,201 @@ def model_config(hp: Hyperparameters) -> ModelConfig:
                        mlp_hidden=hp.mlp_hidden, block_size=hp.block_size, attn_backend=hp.attn_backend)
 
 
+def fail(message: str, status: int = 1):
+    """One line on stderr (from rank 0 only), then exit: user errors never print a traceback."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def settings_or_exit(argv: list[str], world_size: int) -> tuple[Hyperparameters, ModelConfig]:
+    """The checked settings of the flags and the model config they give; a user error exits with status 2."""
+    try:
+        hp = parse_args(argv)
+        check_settings(hp, world_size)
+        config = model_config(hp)
+        config.validate()
+    except (ConfigError, ValueError) as error:
+        fail(str(error), status=2)
+    return hp, config
+
+
+# -----------------------------------------------------------------------------
+# The run, step by step
+
+
+def main(argv: list[str]) -> None:
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    hp, config = settings_or_exit(argv, world_size)
+    device = set_up_device(world_size)
+    fast_bf16 = device.type == "cuda" or cpu_has_bf16_kernels()
+    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and fast_bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    model = build_model(config, hp.seed, device)
+    if hp.dry_run:
+        if rank == 0:
+            print_dry_run(hp, model)
+        return
+
+    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    log = RunLog(hp.log_dir, run_id, rank)
+    write_header(log, hp, world_size, bf16, model)
+    loader, held_out = load_data(hp, rank, world_size, log)
+    log(f"params:{model.num_params()}")
+    if hp.unigram_baseline:
+        log(f"unigram_baseline:{unigram_baseline(loader.stream.files, [hp.val_file]):.4f}")
+    if device.type == "cuda" and hp.compile:
+        model.compile_loss()
+    optimizers = make_optimizers(model, hp, fast_bf16)
+    run = Run(hp, rank, world_size, device, autocast, model, optimizers, GradReducer(model.parameters()), loader,
+              held_out, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id))
+    start_step = run.resume() if hp.resume else 0
+    if hp.warm_up:
+        log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, autocast, device):.0f}ms")
+    run.train(start_step)
+    run.finish()
+
+
+# -----------------------------------------------------------------------------
+# Setup: distributed ranks, device, log
+
+
+def set_up_device(world_size: int) -> torch.device:
+    """This rank's GPU (the CPU if there is none) and, over several ranks, the process group."""
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return device
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 matmul kernels for this CPU: x86 with AVX-512 (in hardware with AVX512-BF16 or AMX,
+    converted otherwise) or ARM with bf16. Without them (AVX2-only CPUs) bf16 matmuls run hundreds of times
+    slower than fp32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class RunLog:
+    """log_dir/<run_id>.txt, written by rank 0 only; `log(line)` also prints the line unless console=False."""
+
+    def __init__(self, log_dir: str, run_id: str, rank: int):
+        self.file = None
+        if rank == 0:
+            os.makedirs(log_dir, exist_ok=True)
+            self.file = open(os.path.join(log_dir, f"{run_id}.txt"), "w")
+
+    def __call__(self, line: str, console: bool = True) -> None:
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+            if console:
+                print(line, flush=True)
+
+
+def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
+    """The source of this file and model.py, the versions and the config: what it takes to reproduce the run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("train.py", "model.py"):
+        with open(os.path.join(here, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
+            log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
+    log(f"python:{platform.python_version()}", console=False)
+    log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
+    log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
+    log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
+    log(f"world_size:{world_size} grad_accum:{hp.batch_size // world_size} autocast:{'bf16' if bf16 else 'fp32'}")
+    if torch.cuda.is_available():
+        log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
+
+
+def nvidia_smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
+    except (OSError, subprocess.SubprocessError):
+        return "(not available)"
+
+
+def peak_memory_mib(use_cuda: bool) -> int:
+    if use_cuda:
+        return torch.cuda.max_memory_allocated() // 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> tuple[TokenLoader, list]:
+    """The train loader, after a check of the val shard, and this rank's held-out chunks for --clip_search (none
+    without it). The demo corpus is prepared on first use."""
+    if rank == 0 and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
+        prepare_demo()
+    if world_size > 1:
+        dist.barrier()
+    try:
+        train_files = find_shards(hp.train_files)
+        loader = TokenLoader(train_files, hp.seq_len, rank, world_size,
+                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
+        val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
+    except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
+        fail(str(error))
+    log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
+    log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
+    if not hp.clip_search:
+        return loader, []
+    held_out = held_out_chunks(loader, rank, world_size)
+    log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
+    return loader, held_out
+
+
+def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
+    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
+    chunks of seq_len: chunk i goes to rank i % world_size."""
+    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
+    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
+            for index, start in enumerate(starts) if index % world_size == rank]
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """On the CPU, before the copy: the compiled loss cannot check ids without waiting for the device."""
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), the data holds ids in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device) -> tuple[torch.Tensor, Noise]:
+    """Copy a chunk and its noise to `device`; to a GPU from pinned memory, without blocking."""
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    return copy(tokens), Noise(*(copy(x) for x in noise))
+
+
+# -----------------------------------------------------------------------------
+# Model and optimizers
+
+
+def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
+    """The initial weights drawn from `seed`, on `device`; on a GPU, with its FlexAttention kernel options."""
+    torch.manual_seed(seed)
+    model = BD3LM(config).to(device)
+    if device.type == "cuda":
+        model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
+    return model
+
+
+def print_dry_run(hp: Hyperparameters, model: BD3LM) -> None:
+    print(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
+    print(f"params:{model.num_params()}")
+    print(f"flops_per_token:{model_flops_per_token(model.config, hp.seq_len):.4g}")
+
+
 def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """The quintic Newton-Schulz orthogonalization of torch.optim.Muon (and modded-nanogpt), in `dtype`."""
     a, b, c = 3.4445, -4.775, 2.0315
@@ -355,304 +550,21 @@ def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[
     return [muon, adam]
 
 
-def fail(message: str, status: int = 1):
-    """One line on stderr (from rank 0 only), then exit: user errors never print a traceback."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+def lr_multiplier(hp: Hyperparameters, step: int) -> float:
+    """Linear warm-up, constant, then a linear cool-down to 0 over the last cooldown_frac of the steps."""
+    if step < hp.warmup_steps:
+        return (step + 1) / hp.warmup_steps
+    cooldown_steps = hp.cooldown_frac * hp.steps
+    return min(1.0, (hp.steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
 
 
-def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(usage())
-        return
-    # -----------------------------------------------------------------------------
-    # Setup: distributed ranks, device, log
-
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    master = rank == 0
-    try:
-        hp = parse_args(argv)
-        check_settings(hp, world_size)
-        config = model_config(hp)
-        config.validate()
-    except (ConfigError, ValueError) as error:
-        fail(str(error), status=2)
-    grad_accum = hp.batch_size // world_size
-
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    fast_bf16 = use_cuda or cpu_has_bf16_kernels()
-    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and fast_bf16)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    torch.manual_seed(hp.seed)
-    model = BD3LM(config).to(device)
-    if use_cuda:
-        model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
-    if hp.dry_run:
-        if master:
-            print(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
-            print(f"params:{model.num_params()}")
-            print(f"flops_per_token:{model_flops_per_token(config, hp.seq_len):.4g}")
-        return
-
-    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
-    log_path = os.path.join(hp.log_dir, f"{run_id}.txt")
-    if master:
-        os.makedirs(hp.log_dir, exist_ok=True)
-        log_file = open(log_path, "w")
-
-    def log(line: str, console: bool = True) -> None:
-        if master:
-            log_file.write(line + "\n")
-            log_file.flush()
-            if console:
-                print(line, flush=True)
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("train.py", "model.py"):
-        with open(os.path.join(here, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
-            log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
-    log(f"python:{platform.python_version()}", console=False)
-    log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
-    log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
-    log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
-    log(f"world_size:{world_size} grad_accum:{grad_accum} autocast:{'bf16' if bf16 else 'fp32'}")
-    if use_cuda:
-        log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
-
-    # -----------------------------------------------------------------------------
-    # Data
-
-    if master and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
-        prepare_demo()
-    if world_size > 1:
-        dist.barrier()
-    try:
-        train_files = find_shards(hp.train_files)
-        loader = TokenLoader(train_files, hp.seq_len, rank, world_size,
-                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
-        val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
-    except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
-        fail(str(error))
-    log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
-    log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
-    if hp.clip_search:
-        held_out = held_out_chunks(loader, rank, world_size)
-        candidates = clip_candidates(hp.clip_search_widths, hp.clip_search_step)
-        log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
-    baseline = unigram_baseline(train_files, [hp.val_file]) if hp.unigram_baseline else None
-
-    # -----------------------------------------------------------------------------
-    # Model and optimizers
-
-    log(f"params:{model.num_params()}")
-    if baseline is not None:
-        log(f"unigram_baseline:{baseline:.4f}")
-    if use_cuda and hp.compile:
-        model.compile_loss()
-    optimizers = make_optimizers(model, hp, fast_bf16)
-    muon = optimizers[0]
-    reducer = GradReducer(model.parameters())
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["initial_lr"] = group["lr"]
-
-    def lr_multiplier(step: int) -> float:
-        """Linear warm-up, constant, then a linear cool-down to 0 over the last cooldown_frac of the steps."""
-        if step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
-        cooldown_steps = hp.cooldown_frac * hp.steps
-        return min(1.0, (hp.steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
-
-    def muon_momentum(step: int) -> float:
-        frac = min(step / hp.muon_momentum_warmup, 1.0) if hp.muon_momentum_warmup else 1.0
-        return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
-
-    noise_interval = (hp.t_lo, hp.t_hi)  # training t ~ U(lo, hi); --clip_search changes it at validations
-    start_step = 0
-    if hp.resume:
-        start_step, saved_interval = load_checkpoint(hp.resume, model, config, optimizers, loader, device)
-        noise_interval = saved_interval or noise_interval
-        log(f"resumed:{hp.resume} step:{start_step}")
-
-    # -----------------------------------------------------------------------------
-    # Validation
-
-    def evaluate() -> tuple[float, int]:
-        model.eval()
-        with autocast:
-            result = val_nelbo(model, hp.val_file, hp.val_tokens, hp.seq_len, VAL_NOISE_SEED, rank, world_size)
-        model.train()
-        return result
-
-    def search_noise_interval(step: int) -> tuple[float, float]:
-        """The candidate interval under which the per-block training loss varies least on the held-out chunks."""
-        started = time.perf_counter()
-        model.eval()
-        with autocast:
-            variances = {interval: block_loss_variance(model, held_out, *interval, CLIP_SEARCH_NOISE_SEED, world_size)
-                         for interval in candidates}
-        model.train()
-        chosen = min(variances, key=variances.get)
-        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
-        log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
-            f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
-        return chosen
-
-    # -----------------------------------------------------------------------------
-    # Checkpoint
-
-    checkpoint_folder = os.path.join(hp.checkpoint_dir, run_id)
-    last_checkpoint = hp.resume or "none"
-
-    def save(name: str, step: int) -> str:
-        """Write atomically: a crash mid-write leaves the previous file intact."""
-        path = os.path.join(checkpoint_folder, name)
-        if master:
-            os.makedirs(checkpoint_folder, exist_ok=True)
-            state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(config),
-                         hparams=asdict(hp), step=step, optimizers=[opt.state_dict() for opt in optimizers],
-                         loader=loader.state_dict(), rng=rng_state(), noise_interval=noise_interval)
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        return path
-
-    # -----------------------------------------------------------------------------
-    # Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
-
-    if hp.warm_up:
-        log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, autocast, device):.0f}ms")
-    noise_generator = torch.Generator()
-    train_time_ms, step_start = 0.0, time.perf_counter()
-
-    def sync_time() -> float:
-        if use_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    for step in range(start_step, hp.steps + 1):
-        last_step = step == hp.steps
-        resumed_here = hp.resume and step == start_step
-        if not resumed_here and (last_step or (hp.val_every and step % hp.val_every == 0) or step == 0):
-            train_time_ms += 1000 * (sync_time() - step_start)
-            val_loss, val_count = evaluate()
-            log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
-                f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")
-            step_start = sync_time()
-            if hp.clip_search and not last_step:
-                noise_interval = search_noise_interval(step)  # in the train time: it steers training
-        if not resumed_here and hp.save_every and step % hp.save_every == 0 and 0 < step < hp.steps:
-            last_checkpoint = save("latest.pt", step)
-            log(f"saved:{last_checkpoint} step:{step}")
-        if last_step:
-            break
-
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            try:
-                tokens = loader.next_batch()
-                check_token_ids(tokens, config.vocab_size)
-            except (DataExhausted, ValueError) as error:
-                fail(f"step {step + 1} of {hp.steps}: {error}")
-            # noise depends on the sequence's place in the global batch, not on which rank draws it
-            chunk = step * hp.batch_size + micro_step * world_size + rank
-            noise_generator.manual_seed((hp.seed << 32) + chunk)
-            noise = train_noise(tokens.numel(), config.block_size, *noise_interval, noise_generator)
-            with autocast:
-                loss = model(*to_device(tokens, noise, device)) / hp.batch_size
-            if micro_step == grad_accum - 1:
-                reducer.last_micro_step()
-            loss.backward()
-            loss_sum += loss.detach()
-        reducer.wait()
-        if world_size > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item()
-        if not math.isfinite(train_loss):
-            fail(f"train loss is {train_loss} at step {step + 1}; stopped before updating the weights "
-                 f"(last checkpoint: {last_checkpoint})")
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step)
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        elapsed_ms = train_time_ms + 1000 * (sync_time() - step_start)
-        log(f"step:{step + 1}/{hp.steps} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-            f"step_avg:{elapsed_ms / (step + 1 - start_step):.2f}ms")
-
-    log(f"train_tokens:{loader.tokens_consumed}")
-    log(f"peak_memory:{peak_memory_mib(use_cuda)}MiB")
-    if hp.save_final:
-        path = save("final.pt", hp.steps)
-        log(f"checkpoint:{path}")
-        if master:
-            print(f"sample from it: python sample.py --checkpoint={path}")
-    if world_size > 1:
-        dist.destroy_process_group()
+def muon_momentum(hp: Hyperparameters, step: int) -> float:
+    frac = min(step / hp.muon_momentum_warmup, 1.0) if hp.muon_momentum_warmup else 1.0
+    return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
 
 
-@torch.no_grad()
-def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
-              world_size: int = 1, progress: bool = False) -> tuple[float, int]:
-    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into
-    fixed chunks of seq_len, under eval_noise(seed): the same chunks and noise whatever the world size.
-    Returns (NELBO, tokens) summed over all ranks (eval.py uses it too)."""
-    device = model.head.weight.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    token_count = torch.zeros((), dtype=torch.float64, device=device)
-    chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
-    for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
-        check_token_ids(tokens, model.config.vocab_size)
-        loss = model(*to_device(tokens, eval_noise(tokens.numel(), model.config.block_size, seed, offset), device))
-        loss_sum += loss.double() * tokens.numel()
-        token_count += tokens.numel()
-    if world_size > 1:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(token_count)
-    return (loss_sum / token_count).item(), int(token_count.item())
-
-
-def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
-    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
-    chunks of seq_len: chunk i goes to rank i % world_size."""
-    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
-    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
-            for index, start in enumerate(starts) if index % world_size == rank]
-
-
-@torch.no_grad()
-def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: int, world_size: int = 1) -> float:
-    """Sample variance, over every block of `chunks` on all ranks, of the per-block training loss (the mean over
-    the block's tokens of CE / t where masked) under t ~ U(t_lo, t_hi). A chunk's noise comes from train_noise
-    seeded by `seed` and the chunk's index, so every interval reuses the same uniforms (a fair comparison) on
-    any number of ranks. `chunks` are this rank's (index, tokens), as held_out_chunks gives them."""
-    device, block_size = model.head.weight.device, model.config.block_size
-    moments = torch.zeros(3, dtype=torch.float64, device=device)  # blocks, sum, sum of squares
-    generator = torch.Generator()
-    for index, tokens in chunks:
-        generator.manual_seed((seed << 32) + index)
-        noise = train_noise(tokens.numel(), block_size, t_lo, t_hi, generator)
-        losses = model.token_losses(tokens.to(device), Noise(*(x.to(device) for x in noise)))
-        block_losses = losses.double().view(-1, block_size).mean(1)
-        moments[0] += block_losses.numel()
-        moments[1] += block_losses.sum()
-        moments[2] += block_losses.square().sum()
-    if world_size > 1:
-        dist.all_reduce(moments)
-    count, total, squares = moments.tolist()
-    return (squares - total**2 / count) / (count - 1)
+# -----------------------------------------------------------------------------
+# Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
 
 
 def warm_up(model: BD3LM, val_file: str, seq_len: int, autocast, device: torch.device) -> float:
@@ -678,38 +590,219 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, autocast, device: torch.d
     return 1000 * (time.perf_counter() - started)
 
 
-def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
-    """On the CPU, before the copy: the compiled loss cannot check ids without waiting for the device."""
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), the data holds ids in "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+@dataclass
+class Run:
+    """What the steps of a training run share; main builds it, `train` runs the loop."""
+
+    hp: Hyperparameters
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: torch.autocast
+    model: BD3LM
+    optimizers: list[torch.optim.Optimizer]  # Muon, then Adam
+    reducer: GradReducer
+    loader: TokenLoader
+    held_out: list[tuple[int, torch.Tensor]]  # this rank's chunks for --clip_search
+    log: RunLog
+    checkpoint_folder: str
+    noise_interval: tuple[float, float] = field(init=False)  # training t ~ U(lo, hi); --clip_search changes it
+    last_checkpoint: str = field(init=False)
+    noise_generator: torch.Generator = field(init=False, default_factory=torch.Generator)
+
+    def __post_init__(self):
+        self.noise_interval = (self.hp.t_lo, self.hp.t_hi)
+        self.last_checkpoint = self.hp.resume or "none"
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["initial_lr"] = group["lr"]  # what lr_multiplier scales; checkpoints keep it
+
+    def train(self, start_step: int) -> None:
+        """Steps start_step to hp.steps; the train time counts everything but validation."""
+        hp = self.hp
+        train_time_ms, step_start = 0.0, time.perf_counter()
+        for step in range(start_step, hp.steps + 1):
+            last_step = step == hp.steps
+            resumed_here = hp.resume and step == start_step  # the checkpoint's run validated and saved here
+            if not resumed_here and (last_step or (hp.val_every and step % hp.val_every == 0) or step == 0):
+                train_time_ms += 1000 * (self.sync_time() - step_start)
+                self.validate(step, train_time_ms)
+                step_start = self.sync_time()
+                if hp.clip_search and not last_step:
+                    self.noise_interval = self.search_noise_interval(step)  # in the train time: it steers training
+            if not resumed_here and hp.save_every and step % hp.save_every == 0 and 0 < step < hp.steps:
+                self.last_checkpoint = self.save("latest.pt", step)
+                self.log(f"saved:{self.last_checkpoint} step:{step}")
+            if last_step:
+                break
+            train_loss = self.train_step(step)
+            elapsed_ms = train_time_ms + 1000 * (self.sync_time() - step_start)
+            self.log(f"step:{step + 1}/{hp.steps} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                     f"step_avg:{elapsed_ms / (step + 1 - start_step):.2f}ms")
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step on batch_size sequences, batch_size / world_size of them on each rank; returns the
+        mean loss over all of them."""
+        grad_accum = self.hp.batch_size // self.world_size
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(grad_accum):
+            tokens, noise = self.micro_batch(step, micro_step)
+            with self.autocast:
+                loss = self.model(*to_device(tokens, noise, self.device)) / self.hp.batch_size
+            if micro_step == grad_accum - 1:
+                self.reducer.last_micro_step()
+            loss.backward()
+            loss_sum += loss.detach()
+        self.reducer.wait()
+        if self.world_size > 1:
+            dist.all_reduce(loss_sum)
+        train_loss = loss_sum.item()
+        if not math.isfinite(train_loss):
+            fail(f"train loss is {train_loss} at step {step + 1}; stopped before updating the weights "
+                 f"(last checkpoint: {self.last_checkpoint})")
+        self.update_weights(step)
+        return train_loss
+
+    def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, Noise]:
+        """This rank's next sequence and its training noise, on the CPU."""
+        try:
+            tokens = self.loader.next_batch()
+            check_token_ids(tokens, self.model.config.vocab_size)
+        except (DataExhausted, ValueError) as error:
+            fail(f"step {step + 1} of {self.hp.steps}: {error}")
+        # noise depends on the sequence's place in the global batch, not on which rank draws it
+        chunk = step * self.hp.batch_size + micro_step * self.world_size + self.rank
+        self.noise_generator.manual_seed((self.hp.seed << 32) + chunk)
+        return tokens, train_noise(tokens.numel(), self.model.config.block_size, *self.noise_interval,
+                                   self.noise_generator)
+
+    def update_weights(self, step: int) -> None:
+        """Step every optimizer at this step's LRs and Muon momentum, then drop the gradients."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_multiplier(self.hp, step)
+        muon = self.optimizers[0]
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(self.hp, step)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+
+    def validate(self, step: int, train_time_ms: float) -> None:
+        hp = self.hp
+        self.model.eval()
+        with self.autocast:
+            val_loss, val_count = val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len, VAL_NOISE_SEED,
+                                            self.rank, self.world_size)
+        self.model.train()
+        self.log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
+                 f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")
+
+    def search_noise_interval(self, step: int) -> tuple[float, float]:
+        """The candidate interval under which the per-block training loss varies least on the held-out chunks."""
+        started = time.perf_counter()
+        self.model.eval()
+        with self.autocast:
+            variances = {interval: block_loss_variance(self.model, self.held_out, *interval, CLIP_SEARCH_NOISE_SEED,
+                                                       self.world_size)
+                         for interval in clip_candidates(self.hp.clip_search_widths, self.hp.clip_search_step)}
+        self.model.train()
+        chosen = min(variances, key=variances.get)
+        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
+        self.log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
+                 f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
+        return chosen
+
+    def save(self, name: str, step: int) -> str:
+        """Write checkpoint_folder/name from rank 0, atomically: a crash mid-write leaves the previous file intact."""
+        path = os.path.join(self.checkpoint_folder, name)
+        if self.rank == 0:
+            os.makedirs(self.checkpoint_folder, exist_ok=True)
+            state = dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(),
+                         model_config=asdict(self.model.config), hparams=asdict(self.hp), step=step,
+                         optimizers=[opt.state_dict() for opt in self.optimizers], loader=self.loader.state_dict(),
+                         rng=rng_state(), noise_interval=self.noise_interval)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return path
+
+    def resume(self) -> int:
+        """Continue from hp.resume; returns its step."""
+        step, saved_interval = load_checkpoint(self.hp.resume, self.model, self.model.config, self.optimizers,
+                                               self.loader, self.device)
+        self.noise_interval = saved_interval or self.noise_interval
+        self.log(f"resumed:{self.hp.resume} step:{step}")
+        return step
+
+    def finish(self) -> None:
+        """The closing lines of the log and the final checkpoint."""
+        self.log(f"train_tokens:{self.loader.tokens_consumed}")
+        self.log(f"peak_memory:{peak_memory_mib(self.device.type == 'cuda')}MiB")
+        if self.hp.save_final:
+            path = self.save("final.pt", self.hp.steps)
+            self.log(f"checkpoint:{path}")
+            if self.rank == 0:
+                print(f"sample from it: python sample.py --checkpoint={path}")
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+    def sync_time(self) -> float:
+        """The clock, once the GPU has done the work queued so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
 
-def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device) -> tuple[torch.Tensor, Noise]:
-    """Copy a chunk and its noise to `device`; to a GPU from pinned memory, without blocking."""
-    def copy(x: torch.Tensor) -> torch.Tensor:
-        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
-    return copy(tokens), Noise(*(copy(x) for x in noise))
+# -----------------------------------------------------------------------------
+# Validation
 
 
-def cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 matmul kernels for this CPU: x86 with AVX-512 (in hardware with AVX512-BF16 or AMX,
-    converted otherwise) or ARM with bf16. Without them (AVX2-only CPUs) bf16 matmuls run hundreds of times
-    slower than fp32."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+@torch.no_grad()
+def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
+              world_size: int = 1, progress: bool = False) -> tuple[float, int]:
+    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into
+    fixed chunks of seq_len, under eval_noise(seed): the same chunks and noise whatever the world size.
+    Returns (NELBO, tokens) summed over all ranks (eval.py uses it too)."""
+    device = model.head.weight.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    token_count = torch.zeros((), dtype=torch.float64, device=device)
+    chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
+    for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
+        check_token_ids(tokens, model.config.vocab_size)
+        loss = model(*to_device(tokens, eval_noise(tokens.numel(), model.config.block_size, seed, offset), device))
+        loss_sum += loss.double() * tokens.numel()
+        token_count += tokens.numel()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    return (loss_sum / token_count).item(), int(token_count.item())
 
 
-def nvidia_smi() -> str:
-    try:
-        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
-    except (OSError, subprocess.SubprocessError):
-        return "(not available)"
+@torch.no_grad()
+def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: int, world_size: int = 1) -> float:
+    """Sample variance, over every block of `chunks` on all ranks, of the per-block training loss (the mean over
+    the block's tokens of CE / t where masked) under t ~ U(t_lo, t_hi). A chunk's noise comes from train_noise
+    seeded by `seed` and the chunk's index, so every interval reuses the same uniforms (a fair comparison) on
+    any number of ranks. `chunks` are this rank's (index, tokens), as held_out_chunks gives them."""
+    device, block_size = model.head.weight.device, model.config.block_size
+    moments = torch.zeros(3, dtype=torch.float64, device=device)  # blocks, sum, sum of squares
+    generator = torch.Generator()
+    for index, tokens in chunks:
+        generator.manual_seed((seed << 32) + index)
+        noise = train_noise(tokens.numel(), block_size, t_lo, t_hi, generator)
+        losses = model.token_losses(tokens.to(device), Noise(*(x.to(device) for x in noise)))
+        block_losses = losses.double().view(-1, block_size).mean(1)
+        moments[0] += block_losses.numel()
+        moments[1] += block_losses.sum()
+        moments[2] += block_losses.square().sum()
+    if world_size > 1:
+        dist.all_reduce(moments)
+    count, total, squares = moments.tolist()
+    return (squares - total**2 / count) / (count - 1)
 
 
-def peak_memory_mib(use_cuda: bool) -> int:
-    if use_cuda:
-        return torch.cuda.max_memory_allocated() // 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+# -----------------------------------------------------------------------------
+# Checkpoint
 
 
 def rng_state() -> dict:
