@@ -43,6 +43,7 @@ from train import (
     model_config,
     parse_flags,
     setting,
+    to_device,
     turns,
 )
 
@@ -125,9 +126,8 @@ class TrainStep:
             self.model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
             self.model.compile_loss()
         self.optimizers = make_optimizers(self.model, Hyperparameters(), fast_bf16=bf16)
-        self.tokens = document_stream(seq_len, mean_doc, gen).to(device)
-        self.noise = make_train_noise(seq_len, config.block_size, 0.3, 0.8, gen)
-        self.noise = type(self.noise)(*(x.to(device) for x in self.noise))
+        tokens = document_stream(seq_len, mean_doc, gen)
+        self.tokens, self.noise = to_device(tokens, make_train_noise(seq_len, config.block_size, 0.3, 0.8, gen), device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self) -> None:

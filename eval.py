@@ -154,9 +154,9 @@ def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
     nll, judge_len = judge
     eot = model.config.eot_id
     tokens, stats = sample.generate(model, prompt, s, torch.Generator(model.head.weight.device).manual_seed(s.seed))
+    rows = tokens[:, len(prompt):].tolist()
     documents = sample.completions(tokens, len(prompt), eot)
-    scored = [row[: len(doc) + 1] if s.stop_at_eot else row for doc, row in
-              zip(documents, tokens[:, len(prompt):].tolist())]
+    scored = [row[: len(doc) + 1] if s.stop_at_eot else row for doc, row in zip(documents, rows)]
     if len(prompt) + max(map(len, scored)) > judge_len:
         raise SettingsError(f"the judge reads at most {judge_len} tokens: lower --max_new_tokens (prompt "
                             f"{len(prompt)} + samples up to {max(map(len, scored))})")
@@ -167,7 +167,7 @@ def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
                 log_ppl_stderr=statistics.stdev(per_token) / math.sqrt(len(per_token)) if len(scored) > 1 else 0.0,
                 entropy=statistics.fmean(unigram_entropy(doc) for doc in documents),
                 median_length=statistics.median(lengths), max_length=max(lengths),
-                ended=sum(eot in row for row in tokens[:, len(prompt):].tolist()) / len(documents),
+                ended=sum(eot in row for row in rows) / len(rows),
                 tokens_per_s=s.num_samples * stats.new_tokens / stats.seconds,
                 tokens_per_forward=stats.new_tokens / stats.forwards, samples=len(documents))
 

@@ -790,7 +790,8 @@ def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: in
     for index, tokens in chunks:
         generator.manual_seed((seed << 32) + index)
         noise = train_noise(tokens.numel(), block_size, t_lo, t_hi, generator)
-        losses = model.token_losses(tokens.to(device), Noise(*(x.to(device) for x in noise)))
+        check_token_ids(tokens, model.config.vocab_size)
+        losses = model.token_losses(*to_device(tokens, noise, device))
         block_losses = losses.double().view(-1, block_size).mean(1)
         moments[0] += block_losses.numel()
         moments[1] += block_losses.sum()

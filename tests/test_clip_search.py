@@ -137,23 +137,3 @@ def test_two_ranks_choose_as_one(clip_run, tmp_path):
     weights_one, weights_two = load_final(clip_run, "clip")["model"], load_final(tmp_path, "two")["model"]
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-5, msg=name)
-
-
-BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
-    (["--clip_search_widths=0.5,1.5"], 2, "--clip_search_widths must lie in (0, 1]"),
-    (["--clip_search_widths=wide"], 2, "--clip_search_widths takes comma-separated numbers"),
-    (["--clip_search_step=0"], 2, "--clip_search_step must lie in (0, 1]"),
-    (["--clip_search_tokens=100"], 2, "--clip_search_tokens=100 is not a positive multiple of --seq_len=128"),
-    (["--clip_search_tokens=128", "--block_size=128"], 2, "--clip_search needs whole blocks, two at least"),
-    (["--clip_search_tokens=12800000"], 1, "cannot hold out 12800000 of the"),
-]
-
-
-@pytest.mark.parametrize("flags,status,message", BAD_FLAGS, ids=[" ".join(case[0]) for case in BAD_FLAGS])
-def test_bad_clip_search_flags_exit_with_one_line(tmp_path, capsys, flags, status, message):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*SMALL, "--clip_search=True", f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/ck",
-                    *flags])
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == status
-    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr

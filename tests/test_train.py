@@ -181,6 +181,14 @@ BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
     (["--resume=/nonexistent/latest.pt"], 2, "is not a file"),
     (["--train_files=/nonexistent/fineweb_*.bin"], 1, "python data/cached_finewebedu10B.py 10"),
     (["--val_file=/nonexistent/val.bin"], 1, "--preset=demo"),
+    (["--clip_search=True", "--clip_search_widths=0.5,1.5"], 2, "--clip_search_widths must lie in (0, 1]"),
+    (["--clip_search=True", "--clip_search_widths=wide"], 2, "--clip_search_widths takes comma-separated numbers"),
+    (["--clip_search=True", "--clip_search_step=0"], 2, "--clip_search_step must lie in (0, 1]"),
+    (["--clip_search=True", "--clip_search_tokens=100"], 2,
+     "--clip_search_tokens=100 is not a positive multiple of --seq_len=128"),
+    (["--clip_search=True", "--clip_search_tokens=128", "--block_size=128"], 2,
+     "--clip_search needs whole blocks, two at least"),
+    (["--clip_search=True", "--clip_search_tokens=12800000"], 1, "cannot hold out 12800000 of the"),
 ]
 
 
