@@ -148,19 +148,24 @@ def block_diffusion_mask(tokens: Tensor, block_size: int, eot_id: int) -> Tensor
 
 
 def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> BlockMask:
-    """The same mask as a FlexAttention BlockMask for a 1-D sequence, built from per-tile summaries in
-    O((2L/TILE)^2) instead of evaluating all (2L)^2 pairs. Document and block indices only grow along
-    each half, so a tile's first and last values bound it: a tile pair is skipped when no pair in it
-    can pass the rule (other documents, later blocks), and marked full (no mask_mod needed) when every pair must."""
-    length = tokens.numel()
+    """The same mask as a FlexAttention BlockMask, for a sequence [L] or a batch of sequences [N, L] (one mask
+    per row: each row has its own documents), built from per-tile summaries in O(N (2L/TILE)^2) instead of
+    evaluating all (2L)^2 pairs. Document and block indices only grow along each half, so a tile's first and
+    last values bound it: a tile pair is skipped when no pair in it can pass the rule (other documents, later
+    blocks), and marked full (no mask_mod needed) when every pair must."""
+    length = tokens.size(-1)
     if length % TILE:
         raise ValueError(f"the flex attention backend needs a sequence length divisible by {TILE}, got {length}")
-    doc, block, clean = _doubled_layout(tokens, block_size, eot_id)
+    doc, block, clean = _doubled_layout(tokens.reshape(-1, length), block_size, eot_id)  # [N, 2L] each
     tiles = 2 * length // TILE
-    first_doc, last_doc = doc.view(tiles, TILE)[:, 0], doc.view(tiles, TILE)[:, -1]
-    first_block, last_block = block.view(tiles, TILE)[:, 0], block.view(tiles, TILE)[:, -1]
-    tile_clean = clean.view(tiles, TILE)[:, 0]
-    q, k = (slice(None), None), (None, slice(None))
+
+    def tile_ends(x: Tensor) -> tuple[Tensor, Tensor]:
+        per_tile = x.reshape(x.size(0), tiles, TILE)
+        return per_tile[..., 0], per_tile[..., -1]
+
+    (first_doc, last_doc), (first_block, last_block) = tile_ends(doc), tile_ends(block)
+    tile_clean = tile_ends(clean)[0]
+    q, k = (..., slice(None), None), (..., None, slice(None))
 
     noisy_to_noisy = ~tile_clean[q] & ~tile_clean[k]
     noisy_to_clean = ~tile_clean[q] & tile_clean[k]
@@ -177,12 +182,13 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
         | (clean_to_clean & one_doc & (last_block[k] <= first_block[q]))
     partial = any_allowed & ~all_allowed
 
-    def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:
+    def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:  # [N, tiles, tiles] -> [N, 1, ...] for the heads
         order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
-        return selected.sum(-1, dtype=torch.int32)[None, None], order.int()[None, None]
+        return selected.sum(-1, dtype=torch.int32)[:, None], order.int()[:, None]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return mask_rule(doc[q_idx], block[q_idx], clean[q_idx], doc[kv_idx], block[kv_idx], clean[kv_idx])
+        return mask_rule(doc[b, q_idx], block[b, q_idx], clean[b, q_idx], doc[b, kv_idx], block[b, kv_idx],
+                         clean[b, kv_idx])
 
     return BlockMask.from_kv_blocks(*as_kv_blocks(partial), *as_kv_blocks(all_allowed),
                                     BLOCK_SIZE=TILE, mask_mod=mask_mod)
@@ -343,32 +349,36 @@ class BD3LM(nn.Module):
     # --- training and evaluation
 
     def forward(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Negative ELBO of the clean stream `tokens` [L] under `noise`: sum over masked tokens of
-        cross-entropy / t, divided by L (all tokens). An upper bound on NLL in nats/token when t ~ U(0,1)."""
+        """Negative ELBO of the clean stream `tokens` under `noise`: sum over masked tokens of cross-entropy / t,
+        divided by the number of tokens (all of them). An upper bound on NLL in nats/token when t ~ U(0,1).
+        `tokens` is one sequence [L] or N sequences [N, L], each with its own documents and blocks."""
         return self.token_losses(tokens, noise).sum() / tokens.numel()
 
     def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Per-token terms of the loss [L]: CE / t where masked, 0 elsewhere (SUBS: unmasked tokens are
-        copied through). Eager, the head runs only on the masked positions of the noisy half; compiled (see
-        compile_loss), on all of them with weight 0 where unmasked, so every shape is fixed and nothing waits
-        for the device to count masked tokens."""
-        self._check_tokens(tokens, 1)
-        length = tokens.numel()
-        x_t = torch.where(noise.masked, self.config.mask_id, tokens)
-        hidden = self._pass(x_t[None], tokens[None])[0, :length]
+        """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE / t where masked,
+        0 elsewhere (SUBS: unmasked tokens are copied through). Eager, the head runs only on the masked
+        positions of the noisy half; compiled (see compile_loss), on all of them with weight 0 where unmasked,
+        so every shape is fixed and nothing waits for the device to count masked tokens."""
+        self._check_tokens(tokens, (1, 2))
+        if noise.masked.shape != tokens.shape or noise.t.shape != tokens.shape:
+            raise ValueError(f"noise of shape {tuple(noise.masked.shape)} for tokens of shape {tuple(tokens.shape)}")
+        x_0 = tokens.reshape(-1, tokens.size(-1))
+        x_t = torch.where(noise.masked, self.config.mask_id, tokens).reshape_as(x_0)
+        hidden = self._pass(x_t, x_0)[:, : x_0.size(1)].flatten(0, 1)
+        targets, masked, t = x_0.flatten(), noise.masked.flatten(), noise.t.flatten()
         if torch.compiler.is_compiling():
-            rows = torch.arange(length, device=tokens.device)
+            rows = torch.arange(targets.numel(), device=tokens.device)
         else:
-            rows = noise.masked.nonzero().squeeze(1)
-        ce = F.cross_entropy(self._padded_logits(hidden[rows]), tokens[rows], reduction="none")
-        weight = torch.where(noise.masked[rows], 1 / noise.t[rows], 0.0)  # not masked / t: unmasked t may be 0
-        return torch.zeros(length, device=tokens.device).index_put((rows,), ce * weight)
+            rows = masked.nonzero().squeeze(1)
+        ce = F.cross_entropy(self._padded_logits(hidden[rows]), targets[rows], reduction="none")
+        weight = torch.where(masked[rows], 1 / t[rows], 0.0)  # not masked / t: unmasked t may be 0
+        return torch.zeros(targets.numel(), device=tokens.device).index_put((rows,), ce * weight).view_as(tokens)
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
         """Full-vocabulary logits [N, L, vocab_size] of every noisy position of [x_t ; x_0] (rows
         independent). The slow, obvious path, always with the dense mask: for tests and the reference sampler."""
-        self._check_tokens(x_0, 2, allow_mask=True)
-        self._check_tokens(x_t, 2, allow_mask=True)
+        self._check_tokens(x_0, (2,), allow_mask=True)
+        self._check_tokens(x_t, (2,), allow_mask=True)
         return self.logits_of(self._pass(x_t, x_0, dense=True)[:, : x_0.size(1)])
 
     def logits_of(self, hidden: Tensor) -> Tensor:
@@ -391,8 +401,8 @@ class BD3LM(nn.Module):
 
     def _pass(self, x_t: Tensor, x_0: Tensor, dense: bool = False) -> Tensor:
         cfg = self.config
-        if not dense and self._use_flex(x_0.device) and x_0.size(0) == 1:
-            mask = block_diffusion_block_mask(x_0[0], cfg.block_size, cfg.eot_id)
+        if not dense and self._use_flex(x_0.device):
+            mask = block_diffusion_block_mask(x_0, cfg.block_size, cfg.eot_id)
         else:
             mask = block_diffusion_mask(x_0, cfg.block_size, cfg.eot_id)[:, None]
         pos = torch.arange(x_0.size(1), device=x_0.device)
@@ -403,9 +413,10 @@ class BD3LM(nn.Module):
         backend = self.config.attn_backend
         return backend == "flex" or (backend == "auto" and device.type == "cuda")
 
-    def _check_tokens(self, tokens: Tensor, dims: int, allow_mask: bool = False) -> None:
-        if tokens.dim() != dims or tokens.numel() == 0:
-            raise ValueError(f"expected a non-empty {dims}-D tensor of token ids, got shape {tuple(tokens.shape)}")
+    def _check_tokens(self, tokens: Tensor, dims: tuple[int, ...], allow_mask: bool = False) -> None:
+        if tokens.dim() not in dims or tokens.numel() == 0:
+            raise ValueError(f"expected a non-empty {' or '.join(f'{d}-D' for d in dims)} tensor of token ids, "
+                             f"got shape {tuple(tokens.shape)}")
         if torch.compiler.is_compiling():
             return  # reading the ids back would break the graph and wait for the device: compiled callers check first
         top = self.config.vocab_size + (1 if allow_mask else 0)
@@ -429,7 +440,7 @@ class BD3LM(nn.Module):
         """Run `tokens` [N, n] after the cached clean context, under the training mask: clean tokens attend as
         the clean half does (their document, up to the end of their block), a noisy block as the noisy half
         (itself, and the cached blocks of the document it starts in)."""
-        self._check_tokens(tokens, 2, allow_mask=True)
+        self._check_tokens(tokens, (2,), allow_mask=True)
         cfg, n, length = self.config, tokens.size(1), cache.length
         if tokens.size(0) != cache.tokens.size(0) or length + n > cache.tokens.size(1):
             raise ValueError(f"{tuple(tokens.shape)} tokens do not fit a cache of shape {tuple(cache.tokens.shape)} "

@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 import train
 from data.demo import prepare_demo
 from data.shards import HEADER_BYTES, read_shard, write_shard
-from model import BD3LM, ModelConfig, eval_noise, train_noise
+from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
 
 VOCAB, EOT = 97, 96
 
@@ -74,15 +74,26 @@ def loss_and_grads(model: BD3LM, tokens, noise) -> tuple[torch.Tensor, list[torc
     return loss.detach(), grads
 
 
-def test_one_graph_for_training_and_one_for_evaluation_whatever_the_documents_and_masks():
-    """20 steps, each with new documents, a new mask and a new noise level per block (t from 0: blocks with no
-    masked token at all), an optimizer step between them; the compiled loss and its gradients equal eager ones."""
+def training_batch(rows: int, length: int, block_size: int, gen: torch.Generator):
+    """One sequence [length] (rows 0) or `rows` stacked sequences [rows, length], each with its own documents, and
+    their training noise with t from 0 (blocks with no masked token at all)."""
+    if not rows:
+        return documents(length, gen), train_noise(length, block_size, 0.0, 1.0, gen)
+    noises = [train_noise(length, block_size, 0.0, 1.0, gen) for _ in range(rows)]
+    return torch.stack([documents(length, gen) for _ in range(rows)]), Noise(*map(torch.stack, zip(*noises)))
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_one_graph_for_training_and_one_for_evaluation_whatever_the_documents_and_masks(rows):
+    """20 steps, each with new documents, a new mask and a new noise level per block, an optimizer step between
+    them; the compiled loss and its gradients equal eager ones. With rows, training stacks several sequences per
+    micro-step (--micro_batch) while validation keeps one."""
     compiled, backend = tiny_model(), CountingBackend()
     eager = copy.deepcopy(compiled)
     compiled.compile_loss(backend)
     gen = torch.Generator().manual_seed(0)
     for step in range(20):
-        tokens, noise = documents(64, gen), train_noise(64, 4, 0.0, 1.0, gen)
+        tokens, noise = training_batch(rows, 64, 4, gen)
         (loss, grads), (eager_loss, eager_grads) = (loss_and_grads(m, tokens, noise) for m in (compiled, eager))
         torch.testing.assert_close(loss, eager_loss)
         for grad, eager_grad in zip(grads, eager_grads):
@@ -92,8 +103,8 @@ def test_one_graph_for_training_and_one_for_evaluation_whatever_the_documents_an
                 for p, grad in zip(model.parameters(), grads):
                     p -= 0.1 * grad
                 model.eval()  # validation as train.val_nelbo runs it
-            val_noise = eval_noise(64, 4, seed=0, offset=64 * step)
-            torch.testing.assert_close(compiled(tokens, val_noise), eager(tokens, val_noise))
+            val_tokens, val_noise = documents(64, gen), eval_noise(64, 4, seed=0, offset=64 * step)
+            torch.testing.assert_close(compiled(val_tokens, val_noise), eager(val_tokens, val_noise))
         for model in (compiled, eager):
             model.train()
         assert backend.graphs == 2, f"step {step + 1}: {backend.graphs} graphs"
@@ -119,15 +130,17 @@ def test_inductor_loss_and_gradients_equal_eager_and_the_per_block_loop():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_flex_graph_builds_its_block_mask_inside():
-    """The GPU path's BlockMask comes from the tokens inside the graph: new documents need no new graph."""
+@pytest.mark.parametrize("rows", [0, 2])
+def test_flex_graph_builds_its_block_mask_inside(rows):
+    """The GPU path's BlockMask comes from the tokens inside the graph (one mask per row): new documents need no
+    new graph."""
     compiled, backend = tiny_model(block_size=16, attn_backend="flex"), CountingBackend()
     eager = copy.deepcopy(compiled)
     compiled.compile_loss(backend)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for offset in range(0, 4 * 256, 256):
-            tokens, noise = documents(256, gen), eval_noise(256, 16, seed=0, offset=offset)
+        for _ in range(4):
+            tokens, noise = training_batch(rows, 256, 16, gen)
             torch.testing.assert_close(compiled(tokens, noise), eager(tokens, noise))
     assert backend.graphs == 1
 

@@ -105,15 +105,16 @@ def test_mask_of_a_batch_is_the_mask_of_each_row():
 # 2. FlexAttention's BlockMask and forward against the dense path
 
 
-def block_mask_to_dense(block_mask, length):
-    """Element-level mask that FlexAttention computes: full tiles all true, partial tiles through mask_mod."""
+def block_mask_to_dense(block_mask, length, row=0):
+    """Element-level mask that FlexAttention computes for batch row `row`: full tiles all true, partial tiles
+    through mask_mod."""
     dense = torch.zeros(length, length, dtype=torch.bool)
     q_idx, kv_idx = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    partial_tiles = block_mask.mask_mod(0, 0, q_idx, kv_idx)
+    partial_tiles = block_mask.mask_mod(torch.tensor(row), 0, q_idx, kv_idx)
     for counts, indices, full in ((block_mask.kv_num_blocks, block_mask.kv_indices, False),
                                   (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, True)):
         for q_tile in range(length // TILE):
-            for k_tile in indices[0, 0, q_tile, : counts[0, 0, q_tile]].tolist():
+            for k_tile in indices[row, 0, q_tile, : counts[row, 0, q_tile]].tolist():
                 rows, cols = slice(q_tile * TILE, (q_tile + 1) * TILE), slice(k_tile * TILE, (k_tile + 1) * TILE)
                 dense[rows, cols] = True if full else partial_tiles[rows, cols]
     return dense
@@ -136,6 +137,16 @@ def test_block_mask_equals_dense_mask_and_skips_every_empty_tile(length, block_s
         assert computed >= tiles_needed(dense)  # never skips a tile it needs
         if block_size > 1:  # exact on these streams; with documents much shorter than a block the per-tile
             assert computed == tiles_needed(dense)  # summaries may list a tile that turns out empty (harmless)
+
+
+def test_block_mask_of_a_batch_is_the_mask_of_each_row():
+    """Rows of different document layouts in one BlockMask: row r's mask is the dense mask of row r alone."""
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.stack(tricky_streams(256, 16, gen) + [random_stream(256, gen, mean_doc=100)])
+    block_mask = block_diffusion_block_mask(rows, 16, EOT)
+    assert block_mask.kv_num_blocks.shape == (len(rows), 1, 4)
+    for r, row in enumerate(rows):
+        assert torch.equal(block_mask_to_dense(block_mask, 512, row=r), block_diffusion_mask(row, 16, EOT))
 
 
 def test_block_mask_skips_cross_document_tiles():
@@ -170,6 +181,46 @@ def test_flex_forward_equals_sdpa_forward(length, mean_doc):
         dense_losses = model.token_losses(tokens, noise)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex_losses, dense_losses, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_losses_of_a_batch_are_the_losses_of_each_row(backend):
+    """N sequences in one pass: each row's losses equal that row run alone, and its documents stay in it."""
+    gen = torch.Generator().manual_seed(9)
+    rows = torch.stack([random_stream(256, gen, mean_doc=m) for m in (10, 60, 10**9)])
+    noise = [train_noise(256, 16, 0.0, 1.0, gen) for _ in rows]
+    batch_noise = type(noise[0])(*(torch.stack(parts) for parts in zip(*noise)))
+    model = small_model(block_size=16)
+    model.config.attn_backend = backend
+    with torch.no_grad():
+        batched = model.token_losses(rows, batch_noise)
+        alone = torch.stack([model.token_losses(row, row_noise) for row, row_noise in zip(rows, noise)])
+        mean = model(rows, batch_noise)
+    assert batched.shape == rows.shape
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, alone.sum() / rows.numel(), atol=1e-6, rtol=1e-5)
+
+
+def test_a_row_does_not_see_the_other_rows():
+    """Black box: rewriting every other row (tokens, document ends, noise) leaves row 0's losses unchanged."""
+    gen = torch.Generator().manual_seed(10)
+    model = small_model(block_size=4)
+    rows = torch.stack([random_stream(64, gen) for _ in range(3)])
+    noise = train_noise(3 * 64, 4, 0.0, 1.0, gen)
+    noise = type(noise)(noise.t.view(3, 64), noise.masked.view(3, 64))
+    with torch.no_grad():
+        before = model.token_losses(rows, noise)[0]
+        rows[1:] = torch.stack([random_stream(64, gen, mean_doc=3) for _ in range(2)])
+        noise.masked[1:] = ~noise.masked[1:]
+        after = model.token_losses(rows, noise)[0]
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def test_loss_refuses_noise_of_another_shape():
+    model = small_model()
+    tokens = torch.randint(0, EOT, (2, 8))
+    with pytest.raises(ValueError, match="noise of shape"):
+        model.token_losses(tokens, train_noise(16, 4, 0.3, 0.8, torch.Generator()))
 
 
 # -----------------------------------------------------------------------------
