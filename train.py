@@ -6,9 +6,10 @@ Train a block diffusion language model (BD3-LM), speedrun style.
 
 Every setting is a field of Hyperparameters below, overridable as --name=value (`--help` lists them).
 The log logs/<run_id>.txt starts with the source of this file and model.py, the versions and the config,
-so a run can be reproduced from its log alone. Whatever the number of ranks, a step consumes the same
-`batch_size` sequences of the token stream in the same order, with the same noise, so 1 GPU and 8 GPUs
-train the same model.
+so a run can be reproduced from its log alone. Whatever the number of ranks and of sequences per forward
+(`micro_batch`), a step consumes the same `batch_size` sequences of the token stream in the same order, with
+the same noise, so 1 GPU and 8 GPUs train the same model: presets `record` (8x H100) and `record_24gb` (one
+24 GB GPU) differ only in how a step is cut into forwards.
 
 This file knows the training loop, the optimizers, distributed training, logs and checkpoints. The model
 and its objective live in model.py; shards, the token loader and the demo corpus in data/.
@@ -45,7 +46,8 @@ def setting(default, help: str):
 
 @dataclass
 class Hyperparameters:
-    preset: str = setting("record", "record (FineWeb-Edu speedrun) or demo (CPU, built-in corpus)")
+    preset: str = setting("record", "record (FineWeb-Edu speedrun, 80 GB GPUs), record_24gb (the same run on 24 GB "
+                          "GPUs) or demo (CPU, built-in corpus)")
     run_id: str = setting("", "name of the log and checkpoint folder; empty: date, time and a random suffix")
     # data
     train_files: str = setting("data/finewebedu10B/finewebedu_train_*.bin", "glob of train shards")
@@ -62,10 +64,13 @@ class Hyperparameters:
     block_size: int = setting(16, "tokens per diffusion block (records: 16)")
     attn_backend: str = setting("auto", "auto (flex on CUDA, sdpa on CPU), flex or sdpa")
     # batch and schedule
-    # 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B); 8K tokens (16K with the clean
-    # half) per micro-step should fit a 24 GB GPU in bf16 (unmeasured: this repo's machines have no GPU)
-    seq_len: int = setting(8 * 1024, "tokens per sequence: what one rank feeds the model per micro-step")
-    batch_size: int = setting(32, "sequences per optimizer step, all ranks together; a multiple of the ranks")
+    # 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B). Peak memory per GPU, estimated by
+    # `python bench.py --estimate_only=True` (unmeasured: this repo's machines have no GPU): 4 x 8K tokens per
+    # forward ~39 GiB (80 GB GPUs), 1 x 8K ~11 GiB (record_24gb)
+    seq_len: int = setting(8 * 1024, "tokens per sequence, a chunk of the stream that starts at a document")
+    batch_size: int = setting(32, "sequences per optimizer step, all ranks together")
+    micro_batch: int = setting(4, "sequences each rank stacks into one forward (documents never cross rows); "
+                               "batch_size must be a multiple of micro_batch x ranks; the rest is accumulated")
     steps: int = setting(3500, "optimizer steps")
     warmup_steps: int = setting(0, "steps of linear LR warm-up from 0")
     cooldown_frac: float = setting(0.45, "fraction of the steps at the end over which the LR decays to 0")
@@ -100,12 +105,13 @@ class Hyperparameters:
 
 
 PRESETS = {
-    "record": {},
+    "record": {},  # 8 x 80 GB: each rank one forward of 4 x 8K tokens a step
+    "record_24gb": dict(micro_batch=1),  # RTX 3090/4090: 8K tokens per forward; on one GPU 32 of them a step
     # sized for 2 idle CPU cores: a few minutes; bf16 autocast (on CPUs with bf16 kernels) doubles throughput
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
-        seq_len=256, batch_size=8, steps=120, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=40,
+        seq_len=256, batch_size=8, micro_batch=1, steps=120, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=40,
         val_every=60, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
     ),
 }
@@ -164,8 +170,8 @@ def parse_args(argv: list[str]) -> Hyperparameters:
 
 
 def check_settings(hp: Hyperparameters, world_size: int) -> None:
-    positive = ("steps", "seq_len", "batch_size", "block_size", "n_layer", "n_head", "head_dim", "model_dim",
-                "mlp_hidden", "val_tokens")
+    positive = ("steps", "seq_len", "batch_size", "micro_batch", "block_size", "n_layer", "n_head", "head_dim",
+                "model_dim", "mlp_hidden", "val_tokens")
     for name in positive:
         if getattr(hp, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(hp, name)}")
@@ -173,8 +179,9 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
                  "head_lr", "scalar_lr", "weight_decay"):
         if getattr(hp, name) < 0:
             raise ConfigError(f"--{name} must not be negative, got {getattr(hp, name)}")
-    if hp.batch_size % world_size:
-        raise ConfigError(f"--batch_size={hp.batch_size} sequences do not divide over {world_size} ranks")
+    if hp.batch_size % (world_size * hp.micro_batch):
+        raise ConfigError(f"--batch_size={hp.batch_size} sequences do not divide into forwards of --micro_batch="
+                          f"{hp.micro_batch} on {world_size} ranks")
     if hp.val_tokens % hp.seq_len:
         raise ConfigError(f"--val_tokens={hp.val_tokens} is not a multiple of --seq_len={hp.seq_len}")
     if not 0 <= hp.t_lo < hp.t_hi <= 1:
@@ -214,6 +221,11 @@ def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
     intervals = [(round(k * step, 6), round(k * step + width, 6))
                  for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
     return list(dict.fromkeys(intervals))
+
+
+def grad_accum(hp: Hyperparameters, world_size: int) -> int:
+    """Forwards (micro-steps) per optimizer step on each rank."""
+    return hp.batch_size // (world_size * hp.micro_batch)
 
 
 def model_config(hp: Hyperparameters) -> ModelConfig:
@@ -273,9 +285,14 @@ def main(argv: list[str]) -> None:
     run = Run(hp, rank, world_size, device, autocast, model, optimizers, GradReducer(model.parameters()), loader,
               held_out, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id))
     start_step = run.resume() if hp.resume else 0
-    if hp.warm_up:
-        log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, autocast, device):.0f}ms")
-    run.train(start_step)
+    try:
+        if hp.warm_up:
+            log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device):.0f}ms")
+        run.train(start_step)
+    except torch.OutOfMemoryError:
+        hint = "lower --micro_batch (--preset=record_24gb runs 1)" if hp.micro_batch > 1 else "lower --seq_len"
+        fail(f"out of GPU memory with --micro_batch={hp.micro_batch} sequences of {hp.seq_len} tokens per forward: "
+             f"{hint} (last checkpoint: {run.last_checkpoint})")
     run.finish()
 
 
@@ -330,7 +347,8 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
-    log(f"world_size:{world_size} grad_accum:{hp.batch_size // world_size} autocast:{'bf16' if bf16 else 'fp32'}")
+    log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
+        f"autocast:{'bf16' if bf16 else 'fp32'}")
     if torch.cuda.is_available():
         log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
 
@@ -361,7 +379,7 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> t
         dist.barrier()
     try:
         train_files = find_shards(hp.train_files)
-        loader = TokenLoader(train_files, hp.seq_len, rank, world_size,
+        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch,
                              held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
         val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
     except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
@@ -567,17 +585,18 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
 # Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
 
 
-def warm_up(model: BD3LM, val_file: str, seq_len: int, autocast, device: torch.device) -> float:
-    """Run what training compiles, once, before the clock starts: the training forward and backward and the val
-    forward, on the first val chunk (every chunk has its shape). Nothing the run depends on changes: there is no
-    optimizer step, the gradients are dropped, and neither the loader nor the random state is used. Returns the
-    milliseconds it took: the compile time, where the loss is compiled."""
+def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocast, device: torch.device) -> float:
+    """Run what training compiles, once, before the clock starts: the training forward and backward on
+    micro_batch sequences and the val forward on one, all copies of the first val chunk (only the shapes
+    matter). Nothing the run depends on changes: there is no optimizer step, the gradients are dropped, and
+    neither the loader nor the random state is used. Returns the milliseconds it took: the compile time, where
+    the loss is compiled."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
     check_token_ids(tokens, model.config.vocab_size)
     tokens, noise = to_device(tokens, eval_noise(seq_len, model.config.block_size, VAL_NOISE_SEED, 0), device)
     with autocast:
-        model(tokens, noise).backward()
+        model(tokens.expand(micro_batch, -1), Noise(*(x.expand(micro_batch, -1) for x in noise))).backward()
         model.eval()
         with torch.no_grad():
             model(tokens, noise)
@@ -641,15 +660,15 @@ class Run:
                      f"step_avg:{elapsed_ms / (step + 1 - start_step):.2f}ms")
 
     def train_step(self, step: int) -> float:
-        """One optimizer step on batch_size sequences, batch_size / world_size of them on each rank; returns the
-        mean loss over all of them."""
-        grad_accum = self.hp.batch_size // self.world_size
+        """One optimizer step on batch_size sequences, batch_size / world_size of them on each rank in forwards of
+        micro_batch; returns the mean loss over all of them."""
+        micro_steps = grad_accum(self.hp, self.world_size)
         loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(grad_accum):
+        for micro_step in range(micro_steps):
             tokens, noise = self.micro_batch(step, micro_step)
-            with self.autocast:
-                loss = self.model(*to_device(tokens, noise, self.device)) / self.hp.batch_size
-            if micro_step == grad_accum - 1:
+            with self.autocast:  # the model's mean over this forward's tokens, weighted by its share of the batch
+                loss = self.model(*to_device(tokens, noise, self.device)) * self.hp.micro_batch / self.hp.batch_size
+            if micro_step == micro_steps - 1:
                 self.reducer.last_micro_step()
             loss.backward()
             loss_sum += loss.detach()
@@ -664,17 +683,20 @@ class Run:
         return train_loss
 
     def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, Noise]:
-        """This rank's next sequence and its training noise, on the CPU."""
+        """This rank's next micro_batch sequences [micro_batch, seq_len] and their training noise, on the CPU."""
         try:
             tokens = self.loader.next_batch()
             check_token_ids(tokens, self.model.config.vocab_size)
         except (DataExhausted, ValueError) as error:
             fail(f"step {step + 1} of {self.hp.steps}: {error}")
-        # noise depends on the sequence's place in the global batch, not on which rank draws it
-        chunk = step * self.hp.batch_size + micro_step * self.world_size + self.rank
-        self.noise_generator.manual_seed((self.hp.seed << 32) + chunk)
-        return tokens, train_noise(tokens.numel(), self.model.config.block_size, *self.noise_interval,
-                                   self.noise_generator)
+        noises = []
+        for row in range(len(tokens)):
+            # noise depends on the sequence's place in the global batch, not on which rank or forward draws it
+            chunk = step * self.hp.batch_size + (micro_step * self.world_size + self.rank) * len(tokens) + row
+            self.noise_generator.manual_seed((self.hp.seed << 32) + chunk)
+            noises.append(train_noise(tokens.size(1), self.model.config.block_size, *self.noise_interval,
+                                      self.noise_generator))
+        return tokens, Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
         """Step every optimizer at this step's LRs and Muon momentum, then drop the gradients."""

@@ -1,9 +1,10 @@
 """Read token shards as one stream, in a fixed order, split across ranks; never reuse a token.
 
 The shards of a split are concatenated, in the order given, into one stream with global positions. The
-training stream is cut into chunks of `seq_len` tokens: chunk j goes to rank j % world_size, so one call of
-`next_batch` on every rank reads the next `world_size` chunks, and the chunks a run sees do not depend on
-how it is spread over ranks and gradient-accumulation steps. With `align_to_documents` each chunk starts at
+training stream is cut into chunks of `seq_len` tokens. One call of `next_batch` on every rank reads the next
+window of `world_size` x `sequences` chunks, and rank r takes the r-th run of `sequences` consecutive chunks of
+it, so the chunks a run sees, and their order, do not depend on how it is spread over ranks, sequences per
+forward and gradient-accumulation steps. With `align_to_documents` each chunk starts at
 the first document that begins at or after the end of the previous chunk (the token after an `<|endoftext|>`,
 which ends the document before it); the tokens skipped to get there count as consumed and are never read.
 When the stream cannot fill the next window the loader raises DataExhausted: it never wraps around. Its
@@ -93,18 +94,20 @@ class TokenStream:
 
 
 class TokenLoader:
-    """Each `next_batch` call returns this rank's chunk of the next global window of the training stream.
-    The last `held_out_tokens` of the stream are never read (train.py's --clip_search measures on them)."""
+    """Each `next_batch` call returns this rank's `sequences` chunks [sequences, seq_len] of the next global
+    window of the training stream. The last `held_out_tokens` of the stream are never read (train.py's
+    --clip_search measures on them)."""
 
     def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True,
-                 held_out_tokens: int = 0):
-        if seq_len < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need seq_len >= 1, 0 <= rank < world_size: {seq_len=} {rank=} {world_size=}")
+                 held_out_tokens: int = 0, sequences: int = 1):
+        if seq_len < 1 or sequences < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need seq_len >= 1, sequences >= 1, 0 <= rank < world_size: "
+                             f"{seq_len=} {sequences=} {rank=} {world_size=}")
         self.stream = TokenStream(files)
         if not 0 <= held_out_tokens <= self.stream.num_tokens:
             raise ValueError(f"cannot hold out {held_out_tokens} of the {self.stream.num_tokens} training tokens")
         self.end = self.stream.num_tokens - held_out_tokens
-        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
+        self.seq_len, self.rank, self.world_size, self.sequences = seq_len, rank, world_size, sequences
         self.align_to_documents = align_to_documents
         self.position = 0  # global position of the first token not yet consumed
 
@@ -120,21 +123,22 @@ class TokenLoader:
 
     def next_batch(self) -> torch.Tensor:
         starts, position = [], self.position
-        for _ in range(self.world_size):
+        for _ in range(self.world_size * self.sequences):
             if self.align_to_documents:
                 position = self.stream.next_document_start(position)
             if position is None or position + self.seq_len > self.end:
                 raise DataExhausted(
                     f"training data exhausted after {self.position:,} of {self.end:,} tokens"
-                    f" in {len(self.stream.files)} shards: no room for another window of {self.world_size}x"
-                    f"{self.seq_len} tokens, and data is never repeated; train fewer steps or add shards "
-                    "(`python data/cached_finewebedu10B.py N` with a larger N)"
+                    f" in {len(self.stream.files)} shards: no room for another window of "
+                    f"{self.world_size * self.sequences}x{self.seq_len} tokens, and data is never repeated; "
+                    "train fewer steps or add shards (`python data/cached_finewebedu10B.py N` with a larger N)"
                 )
             starts.append(position)
             position += self.seq_len
         self.position = position
-        chunk = self.stream.read(starts[self.rank], starts[self.rank] + self.seq_len)
-        return torch.from_numpy(chunk.astype(np.int64))
+        mine = starts[self.rank * self.sequences:(self.rank + 1) * self.sequences]
+        return torch.from_numpy(np.stack([self.stream.read(start, start + self.seq_len) for start in mine])
+                                .astype(np.int64))
 
     def state_dict(self) -> dict:
         shard = min(self.stream.file_of(self.position), len(self.stream.files) - 1)

@@ -80,7 +80,7 @@ def test_held_out_chunks_are_the_tail_the_loader_never_reads(tmp_path):
     path = f"{tmp_path}/train_000000.bin"
     write_shard(path, torch.arange(1000, dtype=torch.int32).numpy().astype("uint16"))
     loader = TokenLoader([path], 100, align_to_documents=False, held_out_tokens=300)
-    read = [int(loader.next_batch()[0]) for _ in range(7)]
+    read = [int(loader.next_batch()[0, 0]) for _ in range(7)]
     with pytest.raises(DataExhausted):
         loader.next_batch()
     assert read == list(range(0, 700, 100))

@@ -393,23 +393,25 @@ def reference_chunks(stream, seq_len, align):
 
 
 @pytest.mark.parametrize("align", [False, True])
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_ranks_read_one_window_per_step(position_shards, world_size, align):
+@pytest.mark.parametrize("world_size,sequences", [(1, 1), (2, 1), (4, 1), (1, 3), (2, 2)])
+def test_ranks_read_one_window_per_step(position_shards, world_size, sequences, align):
     paths, stream = position_shards
     seq_len = int(rng.integers(200, 900))
-    loaders = [TokenLoader(paths, seq_len, rank, world_size, align) for rank in range(world_size)]
+    loaders = [TokenLoader(paths, seq_len, rank, world_size, align, sequences=sequences) for rank in range(world_size)]
     expected = reference_chunks(stream, seq_len, align)
-    for step in range(len(expected) // world_size):
+    window_size = world_size * sequences
+    for step in range(len(expected) // window_size):
         window = [loader.next_batch() for loader in loaders]
         for rank, x in enumerate(window):
-            assert x.dtype == torch.int64 and x.shape == (seq_len,)
-            start, tokens = expected[step * world_size + rank]
-            np.testing.assert_array_equal(x.numpy(), tokens)
-            assert not align or stream[start - 1] == EOT  # a chunk starts a document
+            assert x.dtype == torch.int64 and x.shape == (sequences, seq_len)
+            for row in range(sequences):  # rank r reads the r-th run of `sequences` chunks of the window
+                start, tokens = expected[step * window_size + rank * sequences + row]
+                np.testing.assert_array_equal(x[row].numpy(), tokens)
+                assert not align or stream[start - 1] == EOT  # a chunk starts a document
         if not align:
-            begin = step * world_size * seq_len
-            contiguous = stream[begin : begin + world_size * seq_len]
-            np.testing.assert_array_equal(torch.cat(window).numpy(), contiguous)
+            begin = step * window_size * seq_len
+            contiguous = stream[begin : begin + window_size * seq_len]
+            np.testing.assert_array_equal(torch.cat(window).flatten().numpy(), contiguous)
         assert len({loader.tokens_consumed for loader in loaders}) == 1
     for loader in loaders:
         with pytest.raises(DataExhausted):
@@ -434,7 +436,7 @@ def test_no_position_read_twice_and_clear_exhaustion(position_shards, world_size
     with pytest.raises(DataExhausted, match="exhausted.*never repeated.*cached_finewebedu10B.py"):
         while True:
             for loader in loaders:
-                seen += positions_of(loader.next_batch())
+                seen += positions_of(loader.next_batch()[0])
     assert len(seen) == len(set(seen)) and max(seen) < loaders[0].tokens_consumed <= len(stream)
     state = loaders[0].state_dict()
     with pytest.raises(DataExhausted):  # exhaustion is final and does not move the position
