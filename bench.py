@@ -27,6 +27,7 @@ from model import (
     BD3LM,
     TILE,
     ModelConfig,
+    Noise,
     block_diffusion_block_mask,
     block_diffusion_mask,
     flex_kernel_options,
@@ -36,6 +37,7 @@ from model import train_noise as make_train_noise
 from sample import Settings as SampleSettings
 from sample import generate, load_model
 from train import (
+    PRESETS,
     ConfigError,
     Hyperparameters,
     cpu_has_bf16_kernels,
@@ -116,18 +118,20 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int) -> float
 
 
 class TrainStep:
-    """One optimizer step of train.py's recipe (forward, backward, Muon + Adam) on a fixed window; on a GPU with
-    the loss compiled, as train.py compiles it."""
+    """One optimizer step of train.py's recipe (forward, backward, Muon + Adam) on a fixed window of `rows`
+    sequences in one forward; on a GPU with the loss compiled, as train.py compiles it."""
 
-    def __init__(self, config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool):
+    def __init__(self, config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool,
+                 rows: int = 1):
         gen = torch.Generator().manual_seed(0)
         self.model = BD3LM(config).to(device)
         if device.type == "cuda":  # what train.py does on a GPU
             self.model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
             self.model.compile_loss()
         self.optimizers = make_optimizers(self.model, Hyperparameters(), fast_bf16=bf16)
-        tokens = document_stream(seq_len, mean_doc, gen)
-        self.tokens, self.noise = to_device(tokens, make_train_noise(seq_len, config.block_size, 0.3, 0.8, gen), device)
+        tokens = document_stream(rows * seq_len, mean_doc, gen).view(rows, seq_len)
+        noise = make_train_noise(rows * seq_len, config.block_size, 0.3, 0.8, gen)
+        self.tokens, self.noise = to_device(tokens, Noise(*(x.view(rows, seq_len) for x in noise)), device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self) -> None:
@@ -163,15 +167,16 @@ class GPU:
     memory_bandwidth: float  # bytes/s
     bus_bandwidth: float  # NCCL all-reduce bus bandwidth per GPU, bytes/s
     memory: int  # bytes
+    preset: str  # train.py's preset for this GPU
 
 
 GPUS = (
     # H100 SXM5 datasheet: 989 TFLOP/s dense bf16 (1979 is with sparsity), 3.35 TB/s HBM3, 80 GB
     # NVLink 4 moves 450 GB/s each way per GPU; NCCL all-reduce is assumed to reach 400 GB/s of bus bandwidth
-    GPU("H100 SXM", "H100", 8, 989e12, 3.35e12, 400e9, 80 * 2**30),
+    GPU("H100 SXM", "H100", 8, 989e12, 3.35e12, 400e9, 80 * 2**30, "record"),
     # GA102 whitepaper: RTX 3090 tensor cores 71 TFLOP/s dense bf16 with fp32 accumulation (142 is with sparsity)
     # 936 GB/s GDDR6X, 24 GB; one card, so no communication
-    GPU("RTX 3090", "3090", 1, 71e12, 936e9, 0.0, 24 * 2**30),
+    GPU("RTX 3090", "3090", 1, 71e12, 936e9, 0.0, 24 * 2**30, "record_24gb"),
 )
 # assumed, not measured: the share of the peak each kind of work reaches
 EFFICIENCY = {"matmul": 0.55, "attention": 0.35, "memory": 0.8}  # attention: block-sparse flex, slower backward
@@ -208,12 +213,15 @@ class Recipe:
 
 
 BEFORE = Recipe("before", False, False, True,
-                "trunk compiled, head and loss eager on the gathered masked rows (3 host syncs a micro-step), "
-                "one all-reduce per parameter after the backward, every rank runs all of Muon, compile in the clock")
+                "one sequence per forward, trunk compiled, head and loss eager on the gathered masked rows (3 host "
+                "syncs a forward), one all-reduce per parameter after the backward, every rank runs all of Muon, "
+                "compile in the clock")
 AFTER = Recipe("after", True, True, False,
                "the whole loss in one compiled graph on every noisy row (static shapes, no sync), bucketed "
                "all-reduce (still exposed: the compiled backward hands over every gradient at its end), Muon's "
-               "Newton-Schulz shared by the ranks and all-gathered, compile before the clock")
+               "Newton-Schulz shared by the ranks and all-gathered, compile before the clock, the preset's "
+               "sequences per forward (the same FLOPs and bytes as one at a time: it changes the memory and the "
+               "number of forwards)")
 
 
 @dataclass(frozen=True)
@@ -309,10 +317,11 @@ def peak_memory(config: ModelConfig, tokens: int, recipe: Recipe, masked_fractio
     }
 
 
-def step_parts(recipe: Recipe, config: ModelConfig, seq_len: int, micro_steps: int, world_size: int, tiles: float,
+def step_parts(recipe: Recipe, config: ModelConfig, seq_len: int, sequences: int, world_size: int, tiles: float,
                masked_fraction: float) -> dict[str, Work]:
-    """The work of each part of one optimizer step on one of `world_size` GPUs, each running `micro_steps`
-    sequences of seq_len tokens; `tiles` is the BlockMask's computed share of attention tiles."""
+    """The work of each part of one optimizer step on one of `world_size` GPUs, each running `sequences`
+    sequences of seq_len tokens (before: one per forward); `tiles` is the BlockMask's computed share of attention
+    tiles."""
     groups = parameter_groups(config)
     hidden, params = groups["hidden_matrices"], [p for group in groups.values() for p in group]
     rows = seq_len if recipe.compiled_loss else masked_fraction * seq_len
@@ -325,15 +334,15 @@ def step_parts(recipe: Recipe, config: ModelConfig, seq_len: int, micro_steps: i
     # the next turn's Newton-Schulz but the last, which brings each rank the other ranks' matrix of that turn.
     gather = (world_size - 1) * 2 * numel(muon_turns[-1][:1]) if recipe.shared_muon else 0
     return {
-        "trunk matmuls": Work(flops=micro_steps * trunk_matmul_flops(hidden, 2 * seq_len)),
+        "trunk matmuls": Work(flops=sequences * trunk_matmul_flops(hidden, 2 * seq_len)),
         "trunk pointwise (norms, rotary, residuals, relu^2; 4x the saved activations)":
-            Work(bytes=micro_steps * 4 * 2 * seq_len * config.n_layer * saved_activation_bytes(config)),
+            Work(bytes=sequences * 4 * 2 * seq_len * config.n_layer * saved_activation_bytes(config)),
         f"attention (flex, {tiles:.1%} of the tiles)":
-            Work(flops=micro_steps * (1 + FLASH_BACKWARD) * attention_forward_flops(config, seq_len, tiles),
+            Work(flops=sequences * (1 + FLASH_BACKWARD) * attention_forward_flops(config, seq_len, tiles),
                  kind="attention"),
-        "head, softcap, cross-entropy": Work(flops=micro_steps * head_flops(config, rows),
-                                             bytes=micro_steps * loss_traffic * rows * config.padded_vocab,
-                                             syncs=0 if recipe.compiled_loss else 3 * micro_steps),
+        "head, softcap, cross-entropy": Work(flops=sequences * head_flops(config, rows),
+                                             bytes=sequences * loss_traffic * rows * config.padded_vocab,
+                                             syncs=0 if recipe.compiled_loss else 3 * sequences),
         "optimizer: Muon": Work(flops=sum(newton_schulz_flops(p.shape) for p in mine),
                                 bytes=30 * numel(hidden) + 18 * numel(mine),  # momentum and update; own matrices
                                 eager_ops=MUON_OPS_PER_MATRIX * len(hidden)
@@ -355,9 +364,14 @@ def fineweb_tile_fraction(seq_len: int, block_size: int, streams: int = 16) -> f
                            for _ in range(streams))
 
 
-def print_estimates(hp: Hyperparameters) -> None:
-    """Estimated ms per step, minutes for the record and peak memory, before and after, per GPU; and the memory
-    formula at 8K and 32K tokens per micro-step."""
+def preset(name: str) -> Hyperparameters:
+    return Hyperparameters(**PRESETS[name])
+
+
+def print_estimates() -> None:
+    """Estimated ms per step, minutes for the record and peak memory, before and after, for each GPU under its
+    preset; and the memory formula part by part for both presets."""
+    hp = preset("record")
     config, masked = model_config(hp), (hp.t_lo + hp.t_hi) / 2
     tiles = fineweb_tile_fraction(hp.seq_len, hp.block_size)
     params = numel(p for group in parameter_groups(config).values() for p in group)
@@ -371,10 +385,13 @@ def print_estimates(hp: Hyperparameters) -> None:
     for recipe in (BEFORE, AFTER):
         print(f"- {recipe.name}: {recipe.summary}")
     for gpu in GPUS:
-        micro_steps = hp.batch_size // gpu.count
-        before, after = (step_parts(recipe, config, hp.seq_len, micro_steps, gpu.count, tiles, masked)
+        run = preset(gpu.preset)
+        sequences = run.batch_size // gpu.count
+        before, after = (step_parts(recipe, config, run.seq_len, sequences, gpu.count, tiles, masked)
                          for recipe in (BEFORE, AFTER))
-        print(f"\n### {gpu.count}x {gpu.name}: {micro_steps} micro-steps of {hp.seq_len} tokens per GPU per step\n")
+        forwards = sequences // run.micro_batch
+        print(f"\n### {gpu.count}x {gpu.name}, --preset={gpu.preset}: per GPU and step {forwards} forward"
+              f"{'s' * (forwards > 1)} of {run.micro_batch} x {run.seq_len} tokens (before: {sequences} of 1)\n")
         print("| part of one step | work per GPU (before -> after) | before, est. ms | after, est. ms |")
         print("|---|---|---|---|")
         for part, work in before.items():
@@ -382,26 +399,23 @@ def print_estimates(hp: Hyperparameters) -> None:
             print(f"| {part} | {said} | {1e3 * work.seconds(gpu):.1f} | {1e3 * after[part].seconds(gpu):.1f} |")
         step_ms = {recipe: 1e3 * sum(work.seconds(gpu) for work in parts.values())
                    for recipe, parts in ((BEFORE, before), (AFTER, after))}
-        minutes = {r: hp.steps * step_ms[r] / 60e3 + r.compile_in_clock * COMPILE_SECONDS / 60 for r in step_ms}
-        memory = {r: sum(peak_memory(config, hp.seq_len, r, masked).values()) / 2**30 for r in step_ms}
+        minutes = {r: run.steps * step_ms[r] / 60e3 + r.compile_in_clock * COMPILE_SECONDS / 60 for r in step_ms}
+        memory = {BEFORE: peak_memory(config, run.seq_len, BEFORE, masked),
+                  AFTER: peak_memory(config, run.micro_batch * run.seq_len, AFTER, masked)}
         print(f"| **step** | | **{step_ms[BEFORE]:.0f}** | **{step_ms[AFTER]:.0f}** |")
-        print(f"| **record, minutes** ({hp.steps} steps; before: + compile in the clock) | | "
+        print(f"| **record, minutes** ({run.steps} steps; before: + compile in the clock) | | "
               f"**{minutes[BEFORE]:.1f}** | **{minutes[AFTER]:.1f}** |")
         print(f"| **peak memory per GPU, GiB** (of {gpu.memory / 2**30:.0f}) | | "
-              f"**{memory[BEFORE]:.1f}** | **{memory[AFTER]:.1f}** |")
+              f"**{sum(memory[BEFORE].values()) / 2**30:.1f}** | **{sum(memory[AFTER].values()) / 2**30:.1f}** |")
 
-    sizes = {f"{hp.seq_len} tokens per micro-step (record_24gb)": hp.seq_len,
-             f"{4 * hp.seq_len} tokens per micro-step (record on 8x H100)": 4 * hp.seq_len}
-    memory = {recipe: [peak_memory(config, tokens, recipe, masked) for tokens in sizes.values()]
-              for recipe in (BEFORE, AFTER)}
-    both = [{**before, **after} for before, after in zip(memory[BEFORE], memory[AFTER])]  # they differ in the head
-    print("\n### Peak memory per GPU (est.: the formula of bench.peak_memory)\n")
-    print("| part | " + " | ".join(f"{size}, est. GiB" for size in sizes) + " |\n|---|---|---|")
-    for part in both[0]:
-        print(f"| {part} | " + " | ".join(f"{parts[part] / 2**30:.2f}" for parts in both) + " |")
-    for recipe in (BEFORE, AFTER):
-        print(f"| **total, {recipe.name}** | " +
-              " | ".join(f"**{sum(parts.values()) / 2**30:.1f}**" for parts in memory[recipe]) + " |")
+    runs = {name: preset(name) for name in ("record", "record_24gb")}
+    memory = {name: peak_memory(config, run.micro_batch * run.seq_len, AFTER, masked) for name, run in runs.items()}
+    print("\n### Peak memory per GPU by preset (est.: the formula of bench.peak_memory)\n")
+    print("| part | " + " | ".join(f"--preset={name}: {run.micro_batch} x {run.seq_len} tokens per forward, est. GiB"
+                                   for name, run in runs.items()) + " |\n|---|---|---|")
+    for part in memory["record"]:
+        print(f"| {part} | " + " | ".join(f"{parts[part] / 2**30:.2f}" for parts in memory.values()) + " |")
+    print("| **total** | " + " | ".join(f"**{sum(parts.values()) / 2**30:.1f}**" for parts in memory.values()) + " |")
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +434,7 @@ def main(argv: list[str]) -> None:
     hp = Hyperparameters()  # the record config
     if bench.estimate_only:
         print(f"# bench.py --estimate_only=True, {time.strftime('%Y-%m-%d')}")
-        print_estimates(hp)
+        print_estimates()
         return
     use_cuda = bench.device == "cuda" or (bench.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -443,21 +457,23 @@ def main(argv: list[str]) -> None:
     demo = ModelConfig(n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024, attn_backend="auto")
     mid = ModelConfig(n_layer=8, n_head=6, head_dim=64, model_dim=384, mlp_hidden=1536)
     record = ModelConfig()
-    train_cases = [("demo", demo, 512), ("mid", mid, 1024)]
+    gpu = gpu_spec(machine) if use_cuda else None
+    record_rows = preset(gpu.preset).micro_batch if gpu else 1  # the forward of this GPU's preset
+    train_cases = [("demo", demo, 512, 1), ("mid", mid, 1024, 1)]
     if use_cuda:
-        train_cases = [("demo", demo, 4096), ("mid", mid, 16384), ("record", record, hp.seq_len)]
+        train_cases = [("demo", demo, 4096, 1), ("mid", mid, 16384, 1), ("record", record, hp.seq_len, record_rows)]
     print(f"\n## Training step (forward + backward + Muon/Adam, {'bf16' if bf16 else 'fp32'}, "
           f"~{FINEWEB_MEAN_DOC}-token documents)\n")
-    print("| config | params | seq_len | step ms | tokens/s | GFLOP/token | FLOP utilization |")
+    print("| config | params | tokens per forward | step ms | tokens/s | GFLOP/token | FLOP utilization |")
     print("|---|---|---|---|---|---|---|")
     step_seconds = {}
-    for name, config, seq_len in train_cases:
-        step = TrainStep(config, seq_len, FINEWEB_MEAN_DOC, device, bf16)
+    for name, config, seq_len, rows in train_cases:
+        step = TrainStep(config, seq_len, FINEWEB_MEAN_DOC, device, bf16, rows)
         seconds = step_seconds[name] = median_time(step, repeats, device)
-        flops = model_flops_per_token(config, seq_len)
-        print(f"| {name} | {step.model.num_params() / 1e6:.1f}M | {seq_len} | {seconds * 1e3:.0f} | "
-              f"{seq_len / seconds:,.0f} | {flops / 1e9:.3f} | {flops * seq_len / seconds / peak:.1%} |")
-    top_costs = profile_step(TrainStep(train_cases[-1][1], train_cases[-1][2], FINEWEB_MEAN_DOC, device, bf16))
+        flops, tokens = model_flops_per_token(config, seq_len), rows * seq_len
+        print(f"| {name} | {step.model.num_params() / 1e6:.1f}M | {rows} x {seq_len} | {seconds * 1e3:.0f} | "
+              f"{tokens / seconds:,.0f} | {flops / 1e9:.3f} | {flops * tokens / seconds / peak:.1%} |")
+    top_costs = profile_step(TrainStep(*train_cases[-1][1:3], FINEWEB_MEAN_DOC, device, bf16, train_cases[-1][3]))
 
     scale_config, base = (record, 8192) if use_cuda else (demo, 256) if bench.quick else (mid, 512)
     print(f"\n## Scaling with sequence length (training step, {scale_config.n_layer}x{scale_config.model_dim} model)\n")
@@ -469,7 +485,7 @@ def main(argv: list[str]) -> None:
         print(f"| {label} | " + " | ".join(f"{t * 1e3:.0f} ms" for t in times) +
               f" | {times[1] / times[0]:.2f}x | {times[2] / times[0]:.2f}x |")
 
-    name, config, seq_len = train_cases[-1]
+    name, config, seq_len, _ = train_cases[-1]
     print(f"\n## Attention mask (block size 16; share of the {name} training step at {seq_len} tokens)\n")
     print("| stream | tokens | tiles computed | BlockMask build ms | dense mask build ms | share of step |")
     print("|---|---|---|---|---|---|")
@@ -518,14 +534,13 @@ def main(argv: list[str]) -> None:
     for name, share in top_costs:
         print(f"| {name} | {share:.1%} |")
 
-    print_estimates(hp)
+    print_estimates()
     if use_cuda:
-        gpu = gpu_spec(machine)
         tiles = fineweb_tile_fraction(hp.seq_len, hp.block_size)
-        parts = step_parts(AFTER, model_config(hp), hp.seq_len, 1, 1, tiles, (hp.t_lo + hp.t_hi) / 2)
+        parts = step_parts(AFTER, model_config(hp), hp.seq_len, record_rows, 1, tiles, (hp.t_lo + hp.t_hi) / 2)
         estimate = f"{1e3 * sum(w.seconds(gpu) for w in parts.values()):.0f}" if gpu else "no estimate for this GPU"
-        print(f"\n## Measured and estimated (record config on this GPU: one micro-step of {hp.seq_len} tokens, one "
-              f"optimizer step)\n\n| GPU | measured ms | est. ms ({AFTER.name}) |\n|---|---|---|")
+        print(f"\n## Measured and estimated (record config on this GPU: one forward of {record_rows} x {hp.seq_len} "
+              f"tokens, one optimizer step)\n\n| GPU | measured ms | est. ms ({AFTER.name}) |\n|---|---|---|")
         print(f"| {machine} | {1e3 * step_seconds['record']:.0f} | {estimate} |")
 
 

@@ -3,7 +3,8 @@ and the GradReducer that sums gradients in buckets during the backward. One spaw
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_distributed.py
 
-The end-to-end check, train.py on 2 ranks against 1 process, is tests/test_train.py::test_two_ranks_match_one_process.
+The end-to-end check, train.py on 2 ranks against 1 process (and both presets), is
+tests/test_train.py::test_presets_and_world_sizes_train_the_same_model.
 """
 
 import copy
