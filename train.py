@@ -596,7 +596,8 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
     check_token_ids(tokens, model.config.vocab_size)
     tokens, noise = to_device(tokens, eval_noise(seq_len, model.config.block_size, VAL_NOISE_SEED, 0), device)
     with autocast:
-        model(tokens.expand(micro_batch, -1), Noise(*(x.expand(micro_batch, -1) for x in noise))).backward()
+        # repeat, not expand: the compiled graph is specialized to the strides of real batches too
+        model(tokens.repeat(micro_batch, 1), Noise(*(x.repeat(micro_batch, 1) for x in noise))).backward()
         model.eval()
         with torch.no_grad():
             model(tokens, noise)

@@ -10,6 +10,7 @@ inside (forward only: flex attention has no backward on CPU); and a warm-up that
 """
 
 import copy
+import math
 import re
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch._dynamo.utils import counters
 
 import train
 from data.demo import prepare_demo
+from data.loader import TokenLoader
 from data.shards import HEADER_BYTES, read_shard, write_shard
 from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
 
@@ -176,6 +178,25 @@ def test_warm_up_changes_nothing_in_the_run(tmp_path, demo_corpus):
     weights_warm, weights_cold = load_final(tmp_path, "warm")["model"], load_final(tmp_path, "cold")["model"]
     for name, tensor in weights_cold.items():
         assert torch.equal(weights_warm[name], tensor), name
+
+
+def test_warm_up_compiles_every_graph_that_training_and_validation_run(tmp_path, demo_corpus):
+    """After warm_up, steps of stacked sequences (--micro_batch=2, two forwards a step) and a validation compile
+    nothing more: the compile happens before the clock (a batch with other strides than the warm-up's would not)."""
+    hp = train.parse_args([*SMALL, "--micro_batch=2", "--batch_size=4"])
+    cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    model, backend = train.build_model(train.model_config(hp), hp.seed, cpu), CountingBackend()
+    model.compile_loss(backend)
+    train.warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, cpu)
+    assert backend.graphs == 2
+    loader = TokenLoader(demo_corpus[0], hp.seq_len, sequences=hp.micro_batch)
+    optimizers, log = train.make_optimizers(model, hp, fast_bf16=False), train.RunLog(tmp_path, "graphs", 0)
+    run = train.Run(hp, 0, 1, cpu, autocast, model, optimizers, train.GradReducer(model.parameters()), loader, [], log,
+                    checkpoint_folder=str(tmp_path))
+    for step in range(3):
+        assert math.isfinite(run.train_step(step))
+    run.validate(3, 0.0)
+    assert backend.graphs == 2 and not counters["graph_break"]
 
 
 def test_bad_token_ids_are_caught_on_the_cpu(tmp_path, capsys, demo_corpus):

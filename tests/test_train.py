@@ -234,9 +234,11 @@ def test_cli_exit_status_and_message(tmp_path):
     assert result.returncode == 2 and result.stderr == "error: unknown flag --stepz (see --help)\n"
     result = run_train(tmp_path, *SMALL, "--batch_size=3", env={"WORLD_SIZE": "2"}, check=False)
     assert result.returncode == 2
-    assert result.stderr == "error: --batch_size=3 sequences do not divide over 2 ranks\n"
+    assert result.stderr == ("error: --batch_size=3 sequences do not divide into forwards of --micro_batch=1 on 2 "
+                             "ranks\n")
     result = run_train(tmp_path, "--help")
-    assert all(f"--{name}=" in result.stdout for name in ("preset", "seq_len", "muon_lr", "resume", "dry_run"))
+    assert all(f"--{name}=" in result.stdout for name in ("preset", "seq_len", "micro_batch", "muon_lr", "resume"))
+    assert "preset record_24gb: --micro_batch=1" in result.stdout
 
 
 def test_dry_run_reads_no_data(tmp_path):
