@@ -48,7 +48,8 @@ class Settings(sample.Settings):
     val_tokens: int = setting(-1, "NELBO: tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
     seq_len: int = setting(0, "NELBO: tokens per chunk; 0: the run's seq_len")
     seeds: int = setting(1, "NELBO: noise seeds; with more than one, the mean and its standard error")
-    autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
+    autocast: str = setting("auto", "NELBO: auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32 "
+                                    "(samples are generated in fp32, as sample.py generates them)")
     judge: str = setting("", "score samples instead of data: a checkpoint trained with --block_size=1, or a Hugging "
                              "Face causal LM name or folder (needs transformers)")
     sweep: bool = setting(False, "with --judge: sweep the samplers' knobs and print a markdown table")
@@ -70,6 +71,8 @@ def usage() -> str:
 def parse_settings(argv: list[str]) -> Settings:
     s = Settings(**parse_flags(argv, Settings))  # ConfigError, a ValueError, names a bad flag
     given = {arg[2:].split("=")[0] for arg in argv}
+    if "show_denoising" in given:
+        raise SettingsError("--show_denoising is sample.py's: eval.py prints no samples")
     if not s.judge and given & (SAMPLE_ONLY | {"sweep"}):
         raise SettingsError(f"--{sorted(given & (SAMPLE_ONLY | {'sweep'}))[0]} applies to sample quality: give "
                             f"--judge too")

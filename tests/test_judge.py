@@ -169,6 +169,7 @@ def test_cli_sweep_prints_a_markdown_table(checkpoints):
     (["--judge={small_vocab}"], "has a vocabulary of 1000 tokens, not GPT-2's 50257"),
     (["--sampler=confidence"], "--sampler applies to sample quality: give --judge too"),
     (["--judge={judge}", "--threshold=2"], "--threshold must lie in [0, 1]"),
+    (["--judge={judge}", "--show_denoising=True"], "--show_denoising is sample.py's: eval.py prints no samples"),
 ])
 def test_bad_input_gives_one_line_and_status_2(tmp_path, checkpoints, flags, message):
     if "{small_vocab}" in flags[0]:
