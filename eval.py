@@ -172,7 +172,8 @@ def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
                 median_length=statistics.median(lengths), max_length=max(lengths),
                 ended=sum(eot in row for row in rows) / len(rows),
                 tokens_per_s=s.num_samples * stats.new_tokens / stats.seconds,
-                tokens_per_forward=stats.new_tokens / stats.forwards, samples=len(documents))
+                tokens_per_forward=s.num_samples * stats.new_tokens / stats.row_forwards,
+                batch_tokens_per_forward=stats.new_tokens / stats.forwards, samples=len(documents))
 
 
 def knobs(s: Settings) -> str:
@@ -180,12 +181,13 @@ def knobs(s: Settings) -> str:
 
 
 def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
-    rows = ["| sampler | knob | tokens/forward | tokens/s | gen PPL | entropy | ended with EOT | median length |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| sampler | knob | tokens/forward, per sample | tokens/forward, batch | tokens/s | gen PPL | entropy | "
+            "ended with EOT | median length |", "|---|---|---|---|---|---|---|---|---|"]
     for overrides in SWEEP:
         setting_s = replace(s, **overrides)
         q = sample_quality(model, judge, prompt, setting_s)
         rows.append(f"| {setting_s.sampler} | {knobs(setting_s)} | {q['tokens_per_forward']:.2f} | "
+                    f"{q['batch_tokens_per_forward']:.2f} | "
                     f"{q['tokens_per_s']:.0f} | {q['gen_ppl']:.1f} ± {q['gen_ppl'] * q['log_ppl_stderr']:.1f} | "
                     f"{q['entropy']:.2f} | {q['ended']:.0%} | {q['median_length']:.0f} |")
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a sweep takes minutes
@@ -242,6 +244,7 @@ def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -
     print(f"gen_ppl:{q['gen_ppl']:.2f} log_ppl_stderr:{q['log_ppl_stderr']:.4f} entropy:{q['entropy']:.3f} "
           f"median_length:{q['median_length']:g} max_length:{q['max_length']} ended_with_eot:{q['ended']:.3f} "
           f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
+          f"batch_tokens_per_forward:{q['batch_tokens_per_forward']:.3f} "
           f"sampler:{s.sampler} {knobs(s) or 'knob:none'} {setup}")
 
 

@@ -143,15 +143,20 @@ def choose_unmasked(s: Settings, step: int, masked: Tensor, confidence: Tensor, 
     return best | (masked & (scores >= s.threshold)) if s.sampler == "confidence" else best
 
 
-def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator, on_step=None) -> Tensor:
+def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator,
+                  on_step=None) -> tuple[Tensor, Tensor]:
     """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. Tokens are drawn only where
     a step commits. A step that commits nothing leaves the block as it was, so the next step reuses the last
-    forward's logits (no change, no forward)."""
+    forward's logits (no change, no forward). Returns the block and the forwards its rows needed: a forward
+    counts for a row whose block changed since its last one (rows are independent, so a row that did not
+    change would have reused its logits alone): what the rows cost one at a time."""
     masked = block == mask_id
     logits, confidence, step = None, None, 0
+    changed, row_forwards = masked.any(-1), torch.zeros((), dtype=torch.long, device=block.device)
     while masked.any():
         if logits is None:
             logits = block_logits(block)
+            row_forwards += changed.sum()
             if s.sampler == "confidence":  # the model's own top probability, before temperature and top-p
                 confidence = (logits.amax(-1) - logits.logsumexp(-1)).exp()
         commit = choose_unmasked(s, step, masked, confidence, generator)
@@ -159,10 +164,11 @@ def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, genera
             cdf = token_distribution(logits[commit], s.temperature, s.top_p).cumsum_(-1)
             block = block.masked_scatter(commit, draw(cdf, generator))
             masked, logits = masked & ~commit, None
+            changed = commit.any(-1) & masked.any(-1)
             if on_step:
                 on_step(block)
         step += 1
-    return block
+    return block, row_forwards
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +179,7 @@ def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, genera
 class Stats:
     new_tokens: int = 0  # generated positions per sample
     forwards: int = 0  # denoising forward passes (NFE), each over the whole batch
+    row_forwards: int = 0  # forwards summed over the rows that needed them: the NFE of the rows one at a time
     cache_appends: int = 0  # forward passes that put finished clean tokens into the KV cache
     seconds: float = 0.0
 
@@ -224,7 +231,9 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
             return model.logits(history, history)[:, begin - window:]
 
         show = (lambda block: on_step(index, block)) if on_step else None
-        tokens[:, begin:end] = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id, generator, show)
+        tokens[:, begin:end], row_forwards = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id,
+                                                           generator, show)
+        stats.row_forwards += int(row_forwards)
         ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
         if end == tokens.size(1) or ended:
             tokens = tokens[:, :end]
@@ -312,7 +321,8 @@ def main(argv: list[str]) -> None:
         print(f"---- sample {row} ----\n{s.prompt}{tokenizer.decode(completion)}")
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
-          f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} ({stats.forwards} forwards + "
+          f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} (one sample at a time "
+          f"{stats.row_forwards / total:.3f}; {stats.forwards} forwards + "
           f"{stats.cache_appends} cache appends, sampler {s.sampler}, kv_cache {s.kv_cache}, context {s.context}, "
           f"peak memory {peak_memory_mib(device.type == 'cuda')} MiB)")
 

@@ -24,8 +24,8 @@ from train import CHECKPOINT_FORMAT, Hyperparameters
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 50257
 RESULT = re.compile(r"gen_ppl:(\S+) log_ppl_stderr:(\S+) entropy:(\S+) median_length:(\S+) max_length:(\d+) "
-                    r"ended_with_eot:(\S+) tokens_per_s:(\S+) tokens_per_forward:(\S+) sampler:(\S+) (\S+) "
-                    r"samples:(\d+) max_new_tokens:(\d+) judge:(\S+) seed:(\d+)")
+                    r"ended_with_eot:(\S+) tokens_per_s:(\S+) tokens_per_forward:(\S+) batch_tokens_per_forward:(\S+) "
+                    r"sampler:(\S+) (\S+) samples:(\d+) max_new_tokens:(\d+) judge:(\S+) seed:(\d+)")
 
 
 def random_model(block_size: int, seed: int, vocab_size: int = VOCAB) -> BD3LM:
@@ -130,7 +130,7 @@ def test_sample_quality_scores_each_sample_up_to_its_end(checkpoints):
     assert quality["ended"] == sum(eot in row for row in rows) / 6
     lengths = sorted(len(row) - (eot in row) for row in scored)
     assert quality["max_length"] == lengths[-1] and quality["median_length"] == (lengths[2] + lengths[3]) / 2
-    assert quality["tokens_per_forward"] == 1.0 and quality["samples"] == 6
+    assert quality["tokens_per_forward"] == quality["batch_tokens_per_forward"] == 1.0 and quality["samples"] == 6
 
 
 def run_eval(*flags):
@@ -146,8 +146,10 @@ def test_cli_reports_sample_quality_under_both_judges(checkpoints, gpt2):
         result = RESULT.fullmatch(completed.stdout.strip().splitlines()[-1])
         assert result, completed.stdout
         assert float(result.group(1)) > 1 and 0 <= float(result.group(6)) <= 1 and float(result.group(3)) > 0
-        assert result.group(9, 10, 11, 12, 13) == ("ddpm", "steps_per_block=2", "3", "20", judge)
-        assert 1 < float(result.group(8)) <= 2  # 2 steps per block of 4: 2 tokens per forward at most
+        assert result.group(10, 11, 12, 13, 14) == ("ddpm", "steps_per_block=2", "3", "20", judge)
+        # 2 steps per block of 4: the batch runs both (2 tokens per forward); a row that the first step left
+        # unchanged, or filled, needs one forward for its block alone (4)
+        assert 1 < float(result.group(9)) <= 2 and float(result.group(9)) <= float(result.group(8)) <= 4
 
 
 def test_cli_sweep_prints_a_markdown_table(checkpoints):
@@ -157,8 +159,8 @@ def test_cli_sweep_prints_a_markdown_table(checkpoints):
     rows = [line for line in completed.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| sampler | knob | tokens/forward") and len(rows) == 1 + len(evaluation.SWEEP)
     cells = [row.split(" | ") for row in rows[1:]]
-    assert cells[0][0] == "| first_hitting" and cells[0][2] == "1.00"
-    assert cells[5][1] == "steps_per_block=1" and cells[5][2] == "4.00"  # one forward per block of 4
+    assert cells[0][0] == "| first_hitting" and cells[0][2] == cells[0][3] == "1.00"
+    assert cells[5][1] == "steps_per_block=1" and cells[5][2] == cells[5][3] == "4.00"  # one forward per block of 4
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -136,6 +136,29 @@ def test_first_hitting_commits_one_token_per_step(model):
     assert stats.forwards == 14
 
 
+@pytest.mark.parametrize("sampler, settings", [("ddpm", dict(steps_per_block=16)), ("confidence", dict(threshold=0.3))])
+def test_row_forwards_count_what_each_row_would_need_alone(model, sampler, settings):
+    """Counted from what on_step sees: a row needs a forward at the start of each block (every block starts with
+    a [MASK] in every row), then one after each step that changed it and left it a [MASK]; rows that did not
+    change would reuse their logits alone. Rows finish at different steps, so this is less than rows x forwards."""
+    states = {}
+    settings = Settings(num_samples=5, max_new_tokens=14, sampler=sampler, stop_at_eot=False, **settings)
+    _, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0),
+                        on_step=lambda index, block: states.setdefault(index, []).append(block.clone()))
+    expected = 0
+    for index, blocks in states.items():
+        initial = torch.full((5,), [1, 4, 4, 4, 1][index])  # [MASK]s per row: blocks of 4 from 4 to 21, 3 prompted
+        masks = [initial, *((block == model.config.mask_id).sum(-1) for block in blocks)]
+        expected += 5 + sum(int(((now < before) & (now > 0)).sum()) for before, now in zip(masks, masks[1:]))
+    assert stats.row_forwards < 5 * stats.forwards
+    assert stats.row_forwards == expected
+
+
+def test_one_row_needs_the_forwards_of_the_batch(model):
+    _, stats = run(model, sampler="ddpm", steps_per_block=16, num_samples=1)
+    assert stats.row_forwards == stats.forwards
+
+
 def test_completions_cut_each_row_at_its_first_end_of_text():
     tokens = torch.tensor([[EOT, 5, 6, 7, 8, 9], [EOT, 5, EOT, 7, EOT, 9], [EOT, 5, 6, 7, 8, EOT]])
     assert completions(tokens, 2, EOT) == [[6, 7, 8, 9], [], [6, 7, 8]]
