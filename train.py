@@ -181,7 +181,7 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
             raise ConfigError(f"--{name} must not be negative, got {getattr(hp, name)}")
     if hp.batch_size % (world_size * hp.micro_batch):
         raise ConfigError(f"--batch_size={hp.batch_size} sequences do not divide into forwards of --micro_batch="
-                          f"{hp.micro_batch} on {world_size} ranks")
+                          f"{hp.micro_batch} on {world_size} rank{'s' * (world_size > 1)}")
     if hp.val_tokens % hp.seq_len:
         raise ConfigError(f"--val_tokens={hp.val_tokens} is not a multiple of --seq_len={hp.seq_len}")
     if not 0 <= hp.t_lo < hp.t_hi <= 1:

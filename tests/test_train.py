@@ -202,7 +202,7 @@ BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
     (["--t_lo=0.9", "--t_hi=0.5"], 2, "need 0 <= t_lo < t_hi <= 1"),
     (["--val_tokens=1000"], 2, "not a multiple of --seq_len"),
     (["--micro_batch=0"], 2, "--micro_batch must be at least 1"),
-    (["--micro_batch=4"], 2, "--batch_size=2 sequences do not divide into forwards of --micro_batch=4 on 1 ranks"),
+    (["--micro_batch=4"], 2, "--batch_size=2 sequences do not divide into forwards of --micro_batch=4 on 1 rank\n"),
     (["--autocast=fp16"], 2, "--autocast must be auto, bf16 or fp32"),
     (["--muon_lr=-1"], 2, "--muon_lr must not be negative"),
     (["--resume=/nonexistent/latest.pt"], 2, "is not a file"),
