@@ -131,7 +131,8 @@ class TrainStep:
         self.optimizers = make_optimizers(self.model, Hyperparameters(), fast_bf16=bf16)
         tokens = document_stream(rows * seq_len, mean_doc, gen).view(rows, seq_len)
         noise = make_train_noise(rows * seq_len, config.block_size, 0.3, 0.8, gen)
-        self.tokens, self.noise = to_device(tokens, Noise(*(x.view(rows, seq_len) for x in noise)), device)
+        self.tokens, self.noise = to_device(tokens, Noise(*(x.view(rows, seq_len) for x in noise)), device,
+                                            config.vocab_size)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self) -> None:
@@ -431,7 +432,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    hp = Hyperparameters()  # the record config
+    hp = preset("record")
     if bench.estimate_only:
         print(f"# bench.py --estimate_only=True, {time.strftime('%Y-%m-%d')}")
         print_estimates()

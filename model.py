@@ -204,6 +204,13 @@ def flex_kernel_options(device_properties) -> dict:
     return {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
 
 
+def check_token_ids(tokens: Tensor, top: int) -> None:
+    """Token ids must lie in [0, top). Reading them back waits for the device, so the compiled loss leaves this to
+    its callers, which check on the CPU before the copy (train.to_device)."""
+    if int(tokens.min()) < 0 or int(tokens.max()) >= top:
+        raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
+
+
 # -----------------------------------------------------------------------------
 # The transformer
 
@@ -419,9 +426,7 @@ class BD3LM(nn.Module):
                              f"got shape {tuple(tokens.shape)}")
         if torch.compiler.is_compiling():
             return  # reading the ids back would break the graph and wait for the device: compiled callers check first
-        top = self.config.vocab_size + (1 if allow_mask else 0)
-        if int(tokens.min()) < 0 or int(tokens.max()) >= top:
-            raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
+        check_token_ids(tokens, self.config.vocab_size + (1 if allow_mask else 0))
 
     # --- inference with a KV cache of clean tokens
 

@@ -34,7 +34,16 @@ from tqdm import tqdm
 
 from data.demo import DEMO_DIR, prepare_demo
 from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
-from model import BD3LM, ModelConfig, Noise, eval_noise, flex_kernel_options, model_flops_per_token, train_noise
+from model import (
+    BD3LM,
+    ModelConfig,
+    Noise,
+    check_token_ids,
+    eval_noise,
+    flex_kernel_options,
+    model_flops_per_token,
+    train_noise,
+)
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -401,15 +410,11 @@ def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tup
             for index, start in enumerate(starts) if index % world_size == rank]
 
 
-def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
-    """On the CPU, before the copy: the compiled loss cannot check ids without waiting for the device."""
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), the data holds ids in "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, Noise]:
+    """Check a chunk's token ids on the CPU (the compiled loss cannot without waiting for the device), then copy it
+    and its noise to `device`; to a GPU from pinned memory, without blocking."""
+    check_token_ids(tokens, vocab_size)
 
-
-def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device) -> tuple[torch.Tensor, Noise]:
-    """Copy a chunk and its noise to `device`; to a GPU from pinned memory, without blocking."""
     def copy(x: torch.Tensor) -> torch.Tensor:
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
     return copy(tokens), Noise(*(copy(x) for x in noise))
@@ -593,8 +598,8 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
     the loss is compiled."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
-    check_token_ids(tokens, model.config.vocab_size)
-    tokens, noise = to_device(tokens, eval_noise(seq_len, model.config.block_size, VAL_NOISE_SEED, 0), device)
+    noise = eval_noise(seq_len, model.config.block_size, VAL_NOISE_SEED, 0)
+    tokens, noise = to_device(tokens, noise, device, model.config.vocab_size)
     with autocast:
         # repeat, not expand: the compiled graph is specialized to the strides of real batches too
         model(tokens.repeat(micro_batch, 1), Noise(*(x.repeat(micro_batch, 1) for x in noise))).backward()
@@ -668,7 +673,7 @@ class Run:
         for micro_step in range(micro_steps):
             tokens, noise = self.micro_batch(step, micro_step)
             with self.autocast:  # the model's mean over this forward's tokens, weighted by its share of the batch
-                loss = self.model(*to_device(tokens, noise, self.device)) * self.hp.micro_batch / self.hp.batch_size
+                loss = self.model(tokens, noise) * self.hp.micro_batch / self.hp.batch_size
             if micro_step == micro_steps - 1:
                 self.reducer.last_micro_step()
             loss.backward()
@@ -684,20 +689,23 @@ class Run:
         return train_loss
 
     def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, Noise]:
-        """This rank's next micro_batch sequences [micro_batch, seq_len] and their training noise, on the CPU."""
+        """This rank's next micro_batch sequences [micro_batch, seq_len] and their training noise, on the device."""
         try:
             tokens = self.loader.next_batch()
-            check_token_ids(tokens, self.model.config.vocab_size)
+            noise = self.noise_of(step, micro_step, *tokens.shape)
+            return to_device(tokens, noise, self.device, self.model.config.vocab_size)
         except (DataExhausted, ValueError) as error:
             fail(f"step {step + 1} of {self.hp.steps}: {error}")
+
+    def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
+        """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
+        place in the global batch, not from which rank or forward draws it."""
         noises = []
-        for row in range(len(tokens)):
-            # noise depends on the sequence's place in the global batch, not on which rank or forward draws it
-            chunk = step * self.hp.batch_size + (micro_step * self.world_size + self.rank) * len(tokens) + row
+        for row in range(rows):
+            chunk = step * self.hp.batch_size + (micro_step * self.world_size + self.rank) * rows + row
             self.noise_generator.manual_seed((self.hp.seed << 32) + chunk)
-            noises.append(train_noise(tokens.size(1), self.model.config.block_size, *self.noise_interval,
-                                      self.noise_generator))
-        return tokens, Noise(*(torch.stack(parts) for parts in zip(*noises)))
+            noises.append(train_noise(length, self.model.config.block_size, *self.noise_interval, self.noise_generator))
+        return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
         """Step every optimizer at this step's LRs and Muon momentum, then drop the gradients."""
@@ -791,8 +799,8 @@ def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: i
     token_count = torch.zeros((), dtype=torch.float64, device=device)
     chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
     for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
-        check_token_ids(tokens, model.config.vocab_size)
-        loss = model(*to_device(tokens, eval_noise(tokens.numel(), model.config.block_size, seed, offset), device))
+        noise = eval_noise(tokens.numel(), model.config.block_size, seed, offset)
+        loss = model(*to_device(tokens, noise, device, model.config.vocab_size))
         loss_sum += loss.double() * tokens.numel()
         token_count += tokens.numel()
     if world_size > 1:
@@ -813,8 +821,7 @@ def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: in
     for index, tokens in chunks:
         generator.manual_seed((seed << 32) + index)
         noise = train_noise(tokens.numel(), block_size, t_lo, t_hi, generator)
-        check_token_ids(tokens, model.config.vocab_size)
-        losses = model.token_losses(*to_device(tokens, noise, device))
+        losses = model.token_losses(*to_device(tokens, noise, device, model.config.vocab_size))
         block_losses = losses.double().view(-1, block_size).mean(1)
         moments[0] += block_losses.numel()
         moments[1] += block_losses.sum()
