@@ -8,8 +8,9 @@ What a checkpoint is worth: the validation NELBO on data, or the quality of its 
     python eval.py --checkpoint=PATH --judge=checkpoints/ar/final.pt --sampler=confidence --threshold=0.7
     python eval.py --checkpoint=PATH --judge=gpt2-large --sweep=True            # needs `pip install transformers`
 
-NELBO: the protocol is training's validation (train.val_nelbo): fixed chunks of seq_len tokens, t ~ U(0, 1) per
-block and masks from a seed and each token's global position, so the result does not depend on the world size.
+NELBO: the protocol is training's validation (common.val_nelbo): fixed chunks of seq_len tokens, t ~ U(0, 1) per
+block under the checkpoint's schedule, and masks from a seed and each token's global position, so the result does
+not depend on the world size.
 Seed k of `--seeds=K` is train.py's val seed plus k, so `--seeds=1` reproduces the log.
 
 Sample quality (`--judge`): sample.py's generate with sample.py's flags, then the generative perplexity of the
@@ -32,11 +33,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.distributed as dist
 
+import common
 import sample
+from common import VAL_NOISE_SEED, ConfigError, load_model
 from data.loader import find_shards, val_batches
-from model import BD3LM
-from sample import SettingsError, load_model
-from train import VAL_NOISE_SEED, cpu_has_bf16_kernels, parse_flags, setting, val_nelbo
+from model import BD3LM, setting
 
 GPT2_VOCAB = 50257
 
@@ -57,33 +58,26 @@ class Settings(sample.Settings):
 
 
 SAMPLE_ONLY = {f.name for f in fields(sample.Settings)} - {"checkpoint", "device", "num_samples", "seed"}
-# the sweep: one token per forward, then ever more tokens per forward
-SWEEP = [dict(sampler="first_hitting"), *(dict(sampler="ddpm", steps_per_block=k) for k in (16, 8, 4, 2, 1)),
-         *(dict(sampler="confidence", threshold=p) for p in (0.9, 0.7, 0.5, 0.3, 0.1))]
-
-
-def usage() -> str:
-    lines = ["usage: python eval.py --checkpoint=PATH [--judge=JUDGE] [--name=value ...]", ""]
-    lines += [f"  {f'--{f.name}={f.default}':<34} {f.metadata['help']}" for f in fields(Settings)]
-    return "\n".join(lines)
+# the sweep: every sampler of the registry at each value of its knob
+SWEEP = [dict(sampler=name, **({entry.knob: value} if entry.knob else {}))
+         for name, entry in sample.SAMPLERS.items() for value in entry.sweep or (None,)]
 
 
 def parse_settings(argv: list[str]) -> Settings:
-    s = Settings(**parse_flags(argv, Settings))  # ConfigError, a ValueError, names a bad flag
+    s = Settings(**common.parse_flags(argv, Settings))
     given = {arg[2:].split("=")[0] for arg in argv}
     if "show_denoising" in given:
-        raise SettingsError("--show_denoising is sample.py's: eval.py prints no samples")
+        raise ConfigError("--show_denoising is sample.py's: eval.py prints no samples")
     if not s.judge and given & (SAMPLE_ONLY | {"sweep"}):
-        raise SettingsError(f"--{sorted(given & (SAMPLE_ONLY | {'sweep'}))[0]} applies to sample quality: give "
+        raise ConfigError(f"--{sorted(given & (SAMPLE_ONLY | {'sweep'}))[0]} applies to sample quality: give "
                             f"--judge too")
     sample.check_settings(s)
     if s.seeds < 1:
-        raise SettingsError(f"--seeds must be at least 1, got {s.seeds}")
+        raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
     if s.val_tokens < -1 or s.seq_len < 0:
-        raise SettingsError(f"--val_tokens must be -1, 0 or positive and --seq_len 0 or positive, got "
+        raise ConfigError(f"--val_tokens must be -1, 0 or positive and --seq_len 0 or positive, got "
                             f"{s.val_tokens} and {s.seq_len}")
-    if s.autocast not in ("auto", "bf16", "fp32"):
-        raise SettingsError(f"--autocast must be auto, bf16 or fp32, got {s.autocast!r}")
+    common.check_choice("autocast", s.autocast, ("auto", "bf16", "fp32"))
     return s
 
 
@@ -107,16 +101,16 @@ def hugging_face_judge(name: str, device: torch.device):
     try:
         from transformers import AutoModelForCausalLM, logging
     except ImportError:
-        raise SettingsError(f"--judge={name} is no checkpoint file here, and a Hugging Face judge needs "
+        raise ConfigError(f"--judge={name} is no checkpoint file here, and a Hugging Face judge needs "
                             f"`pip install transformers`") from None
     logging.set_verbosity_error()  # errors reach the user as one line; progress bars and notices would bury it
     logging.disable_progress_bar()
     try:
         lm = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
     except (OSError, ValueError) as error:
-        raise SettingsError(f"cannot load the Hugging Face judge {name!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"cannot load the Hugging Face judge {name!r}: {str(error).splitlines()[0]}") from None
     if lm.config.vocab_size != GPT2_VOCAB:
-        raise SettingsError(f"the judge {name!r} has a vocabulary of {lm.config.vocab_size} tokens, not GPT-2's "
+        raise ConfigError(f"the judge {name!r} has a vocabulary of {lm.config.vocab_size} tokens, not GPT-2's "
                             f"{GPT2_VOCAB}: it cannot read our token ids")
 
     def nll(context: list[int], continuation: list[int]) -> float:
@@ -133,10 +127,10 @@ def load_judge(name: str, model: BD3LM, device: torch.device):
         return hugging_face_judge(name, device)
     judge, hparams = load_model(name, device)
     if judge.config.block_size != 1:
-        raise SettingsError(f"the judge {name} was trained with --block_size={judge.config.block_size}; a judge "
+        raise ConfigError(f"the judge {name} was trained with --block_size={judge.config.block_size}; a judge "
                             f"must be autoregressive: --block_size=1")
     if (judge.config.vocab_size, judge.config.eot_id) != (model.config.vocab_size, model.config.eot_id):
-        raise SettingsError(f"the judge {name} has a vocabulary of {judge.config.vocab_size} tokens, the model "
+        raise ConfigError(f"the judge {name} has a vocabulary of {judge.config.vocab_size} tokens, the model "
                             f"{model.config.vocab_size}: it cannot read the model's token ids")
     return repository_judge(judge, hparams["seq_len"])
 
@@ -161,7 +155,7 @@ def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
     documents = sample.completions(tokens, len(prompt), eot)
     scored = [row[: len(doc) + 1] if s.stop_at_eot else row for doc, row in zip(documents, rows)]
     if len(prompt) + max(map(len, scored)) > judge_len:
-        raise SettingsError(f"the judge reads at most {judge_len} tokens: lower --max_new_tokens (prompt "
+        raise ConfigError(f"the judge reads at most {judge_len} tokens: lower --max_new_tokens (prompt "
                             f"{len(prompt)} + samples up to {max(map(len, scored))})")
     losses = [nll(prompt, row) for row in scored]
     per_token = [loss / len(row) for loss, row in zip(losses, scored)]
@@ -177,7 +171,8 @@ def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
 
 
 def knobs(s: Settings) -> str:
-    return {"ddpm": f"steps_per_block={s.steps_per_block}", "confidence": f"threshold={s.threshold}"}.get(s.sampler, "")
+    knob = sample.SAMPLERS[s.sampler].knob
+    return f"{knob}={getattr(s, knob)}" if knob else ""
 
 
 def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
@@ -200,16 +195,16 @@ def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
 
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
-        print(usage())
+        print(common.usage("python eval.py --checkpoint=PATH [--judge=JUDGE] [--name=value ...]", Settings))
         return
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = common.ranks()
     try:
         s = parse_settings(argv)
-        device = sample.pick_device(s.device, int(os.environ.get("LOCAL_RANK", "0")))
+        device = common.pick_device(s.device)
         model, hparams = load_model(s.checkpoint, device)
         if s.judge:
             if world_size > 1:
-                raise SettingsError("sample quality runs in one process: start it without torchrun")
+                raise ConfigError("sample quality runs in one process: start it without torchrun")
             s.context = s.context or hparams["seq_len"]
             sample.check_context(s.context, model.config.block_size)
             prompt = sample.read_prompt(s)
@@ -217,14 +212,12 @@ def main(argv: list[str]) -> None:
         else:
             files = find_shards(s.files) if s.files else [hparams["val_file"]]
             if not s.files and not glob.glob(hparams["val_file"]):
-                raise SettingsError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
+                raise ConfigError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
             seq_len = s.seq_len or hparams["seq_len"]
             num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
             val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
-    except (SettingsError, ValueError, FileNotFoundError) as error:  # ShardError is a ValueError
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, FileNotFoundError) as error:  # ConfigError and ShardError are ValueErrors
+        common.fail(str(error), status=2)
     if s.judge:
         report_sample_quality(model, judge, prompt, s)
     else:
@@ -238,9 +231,8 @@ def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -
             print(f"{sweep_table(model, judge, prompt, s)}\n\n{setup} temperature:{s.temperature} top_p:{s.top_p}")
             return
         q = sample_quality(model, judge, prompt, s)
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as error:
+        common.fail(str(error), status=2)
     print(f"gen_ppl:{q['gen_ppl']:.2f} log_ppl_stderr:{q['log_ppl_stderr']:.4f} entropy:{q['entropy']:.3f} "
           f"median_length:{q['median_length']:g} max_length:{q['max_length']} ended_with_eot:{q['ended']:.3f} "
           f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
@@ -249,14 +241,12 @@ def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -
 
 
 def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, device, rank: int, world_size: int):
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    bf16 = s.autocast == "bf16" or (s.autocast == "auto" and (device.type == "cuda" or cpu_has_bf16_kernels()))
+    common.init_process_group(device)
+    bf16 = common.uses_bf16(s.autocast, device)
     results = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with common.autocast_context(device, bf16):
         for k in range(s.seeds):
-            loss, tokens = val_nelbo(model, files, num_tokens, seq_len, VAL_NOISE_SEED + k, rank, world_size,
+            loss, tokens = common.val_nelbo(model, files, num_tokens, seq_len, VAL_NOISE_SEED + k, rank, world_size,
                                      progress=rank == 0)
             results.append(loss)
             if rank == 0 and s.seeds > 1:

@@ -15,8 +15,8 @@ only torch. Token ids are GPT-2 ids (the real vocabulary) plus one [MASK] id equ
 """
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +27,28 @@ TILE = 128  # FlexAttention's tile size: a BlockMask says which TILE x TILE tile
 SMALL_GPU_SHARED_MEMORY = 101_376  # bytes of shared memory per block on sm_86 and sm_89 (RTX 3090, RTX 4090)
 
 
+def setting(default, help: str):
+    """A settings field with the help text that --help prints (every script's settings are such fields)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257  # real tokens; the [MASK] id is vocab_size
-    n_layer: int = 12
-    n_head: int = 6
-    head_dim: int = 128
-    model_dim: int = 768
-    mlp_hidden: int = 3056  # 4 * 768 would put the record model at 162.17M parameters, over the 162M cap
-    block_size: int = 16
-    eot_id: int = 50256  # <|endoftext|>: ends a document
-    attn_backend: str = "auto"  # "auto" (flex on CUDA, sdpa elsewhere), "flex" or "sdpa"
-    rope_base: float = 10000.0
-    logit_softcap: float = 15.0  # logits = c * tanh(logits / c); 0 turns it off
+    """The model and its objective: the one declaration of the record model's sizes. train.py's Hyperparameters
+    extends it, so each field is also a --name=value flag."""
+    vocab_size: int = setting(50257, "real tokens (GPT-2); the [MASK] id is vocab_size")
+    n_layer: int = setting(12, "transformer layers (even: U-net skips)")
+    n_head: int = setting(6, "attention heads")
+    head_dim: int = setting(128, "dimension of one head")
+    model_dim: int = setting(768, "width of the residual stream")
+    # 4 * 768 would put the record model at 162.17M parameters, over the 162M cap
+    mlp_hidden: int = setting(3056, "hidden width of the MLP")
+    block_size: int = setting(16, "tokens per diffusion block (records: 16)")
+    eot_id: int = setting(50256, "<|endoftext|>: ends a document")
+    attn_backend: str = setting("auto", "auto (flex on CUDA, sdpa elsewhere), flex or sdpa")
+    rope_base: float = setting(10000.0, "rotary embedding base")
+    logit_softcap: float = setting(15.0, "logits = c * tanh(logits / c); 0 turns it off")
+    schedule: str = setting("linear", "masking schedule: linear (BD3-LM's), cosine or sqrt (see SCHEDULES)")
 
     @property
     def mask_id(self) -> int:
@@ -61,10 +70,12 @@ class ModelConfig:
             raise ValueError(f"eot_id {self.eot_id} is not a token id of a {self.vocab_size}-token vocabulary")
         if self.attn_backend not in ("auto", "flex", "sdpa"):
             raise ValueError(f"attn_backend must be auto, flex or sdpa, got {self.attn_backend!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
 # -----------------------------------------------------------------------------
-# Documents, blocks and the noise process
+# Documents and blocks
 
 
 def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,17 +87,48 @@ def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tenso
     return doc, block.expand_as(tokens), doc[..., block * block_size]
 
 
+# -----------------------------------------------------------------------------
+# The noise schedule and the noise of a sequence
+
+
+class Schedule(NamedTuple):
+    """At time t in [0, 1] each token of a block is [MASK] with probability p(t) (alpha_t = 1 - p(t), p(0) = 0,
+    p(1) = 1), and a masked token's cross-entropy weighs p'(t) / p(t) in the NELBO. With t ~ U(0, 1) every
+    schedule has the same expected NELBO (substitute p for t), not the same variance. A clipped training interval
+    [lo, hi] bounds the masking probability p(t), so it means the same under every schedule."""
+    mask_prob: Callable[[Tensor], Tensor]  # p(t)
+    weight: Callable[[Tensor], Tensor]  # p'(t) / p(t)
+    time_of: Callable[[Tensor], Tensor]  # the inverse of p
+
+    def times(self, lo: float, hi: float, u: Tensor) -> Tensor:
+        """Times uniform in [time_of(lo), time_of(hi)] from uniforms u in [0, 1)."""
+        t_lo, t_hi = (float(self.time_of(torch.tensor(x, dtype=torch.float64))) for x in (lo, hi))
+        return t_lo + (t_hi - t_lo) * u
+
+    def unmask_prob(self, t: float, s: float) -> float:
+        """The sampler's step from time t down to s: the chance that a token masked at t is revealed at s."""
+        p_t, p_s = (self.mask_prob(torch.tensor(x, dtype=torch.float64)) for x in (t, s))
+        return float((p_t - p_s) / p_t)
+
+    def mean_mask_prob(self, lo: float, hi: float) -> float:
+        """The expected masked fraction of a block under times(lo, hi, u ~ U(0, 1))."""
+        u = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000
+        return float(self.mask_prob(self.times(lo, hi, u)).mean())
+
+
+SCHEDULES = {
+    "linear": Schedule(mask_prob=lambda t: t, weight=lambda t: 1 / t, time_of=lambda p: p),
+    # alpha_t = cos^2(pi t / 2): nano-dlm's cosine without its offset, so that p(0) = 0 and the NELBO stays exact
+    "cosine": Schedule(mask_prob=lambda t: torch.sin(math.pi / 2 * t).square(),
+                       weight=lambda t: (math.pi / torch.tan(math.pi / 2 * t)).clamp(min=0),
+                       time_of=lambda p: 2 / math.pi * torch.asin(p.sqrt())),
+    "sqrt": Schedule(mask_prob=lambda t: t.sqrt(), weight=lambda t: 0.5 / t, time_of=lambda p: p.square()),
+}
+
+
 class Noise(NamedTuple):
-    t: Tensor  # float [L]: the noise level of each token's block
+    t: Tensor  # float [L]: the time of each token's block
     masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
-
-
-def train_noise(length: int, block_size: int, t_lo: float, t_hi: float, generator: torch.Generator) -> Noise:
-    """t ~ U(t_lo, t_hi) per block, then mask each token with probability t, from the caller's generator."""
-    draws = torch.rand(2, length, generator=generator, device=generator.device)
-    index = torch.arange(length, device=generator.device)
-    t = t_lo + (t_hi - t_lo) * draws[0, index - index % block_size]
-    return Noise(t, draws[1] < t)
 
 
 def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
@@ -106,14 +148,23 @@ def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
     return ((x >> 8).double() + 0.5) / 2**24
 
 
-def eval_noise(length: int, block_size: int, seed: int, offset: int) -> Noise:
+def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
+                schedule: str = "linear") -> Noise:
+    """Per block, a time whose masking probability lies in [lo, hi]; then each token is masked with that
+    probability. All draws come from the caller's generator."""
+    draws = torch.rand(2, length, generator=generator, device=generator.device)
+    index = torch.arange(length, device=generator.device)
+    t = SCHEDULES[schedule].times(lo, hi, draws[0, index - index % block_size])
+    return Noise(t, draws[1] < SCHEDULES[schedule].mask_prob(t))
+
+
+def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear") -> Noise:
     """t ~ U(0, 1) per block, independently, and the masks, derived from `seed` and each token's global position
     (`offset` is the position of the sequence's first token in the whole val stream), so the val loss does
-    not depend on how the stream is split over ranks or steps. (Stratifying t over the blocks of a sequence
-    does not shrink the spread: it comes from which tokens a block with small t masks, not from t itself.)"""
+    not depend on how the stream is split over ranks or steps."""
     index = torch.arange(length)
     t = _hash_uniform(2 * seed, offset + index - index % block_size).float()
-    return Noise(t, _hash_uniform(2 * seed + 1, offset + index).float() < t)
+    return Noise(t, _hash_uniform(2 * seed + 1, offset + index).float() < SCHEDULES[schedule].mask_prob(t))
 
 
 # -----------------------------------------------------------------------------
@@ -356,16 +407,16 @@ class BD3LM(nn.Module):
     # --- training and evaluation
 
     def forward(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Negative ELBO of the clean stream `tokens` under `noise`: sum over masked tokens of cross-entropy / t,
-        divided by the number of tokens (all of them). An upper bound on NLL in nats/token when t ~ U(0,1).
-        `tokens` is one sequence [L] or N sequences [N, L], each with its own documents and blocks."""
+        """Negative ELBO of the clean stream `tokens` under `noise`: sum over masked tokens of cross-entropy times
+        the schedule's weight, divided by the number of tokens (all of them). An upper bound on NLL in nats/token
+        when t ~ U(0,1). `tokens` is one sequence [L] or N sequences [N, L], each with its own documents and blocks."""
         return self.token_losses(tokens, noise).sum() / tokens.numel()
 
     def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE / t where masked,
-        0 elsewhere (SUBS: unmasked tokens are copied through). Eager, the head runs only on the masked
-        positions of the noisy half; compiled (see compile_loss), on all of them with weight 0 where unmasked,
-        so every shape is fixed and nothing waits for the device to count masked tokens."""
+        """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE times the schedule's
+        weight (1 / t when linear) where masked, 0 elsewhere (SUBS: unmasked tokens are copied through). Eager, the
+        head runs only on the masked positions of the noisy half; compiled (see compile_loss), on all of them with
+        weight 0 where unmasked, so every shape is fixed and nothing waits for the device to count masked tokens."""
         self._check_tokens(tokens, (1, 2))
         if noise.masked.shape != tokens.shape or noise.t.shape != tokens.shape:
             raise ValueError(f"noise of shape {tuple(noise.masked.shape)} for tokens of shape {tuple(tokens.shape)}")
@@ -378,7 +429,8 @@ class BD3LM(nn.Module):
         else:
             rows = masked.nonzero().squeeze(1)
         ce = F.cross_entropy(self._padded_logits(hidden[rows]), targets[rows], reduction="none")
-        weight = torch.where(masked[rows], 1 / t[rows], 0.0)  # not masked / t: unmasked t may be 0
+        # where, not a product with masked: an unmasked block's t may be 0, where the weight is infinite
+        weight = torch.where(masked[rows], SCHEDULES[self.config.schedule].weight(t[rows]), 0.0)
         return torch.zeros(targets.numel(), device=tokens.device).index_put((rows,), ce * weight).view_as(tokens)
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
@@ -508,13 +560,13 @@ class BD3LM(nn.Module):
                 "scalars": scalars}
 
 
-def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float = 0.55) -> float:
+def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float) -> float:
     """Training FLOPs (forward + backward = 3x forward) per token of the clean stream.
-    Every token passes the trunk twice (noisy and clean half); the head counts on masked tokens only
-    (0.55 = the mean of t ~ U(0.3, 0.8)), the work the objective needs: the compiled loss runs it on every
-    noisy position, so a GPU does more than this count. Attention is counted for one document of seq_len tokens,
-    where a query sees on average about seq_len / 2 + block_size keys in either half; it is lower
-    for streams of short documents, whose tiles the BlockMask skips."""
+    Every token passes the trunk twice (noisy and clean half); the head counts on the masked fraction of the tokens
+    only (Schedule.mean_mask_prob), the work the objective needs: the compiled loss runs it on every noisy position,
+    so a GPU does more than this count. Attention is counted for one document of seq_len tokens, where a query sees
+    on average about seq_len / 2 + block_size keys in either half; it is lower for streams of short documents,
+    whose tiles the BlockMask skips."""
     c = config
     inner = c.n_head * c.head_dim
     matmul_params = c.n_layer * (4 * c.model_dim * inner + 2 * c.model_dim * c.mlp_hidden)

@@ -23,17 +23,18 @@ command line around it: settings, checkpoint, prompt, printing.
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import common
+from common import ConfigError
 from data.tokenizer import get_tokenizer
-from model import BD3LM, ModelConfig
-from train import ConfigError, parse_flags, peak_memory_mib, read_checkpoint, setting
+from model import BD3LM, SCHEDULES, Schedule, setting
 
-SAMPLERS = ("ddpm", "first_hitting", "confidence")
 MASK_GLYPH = "░"
 
 
@@ -50,7 +51,7 @@ class Settings:
                               "0: the training seq_len")
     stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: go on into new documents, "
                                       "exactly max_new_tokens")
-    sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence")
+    sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence (SAMPLERS)")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
     threshold: float = setting(0.9, "confidence: commit every token whose top probability reaches this (>= 1 per step)")
     temperature: float = setting(1.0, "divides the logits before drawing; 0 takes the most likely token")
@@ -61,44 +62,24 @@ class Settings:
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
 
-class SettingsError(ValueError):
-    """A flag, checkpoint or prompt this script cannot use; main prints it on one line and exits with 2."""
-
-
-def usage() -> str:
-    lines = ["usage: python sample.py --checkpoint=PATH [--name=value ...]", ""]
-    lines += [f"  {f'--{f.name}={f.default}':<34} {f.metadata['help']}" for f in fields(Settings)]
-    return "\n".join(lines)
-
-
-def parse_settings(argv: list[str]) -> Settings:
-    """`--name=value` flags over the defaults, each value converted to its field's type."""
-    try:
-        return Settings(**parse_flags(argv, Settings))
-    except ConfigError as error:
-        raise SettingsError(str(error)) from None
-
-
 def check_settings(s: Settings) -> None:
     if s.sampler not in SAMPLERS:
-        raise SettingsError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+        raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
     for name in ("num_samples", "max_new_tokens", "steps_per_block"):
         if getattr(s, name) < 1:
-            raise SettingsError(f"--{name} must be at least 1, got {getattr(s, name)}")
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(s, name)}")
     if s.context < 0:
-        raise SettingsError(f"--context must be 0 (the training seq_len) or positive, got {s.context}")
+        raise ConfigError(f"--context must be 0 (the training seq_len) or positive, got {s.context}")
     if not 0 <= s.threshold <= 1:
-        raise SettingsError(f"--threshold must lie in [0, 1], got {s.threshold}")
+        raise ConfigError(f"--threshold must lie in [0, 1], got {s.threshold}")
     if not 0 < s.top_p <= 1:
-        raise SettingsError(f"--top_p must lie in (0, 1], got {s.top_p}")
+        raise ConfigError(f"--top_p must lie in (0, 1], got {s.top_p}")
     if not s.temperature >= 0:
-        raise SettingsError(f"--temperature must not be negative, got {s.temperature}")
+        raise ConfigError(f"--temperature must not be negative, got {s.temperature}")
     if not 0 <= s.seed < 2**63:
-        raise SettingsError(f"--seed must lie in [0, 2**63), got {s.seed}")
-    if s.device not in ("auto", "cpu", "cuda"):
-        raise SettingsError(f"--device must be auto, cpu or cuda, got {s.device!r}")
+        raise ConfigError(f"--seed must lie in [0, 2**63), got {s.seed}")
     if s.prompt and s.prompt_file:
-        raise SettingsError("give --prompt or --prompt_file, not both")
+        raise ConfigError("give --prompt or --prompt_file, not both")
 
 
 # -----------------------------------------------------------------------------
@@ -125,41 +106,67 @@ def draw(cdf: Tensor, generator: torch.Generator) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
 
-def choose_unmasked(s: Settings, step: int, masked: Tensor, confidence: Tensor, generator) -> Tensor:
-    """Which masked positions [N, n] to commit at this step."""
-    if s.sampler == "ddpm":
-        # ancestral step from t to s of the linear schedule: a masked token is revealed with probability (t - s) / t
-        t, t_next = 1 - step / s.steps_per_block, 1 - (step + 1) / s.steps_per_block
-        u = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
-        return masked & (u < (t - t_next) / t)
-    if s.sampler == "first_hitting":
-        # Zheng et al.'s first-hitting sampler reveals one uniformly chosen masked token per step; its hitting
-        # times only matter to a time-conditioned model, and ours takes no time input, so they are not drawn.
-        scores = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
-        scores = scores.masked_fill(~masked, -1)
-    else:
-        scores = confidence.masked_fill(~masked, -1)
-    best = torch.zeros_like(masked).scatter_(-1, scores.argmax(-1, keepdim=True), True) & masked
-    return best | (masked & (scores >= s.threshold)) if s.sampler == "confidence" else best
+# Each sampler chooses which masked positions [N, n] of a block to commit at denoising step `step` (from 0), given
+# the block's logits [N, n, V]; the tokens committed are then drawn from the logits. A new sampler is one function
+# and one entry in SAMPLERS.
 
 
-def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator,
+def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
+    """Ancestral step from time t to the next, s: a masked token is revealed with probability (p(t) - p(s)) / p(t)."""
+    t, t_next = 1 - step / s.steps_per_block, 1 - (step + 1) / s.steps_per_block
+    u = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
+    return masked & (u < schedule.unmask_prob(t, t_next))
+
+
+def first_hitting(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
+    """Zheng et al.'s first-hitting sampler reveals one uniformly chosen masked token per step; its hitting times
+    only matter to a time-conditioned model, and ours takes no time input, so they are not drawn."""
+    scores = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
+    return best_of(scores, masked)
+
+
+def confidence(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
+    """Every masked token whose top probability (the model's own, before temperature and top-p) reaches
+    s.threshold, and at least the most confident one."""
+    scores = (logits.amax(-1) - logits.logsumexp(-1)).exp()
+    return best_of(scores, masked) | (masked & (scores >= s.threshold))
+
+
+def best_of(scores: Tensor, masked: Tensor) -> Tensor:
+    """The masked position of highest score in each row."""
+    best = scores.masked_fill(~masked, -1).argmax(-1, keepdim=True)
+    return torch.zeros_like(masked).scatter_(-1, best, True) & masked
+
+
+@dataclass(frozen=True)
+class Sampler:
+    choose: Callable[..., Tensor]
+    knob: str = ""  # the Settings field it reads, if any
+    sweep: tuple = ()  # values of the knob that eval.py --sweep tries, one token per forward towards many
+
+
+SAMPLERS = {
+    "first_hitting": Sampler(first_hitting),
+    "ddpm": Sampler(ddpm, "steps_per_block", (16, 8, 4, 2, 1)),
+    "confidence": Sampler(confidence, "threshold", (0.9, 0.7, 0.5, 0.3, 0.1)),
+}
+
+
+def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, schedule_name: str, generator,
                   on_step=None) -> tuple[Tensor, Tensor]:
     """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. Tokens are drawn only where
     a step commits. A step that commits nothing leaves the block as it was, so the next step reuses the last
     forward's logits (no change, no forward). Returns the block and the forwards its rows needed: a forward
     counts for a row whose block changed since its last one (rows are independent, so a row that did not
     change would have reused its logits alone): what the rows cost one at a time."""
-    masked = block == mask_id
-    logits, confidence, step = None, None, 0
+    masked, logits, step = block == mask_id, None, 0
+    choose, schedule = SAMPLERS[s.sampler].choose, SCHEDULES[schedule_name]
     changed, row_forwards = masked.any(-1), torch.zeros((), dtype=torch.long, device=block.device)
     while masked.any():
         if logits is None:
             logits = block_logits(block)
             row_forwards += changed.sum()
-            if s.sampler == "confidence":  # the model's own top probability, before temperature and top-p
-                confidence = (logits.amax(-1) - logits.logsumexp(-1)).exp()
-        commit = choose_unmasked(s, step, masked, confidence, generator)
+        commit = choose(step, masked, logits, s, schedule, generator)
         if commit.any():
             cdf = token_distribution(logits[commit], s.temperature, s.top_p).cumsum_(-1)
             block = block.masked_scatter(commit, draw(cdf, generator))
@@ -186,7 +193,7 @@ class Stats:
 
 def check_context(context: int, block_size: int) -> None:
     if context < block_size or context % block_size:
-        raise SettingsError(f"--context must be a positive multiple of the block size {block_size}, got {context}")
+        raise ConfigError(f"--context must be a positive multiple of the block size {block_size}, got {context}")
 
 
 def window_start(begin: int, block_size: int, context: int) -> int:
@@ -232,7 +239,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
 
         show = (lambda block: on_step(index, block)) if on_step else None
         tokens[:, begin:end], row_forwards = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id,
-                                                           generator, show)
+                                                           cfg.schedule, generator, show)
         stats.row_forwards += int(row_forwards)
         ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
         if end == tokens.size(1) or ended:
@@ -257,32 +264,11 @@ def completions(tokens: Tensor, prompt_length: int, eot: int, cut: bool = True) 
 # Command line
 
 
-def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
-    if not os.path.isfile(path):
-        raise SettingsError(f"checkpoint {path!r} does not exist" if path else "--checkpoint=PATH is required")
-    try:
-        state = read_checkpoint(path, device)
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
-    try:
-        model = BD3LM(ModelConfig(**state["model_config"])).to(device)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["hparams"]
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited checkpoint
-        raise SettingsError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SettingsError("--device=cuda but this machine has no CUDA device")
-    return torch.device("cuda", local_rank) if name != "cpu" and torch.cuda.is_available() else torch.device("cpu")
-
-
 def read_prompt(s: Settings) -> list[int]:
     """The token ids of --prompt or --prompt_file (which then replaces s.prompt)."""
     if s.prompt_file:
         if not os.path.isfile(s.prompt_file):
-            raise SettingsError(f"prompt file {s.prompt_file!r} does not exist")
+            raise ConfigError(f"prompt file {s.prompt_file!r} does not exist")
         with open(s.prompt_file) as f:
             s.prompt = f.read()
     return get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
@@ -290,22 +276,21 @@ def read_prompt(s: Settings) -> list[int]:
 
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
-        print(usage())
+        print(common.usage("python sample.py --checkpoint=PATH [--name=value ...]", Settings))
         return
     try:
-        s = parse_settings(argv)
+        s = Settings(**common.parse_flags(argv, Settings))
         check_settings(s)
-        device = pick_device(s.device)
-        model, hparams = load_model(s.checkpoint, device)
+        device = common.pick_device(s.device)
+        model, hparams = common.load_model(s.checkpoint, device)
         prompt = read_prompt(s)
         s.context = s.context or hparams["seq_len"]
         check_context(s.context, model.config.block_size)
         if s.context > hparams["seq_len"]:
             print(f"warning: --context={s.context} is longer than the {hparams['seq_len']} tokens this model was "
                   f"trained on; predictions that look further back may degrade", file=sys.stderr)
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as error:
+        common.fail(str(error), status=2)
 
     tokenizer = get_tokenizer()
 
@@ -324,7 +309,7 @@ def main(argv: list[str]) -> None:
           f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} (one sample at a time "
           f"{stats.row_forwards / total:.3f}; {stats.forwards} forwards + "
           f"{stats.cache_appends} cache appends, sampler {s.sampler}, kv_cache {s.kv_cache}, context {s.context}, "
-          f"peak memory {peak_memory_mib(device.type == 'cuda')} MiB)")
+          f"peak memory {common.peak_memory_mib(device)} MiB)")
 
 
 if __name__ == "__main__":

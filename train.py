@@ -4,24 +4,22 @@ Train a block diffusion language model (BD3-LM), speedrun style.
     python train.py --preset=demo                       # CPU demo on a built-in corpus, a few minutes
     torchrun --standalone --nproc_per_node=8 train.py   # the record run on FineWeb-Edu
 
-Every setting is a field of Hyperparameters below, overridable as --name=value (`--help` lists them).
-The log logs/<run_id>.txt starts with the source of this file and model.py, the versions and the config,
-so a run can be reproduced from its log alone. Whatever the number of ranks and of sequences per forward
-(`micro_batch`), a step consumes the same `batch_size` sequences of the token stream in the same order, with
-the same noise, so 1 GPU and 8 GPUs train the same model: presets `record` (8x H100) and `record_24gb` (one
-24 GB GPU) differ only in how a step is cut into forwards.
+Every setting is a field of Hyperparameters below (the model's own fields come from model.ModelConfig),
+overridable as --name=value (`--help` lists them). The log logs/<run_id>.txt starts with the source of every
+module of this repository the run imported, the versions and the config, so a run can be reproduced from its log
+alone. Whatever the number of ranks and of sequences per forward (`micro_batch`), a step consumes the same
+`batch_size` sequences of the token stream in the same order, with the same noise, so 1 GPU and 8 GPUs train the
+same model: presets `record` (8x H100) and `record_24gb` (one 24 GB GPU) differ only in how a step is cut.
 
-This file knows the training loop, the optimizers, distributed training, logs and checkpoints. The model
-and its objective live in model.py; shards, the token loader and the demo corpus in data/.
+This file knows the training loop, the optimizers, distributed training, logs and checkpoints. The model and its
+objective live in model.py; flags, devices, checkpoint reading and the val NELBO in common.py; data in data/.
 """
 
-import functools
 import glob
 import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -30,18 +28,20 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+import common
+from common import ConfigError, fail, to_device
 from data.demo import DEMO_DIR, prepare_demo
 from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
 from model import (
     BD3LM,
+    SCHEDULES,
     ModelConfig,
     Noise,
-    check_token_ids,
     eval_noise,
     flex_kernel_options,
     model_flops_per_token,
+    setting,
     train_noise,
 )
 
@@ -49,12 +49,8 @@ from model import (
 # Settings
 
 
-def setting(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class Hyperparameters:
+class Hyperparameters(ModelConfig):
     preset: str = setting("record", "record (FineWeb-Edu speedrun, 80 GB GPUs), record_24gb (the same run on 24 GB "
                           "GPUs) or demo (CPU, built-in corpus)")
     run_id: str = setting("", "name of the log and checkpoint folder; empty: date, time and a random suffix")
@@ -64,18 +60,7 @@ class Hyperparameters:
     val_tokens: int = setting(10_485_760, "val tokens per evaluation, a multiple of seq_len")
     log_dir: str = setting("logs", "folder of the log files")
     checkpoint_dir: str = setting("checkpoints", "checkpoints go to checkpoint_dir/run_id/")
-    # model (see ModelConfig in model.py)
-    n_layer: int = setting(12, "transformer layers (even: U-net skips)")
-    n_head: int = setting(6, "attention heads")
-    head_dim: int = setting(128, "dimension of one head")
-    model_dim: int = setting(768, "width of the residual stream")
-    mlp_hidden: int = setting(3056, "hidden width of the MLP")
-    block_size: int = setting(16, "tokens per diffusion block (records: 16)")
-    attn_backend: str = setting("auto", "auto (flex on CUDA, sdpa on CPU), flex or sdpa")
-    # batch and schedule
-    # 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B). Peak memory per GPU, estimated by
-    # `python bench.py --estimate_only=True` (unmeasured: this repo's machines have no GPU): 4 x 8K tokens per
-    # forward ~39 GiB (80 GB GPUs), 1 x 8K ~11 GiB (record_24gb)
+    # batch and schedule: 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B)
     seq_len: int = setting(8 * 1024, "tokens per sequence, a chunk of the stream that starts at a document")
     batch_size: int = setting(32, "sequences per optimizer step, all ranks together")
     micro_batch: int = setting(4, "sequences each rank stacks into one forward (documents never cross rows); "
@@ -83,14 +68,9 @@ class Hyperparameters:
     steps: int = setting(3500, "optimizer steps")
     warmup_steps: int = setting(0, "steps of linear LR warm-up from 0")
     cooldown_frac: float = setting(0.45, "fraction of the steps at the end over which the LR decays to 0")
-    t_lo: float = setting(0.3, "training noise level t ~ U(t_lo, t_hi) per block (validation: U(0, 1))")
-    t_hi: float = setting(0.8, "upper end of the training noise interval")
-    clip_search: bool = setting(False, "at each validation but the last, choose the candidate interval whose "
-                                "per-block loss varies least on held-out train tokens and train with it from then on "
-                                "(BD3-LM's data-driven clipped schedule); t_lo/t_hi until the first search")
-    clip_search_widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
-    clip_search_step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
-    clip_search_tokens: int = setting(65_536, "tokens at the end of the train stream held out for the search")
+    t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (time uniform "
+                          "under the schedule; validation: t ~ U(0, 1))")
+    t_hi: float = setting(0.8, "upper end of the training masking probability")
     # optimizers
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     muon_momentum: float = setting(0.95, "Muon momentum after its warm-up")
@@ -111,10 +91,19 @@ class Hyperparameters:
     resume: str = setting("", "continue from this checkpoint; all other settings must match that run")
     unigram_baseline: bool = setting(False, "log the val NELBO of a unigram model of the train data")
     dry_run: bool = setting(False, "build the model, check the config, print it and exit without data")
+    # extras (see the last section)
+    clip_search: bool = setting(False, "at each validation but the last, choose the candidate interval whose "
+                                "per-block loss varies least on held-out train tokens and train with it from then on "
+                                "(BD3-LM's data-driven clipped schedule); t_lo/t_hi until the first search")
+    clip_search_widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
+    clip_search_step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
+    clip_search_tokens: int = setting(65_536, "tokens at the end of the train stream held out for the search")
 
 
 PRESETS = {
-    "record": {},  # 8 x 80 GB: each rank one forward of 4 x 8K tokens a step
+    # 8 x 80 GB: each rank one forward of 4 x 8K tokens a step; `python bench.py --estimate_only=True` estimates
+    # ~39 GiB per GPU (unmeasured), and ~11 GiB for record_24gb's 1 x 8K
+    "record": {},
     "record_24gb": dict(micro_batch=1),  # RTX 3090/4090: 8K tokens per forward; on one GPU 32 of them a step
     # sized for 2 idle CPU cores: a few minutes; bf16 autocast (on CPUs with bf16 kernels) doubles throughput
     "demo": dict(
@@ -124,64 +113,31 @@ PRESETS = {
         val_every=60, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
     ),
 }
-VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
-CLIP_SEARCH_NOISE_SEED = 1  # fixed: every search, candidate interval and world size draws the same uniforms
-CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # v2: <|endoftext|> ends a document, fixed block slots
-
-
-class ConfigError(ValueError):
-    """A flag or a combination of settings that cannot work; exits with status 2."""
 
 
 def usage() -> str:
-    lines = ["usage: python train.py [--preset=record|demo] [--name=value ...]", ""]
-    for f in fields(Hyperparameters):
-        lines.append(f"  {f'--{f.name}={f.default}':<58} {f.metadata['help']}")
-    for name, overrides in PRESETS.items():
-        lines.append(f"\npreset {name}: " + (" ".join(f"--{k}={v}" for k, v in overrides.items()) or "the defaults"))
-    return "\n".join(lines)
-
-
-def parse_value(name: str, kind: type, text: str):
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"--{name} takes True or False, got {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"--{name} takes a value of type {kind.__name__}, got {text!r}") from None
-
-
-def parse_flags(argv: list[str], settings_class) -> dict:
-    """`--name=value` flags for the fields of a settings dataclass, each value converted to its field's type
-    (sample.py and eval.py use it too)."""
-    kinds, flags = {f.name: f.type for f in fields(settings_class)}, {}
-    for arg in argv:
-        name, equals, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not equals:
-            raise ConfigError(f"expected --name=value, got {arg!r} (see --help)")
-        if name not in kinds:
-            raise ConfigError(f"unknown flag --{name} (see --help)")
-        flags[name] = parse_value(name, kinds[name], text)
-    return flags
+    presets = [f"preset {name}: " + (" ".join(f"--{k}={v}" for k, v in overrides.items()) or "the defaults")
+               for name, overrides in PRESETS.items()]
+    return "\n\n".join([common.usage("python train.py [--preset=record|record_24gb|demo] [--name=value ...]",
+                                     Hyperparameters), *presets])
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--name=value` flags over the chosen preset over the defaults."""
-    flags = parse_flags(argv, Hyperparameters)
+    flags = common.parse_flags(argv, Hyperparameters)
     preset = flags.get("preset", Hyperparameters.preset)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return Hyperparameters(**{**PRESETS[preset], **flags})
 
 
+def model_config(hp: Hyperparameters) -> ModelConfig:
+    return ModelConfig(**{f.name: getattr(hp, f.name) for f in fields(ModelConfig)})
+
+
 def check_settings(hp: Hyperparameters, world_size: int) -> None:
-    positive = ("steps", "seq_len", "batch_size", "micro_batch", "block_size", "n_layer", "n_head", "head_dim",
-                "model_dim", "mlp_hidden", "val_tokens")
-    for name in positive:
+    for name in ("steps", "seq_len", "batch_size", "micro_batch", "val_tokens", "vocab_size", "n_layer", "n_head",
+                 "head_dim", "model_dim", "mlp_hidden", "block_size"):
         if getattr(hp, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(hp, name)}")
     for name in ("warmup_steps", "val_every", "save_every", "muon_momentum_warmup", "muon_lr", "embed_lr",
@@ -195,14 +151,6 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--val_tokens={hp.val_tokens} is not a multiple of --seq_len={hp.seq_len}")
     if not 0 <= hp.t_lo < hp.t_hi <= 1:
         raise ConfigError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={hp.t_lo} t_hi={hp.t_hi}")
-    if hp.clip_search:
-        clip_candidates(hp.clip_search_widths, hp.clip_search_step)
-        if hp.clip_search_tokens < hp.seq_len or hp.clip_search_tokens % hp.seq_len:
-            raise ConfigError(f"--clip_search_tokens={hp.clip_search_tokens} is not a positive multiple of "
-                              f"--seq_len={hp.seq_len}")
-        if hp.seq_len % hp.block_size or hp.clip_search_tokens < 2 * hp.block_size:
-            raise ConfigError(f"--clip_search needs whole blocks, two at least: --seq_len={hp.seq_len} and "
-                              f"--clip_search_tokens={hp.clip_search_tokens} in blocks of {hp.block_size}")
     if not 0 <= hp.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown_frac must lie in [0, 1], got {hp.cooldown_frac}")
     if hp.warmup_steps + round(hp.cooldown_frac * hp.steps) > hp.steps:
@@ -210,26 +158,12 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
                           f"steps overlap; lower one of them")
     if not 0 <= hp.seed < 2**31:
         raise ConfigError(f"--seed must lie in [0, 2**31), got {hp.seed}")
-    if hp.autocast not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"--autocast must be auto, bf16 or fp32, got {hp.autocast!r}")
+    common.check_choice("autocast", hp.autocast, ("auto", "bf16", "fp32"))
     if hp.resume and not os.path.isfile(hp.resume):
         raise ConfigError(f"--resume={hp.resume} is not a file")
-
-
-def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
-    """The candidate noise intervals of --clip_search, built as bd3lms builds them: for each width w, the intervals
-    (lo, lo + w) for lo = 0, step, 2 step, ... while lo + w <= 1."""
-    try:
-        parsed = [float(width) for width in widths.split(",")]
-    except ValueError:
-        raise ConfigError(f"--clip_search_widths takes comma-separated numbers, got {widths!r}") from None
-    if not all(0 < width <= 1 for width in parsed):
-        raise ConfigError(f"--clip_search_widths must lie in (0, 1], got {widths!r}")
-    if not 0 < step <= 1:
-        raise ConfigError(f"--clip_search_step must lie in (0, 1], got {step}")
-    intervals = [(round(k * step, 6), round(k * step + width, 6))
-                 for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
-    return list(dict.fromkeys(intervals))
+    if hp.clip_search:
+        check_clip_search(hp)
+    model_config(hp).validate()
 
 
 def grad_accum(hp: Hyperparameters, world_size: int) -> int:
@@ -237,206 +171,12 @@ def grad_accum(hp: Hyperparameters, world_size: int) -> int:
     return hp.batch_size // (world_size * hp.micro_batch)
 
 
-def model_config(hp: Hyperparameters) -> ModelConfig:
-    return ModelConfig(n_layer=hp.n_layer, n_head=hp.n_head, head_dim=hp.head_dim, model_dim=hp.model_dim,
-                       mlp_hidden=hp.mlp_hidden, block_size=hp.block_size, attn_backend=hp.attn_backend)
-
-
-def fail(message: str, status: int = 1):
-    """One line on stderr (from rank 0 only), then exit: user errors never print a traceback."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
-def settings_or_exit(argv: list[str], world_size: int) -> tuple[Hyperparameters, ModelConfig]:
-    """The checked settings of the flags and the model config they give; a user error exits with status 2."""
-    try:
-        hp = parse_args(argv)
-        check_settings(hp, world_size)
-        config = model_config(hp)
-        config.validate()
-    except (ConfigError, ValueError) as error:
-        fail(str(error), status=2)
-    return hp, config
+def training_masked_fraction(hp: Hyperparameters) -> float:
+    return SCHEDULES[hp.schedule].mean_mask_prob(hp.t_lo, hp.t_hi)
 
 
 # -----------------------------------------------------------------------------
-# The run, step by step
-
-
-def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(usage())
-        return
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    hp, config = settings_or_exit(argv, world_size)
-    device = set_up_device(world_size)
-    fast_bf16 = device.type == "cuda" or cpu_has_bf16_kernels()
-    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and fast_bf16)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    model = build_model(config, hp.seed, device)
-    if hp.dry_run:
-        if rank == 0:
-            print_dry_run(hp, model)
-        return
-
-    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
-    log = RunLog(hp.log_dir, run_id, rank)
-    write_header(log, hp, world_size, bf16, model)
-    loader, held_out = load_data(hp, rank, world_size, log)
-    log(f"params:{model.num_params()}")
-    if hp.unigram_baseline:
-        log(f"unigram_baseline:{unigram_baseline(loader.stream.files, [hp.val_file]):.4f}")
-    if device.type == "cuda" and hp.compile:
-        model.compile_loss()
-    optimizers = make_optimizers(model, hp, fast_bf16)
-    run = Run(hp, rank, world_size, device, autocast, model, optimizers, GradReducer(model.parameters()), loader,
-              held_out, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id))
-    start_step = run.resume() if hp.resume else 0
-    try:
-        if hp.warm_up:
-            log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device):.0f}ms")
-        run.train(start_step)
-    except torch.OutOfMemoryError:
-        hint = "lower --micro_batch (--preset=record_24gb runs 1)" if hp.micro_batch > 1 else "lower --seq_len"
-        fail(f"out of GPU memory with --micro_batch={hp.micro_batch} sequences of {hp.seq_len} tokens per forward: "
-             f"{hint} (last checkpoint: {run.last_checkpoint})")
-    run.finish()
-
-
-# -----------------------------------------------------------------------------
-# Setup: distributed ranks, device, log
-
-
-def set_up_device(world_size: int) -> torch.device:
-    """This rank's GPU (the CPU if there is none) and, over several ranks, the process group."""
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return device
-
-
-def cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 matmul kernels for this CPU: x86 with AVX-512 (in hardware with AVX512-BF16 or AMX,
-    converted otherwise) or ARM with bf16. Without them (AVX2-only CPUs) bf16 matmuls run hundreds of times
-    slower than fp32."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class RunLog:
-    """log_dir/<run_id>.txt, written by rank 0 only; `log(line)` also prints the line unless console=False."""
-
-    def __init__(self, log_dir: str, run_id: str, rank: int):
-        self.file = None
-        if rank == 0:
-            os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, f"{run_id}.txt"), "w")
-
-    def __call__(self, line: str, console: bool = True) -> None:
-        if self.file is not None:
-            self.file.write(line + "\n")
-            self.file.flush()
-            if console:
-                print(line, flush=True)
-
-
-def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
-    """The source of this file and model.py, the versions and the config: what it takes to reproduce the run."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("train.py", "model.py"):
-        with open(os.path.join(here, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
-            log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
-    log(f"python:{platform.python_version()}", console=False)
-    log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
-    log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
-    log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
-    log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
-        f"autocast:{'bf16' if bf16 else 'fp32'}")
-    if torch.cuda.is_available():
-        log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
-
-
-def nvidia_smi() -> str:
-    try:
-        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
-    except (OSError, subprocess.SubprocessError):
-        return "(not available)"
-
-
-def peak_memory_mib(use_cuda: bool) -> int:
-    if use_cuda:
-        return torch.cuda.max_memory_allocated() // 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
-
-
-# -----------------------------------------------------------------------------
-# Data
-
-
-def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> tuple[TokenLoader, list]:
-    """The train loader, after a check of the val shard, and this rank's held-out chunks for --clip_search (none
-    without it). The demo corpus is prepared on first use."""
-    if rank == 0 and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
-        prepare_demo()
-    if world_size > 1:
-        dist.barrier()
-    try:
-        train_files = find_shards(hp.train_files)
-        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch,
-                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
-        val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
-    except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
-        fail(str(error))
-    log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
-    log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
-    if not hp.clip_search:
-        return loader, []
-    held_out = held_out_chunks(loader, rank, world_size)
-    log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
-    return loader, held_out
-
-
-def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
-    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
-    chunks of seq_len: chunk i goes to rank i % world_size."""
-    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
-    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
-            for index, start in enumerate(starts) if index % world_size == rank]
-
-
-def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, Noise]:
-    """Check a chunk's token ids on the CPU (the compiled loss cannot without waiting for the device), then copy it
-    and its noise to `device`; to a GPU from pinned memory, without blocking."""
-    check_token_ids(tokens, vocab_size)
-
-    def copy(x: torch.Tensor) -> torch.Tensor:
-        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
-    return copy(tokens), Noise(*(copy(x) for x in noise))
-
-
-# -----------------------------------------------------------------------------
-# Model and optimizers
-
-
-def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
-    """The initial weights drawn from `seed`, on `device`; on a GPU, with its FlexAttention kernel options."""
-    torch.manual_seed(seed)
-    model = BD3LM(config).to(device)
-    if device.type == "cuda":
-        model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
-    return model
-
-
-def print_dry_run(hp: Hyperparameters, model: BD3LM) -> None:
-    print(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
-    print(f"params:{model.num_params()}")
-    print(f"flops_per_token:{model_flops_per_token(model.config, hp.seq_len):.4g}")
+# Optimizers
 
 
 def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -469,7 +209,7 @@ class Muon(torch.optim.Optimizer):
 
     Under torch.distributed the ranks share the Newton-Schulz work: each orthogonalizes its turns of the matrices
     (see `turns`) and the updates are all-gathered, so every rank applies the same updates. The gradients must
-    already be summed over the ranks (GradReducer). Every rank keeps every momentum buffer, a cheap elementwise
+    already be summed over the ranks (all_reduce_grads). Every rank keeps every momentum buffer, a cheap elementwise
     update: the state is the same on all ranks and on one process, so rank 0's checkpoint resumes on any number
     of ranks."""
 
@@ -508,60 +248,29 @@ class Muon(torch.optim.Optimizer):
                     p.add_(update.view_as(p), alpha=-group["lr"] * max(1, p.size(0) / p.size(1)) ** 0.5)
 
 
-class GradReducer:
-    """Sums the gradients over the ranks (on one process it does nothing). The parameters are cut into buckets
-    of about `bucket_mb`, in reverse order, about the order in which the backward finishes them; in the last
-    micro-step's backward each bucket is all-reduced as soon as its gradients are accumulated, so the sums
-    overlap the rest of the backward. A gradient stays None only where it is None on every rank, as on one
-    process that ran every rank's micro-steps."""
-
-    def __init__(self, params, bucket_mb: float = 25):
-        self.buckets, self.missing, self.sent = [], None, []
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
-        for p in reversed(list(params)):
-            if not self.buckets or sum(q.numel() * q.element_size() for q in self.buckets[-1]) >= bucket_mb * 2**20:
-                self.buckets.append([])
-            self.buckets[-1].append(p)
-            p.register_post_accumulate_grad_hook(functools.partial(self.grad_ready, len(self.buckets) - 1))
-
-    def last_micro_step(self) -> None:
-        """Call before the last micro-step's backward, which then sends the buckets."""
-        self.missing = [len(bucket) for bucket in self.buckets]
-
-    def grad_ready(self, index: int, param: torch.Tensor) -> None:
-        if self.missing is None:
-            return
-        self.missing[index] -= 1
-        # every rank sends the buckets in one order, whatever order the gradients come in: collectives must match
-        while len(self.sent) < len(self.buckets) and self.missing[len(self.sent)] == 0:
-            self.send_next()
-
-    def send_next(self) -> None:
-        bucket = self.buckets[len(self.sent)]
-        # a 1 or 0 per parameter counts the ranks with its gradient; made on the device, as a copy from the host
-        # could make the CPU wait for the GPU in the middle of the backward
-        flat = torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in bucket),
-                          *(p.new_ones(1) if p.grad is not None else p.new_zeros(1) for p in bucket)])
-        for p, grad in zip(bucket, flat.split([p.numel() for p in bucket] + [len(bucket)])):
-            p.grad = grad.view_as(p)  # the all-reduce sums in place
-        self.sent.append((dist.all_reduce(flat, async_op=True), bucket, flat[-len(bucket):]))
-
-    def wait(self) -> None:
-        """Send the buckets the backward did not (one of their parameters got no gradient in the last micro-step)
-        and wait for all sums."""
-        while len(self.sent) < len(self.buckets):
-            self.send_next()
-        for handle, bucket, ranks_with_grad in self.sent:
-            handle.wait()
-            for p, count in zip(bucket, ranks_with_grad.tolist()):
-                if count == 0:
-                    p.grad = None
-        self.missing, self.sent = None, []
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients over the ranks in one all-reduce after the backward (the compiled backward hands every
+    gradient over at its end, so there is nothing for a bucketed reduction to overlap). A gradient stays None only
+    where it is None on every rank, as on one process that ran every rank's micro-steps."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    present = [p.grad is not None for p in params]
+    # the 1 or 0 per parameter that counts the ranks with its gradient is made on the device: a copy from the host
+    # would make the CPU wait for the backward
+    flat = torch.cat([*((p.grad if has else torch.zeros_like(p)).flatten() for p, has in zip(params, present)),
+                      *(p.new_ones(1) if has else p.new_zeros(1) for p, has in zip(params, present))])
+    dist.all_reduce(flat)
+    *grads, ranks_with_grad = flat.split([p.numel() for p in params] + [len(params)])
+    for p, grad in zip(params, grads):
+        p.grad = grad.view_as(p)
+    if not all(present):  # a rank that has every gradient keeps them all, with no read-back from the device
+        for p, count in zip(params, ranks_with_grad.tolist()):
+            if count == 0:
+                p.grad = None
 
 
 def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[torch.optim.Optimizer]:
-    """Muon for the hidden matrices, Adam for the embedding, the head and the scalars (bench.py uses it too)."""
+    """Muon for the hidden matrices, Adam for the embedding, the head and the scalars."""
     groups = model.param_groups()
     if sum(p.numel() for group in groups.values() for p in group) != model.num_params():
         raise RuntimeError("model.param_groups() does not cover every parameter exactly once")
@@ -587,7 +296,132 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
+# Setup: the run's steps in order
+
+
+def main(argv: list[str]) -> None:
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return
+    rank, world_size = common.ranks()
+    try:
+        hp = parse_args(argv)
+        check_settings(hp, world_size)
+        device = common.pick_device()
+    except (ConfigError, ValueError) as error:
+        fail(str(error), status=2)
+    common.init_process_group(device)
+    bf16 = common.uses_bf16(hp.autocast, device)
+    model = build_model(model_config(hp), hp.seed, device)
+    if hp.dry_run:
+        flops = model_flops_per_token(model.config, hp.seq_len, training_masked_fraction(hp))
+        if rank == 0:
+            print(f"config:{json.dumps(asdict(hp), sort_keys=True)}\nparams:{model.num_params()}\n"
+                  f"flops_per_token:{flops:.4g}")
+        return
+
+    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    log = RunLog(hp.log_dir, run_id, rank)
+    write_header(log, hp, world_size, bf16, model)
+    loader = load_data(hp, rank, world_size, log)
+    log(f"params:{model.num_params()}")
+    if hp.unigram_baseline:
+        log(f"unigram_baseline:{unigram_baseline(loader.stream.files, [hp.val_file]):.4f}")
+    if device.type == "cuda" and hp.compile:
+        model.compile_loss()
+    autocast = common.autocast_context(device, bf16)
+    run = Run(hp, rank, world_size, device, autocast, model, make_optimizers(model, hp, common.fast_bf16(device)),
+              loader, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id),
+              clip_search=ClipSearch(hp, loader, rank, world_size) if hp.clip_search else None)
+    start_step = run.resume() if hp.resume else 0
+    try:
+        if hp.warm_up:
+            log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device):.0f}ms")
+        run.train(start_step)
+    except torch.OutOfMemoryError:
+        hint = "lower --micro_batch (--preset=record_24gb runs 1)" if hp.micro_batch > 1 else "lower --seq_len"
+        fail(f"out of GPU memory with --micro_batch={hp.micro_batch} sequences of {hp.seq_len} tokens per forward: "
+             f"{hint} (last checkpoint: {run.last_checkpoint})")
+    run.finish()
+
+
+class RunLog:
+    """log_dir/<run_id>.txt, written by rank 0 only; `log(line)` also prints the line unless console=False."""
+
+    def __init__(self, log_dir: str, run_id: str, rank: int):
+        self.file = None
+        if rank == 0:
+            os.makedirs(log_dir, exist_ok=True)
+            self.file = open(os.path.join(log_dir, f"{run_id}.txt"), "w")
+
+    def __call__(self, line: str, console: bool = True) -> None:
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+            if console:
+                print(line, flush=True)
+
+
+def repository_modules() -> list[str]:
+    """Paths, relative to the repository, of its modules this process has imported (tests excluded)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {os.path.abspath(module.__file__) for module in list(sys.modules.values())
+             if isinstance(getattr(module, "__file__", None), str) and os.path.isabs(module.__file__)}
+    paths = (os.path.relpath(path, here) for path in files if path.startswith(here + os.sep) and path.endswith(".py"))
+    return sorted(path for path in paths if not path.startswith("tests" + os.sep))
+
+
+def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
+    """The source of every repository module the run imported, the versions and the config: what it takes to
+    reproduce the run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in repository_modules():
+        with open(os.path.join(here, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
+            log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
+    log(f"python:{platform.python_version()}", console=False)
+    log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
+    log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
+    log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
+    log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
+        f"autocast:{'bf16' if bf16 else 'fp32'}")
+    if torch.cuda.is_available():
+        log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
+
+
+def nvidia_smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
+    except (OSError, subprocess.SubprocessError):
+        return "(not available)"
+
+
+def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> TokenLoader:
+    """The train loader, after a check of the val shard. The demo corpus is prepared on first use."""
+    if rank == 0 and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
+        prepare_demo()
+    if world_size > 1:
+        dist.barrier()
+    try:
+        train_files = find_shards(hp.train_files)
+        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch,
+                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
+        val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
+    except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
+        fail(str(error))
+    log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
+    log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
+    if hp.clip_search:
+        log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
+    return loader
+
+
+def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
+    """The initial weights drawn from `seed`, on `device`; on a GPU, with its FlexAttention kernel options."""
+    torch.manual_seed(seed)
+    model = BD3LM(config).to(device)
+    if device.type == "cuda":
+        model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
+    return model
 
 
 def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocast, device: torch.device) -> float:
@@ -598,7 +432,7 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
     the loss is compiled."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
-    noise = eval_noise(seq_len, model.config.block_size, VAL_NOISE_SEED, 0)
+    noise = eval_noise(seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0, model.config.schedule)
     tokens, noise = to_device(tokens, noise, device, model.config.vocab_size)
     with autocast:
         # repeat, not expand: the compiled graph is specialized to the strides of real batches too
@@ -615,6 +449,10 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
     return 1000 * (time.perf_counter() - started)
 
 
+# -----------------------------------------------------------------------------
+# Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
+
+
 @dataclass
 class Run:
     """What the steps of a training run share; main builds it, `train` runs the loop."""
@@ -626,12 +464,11 @@ class Run:
     autocast: torch.autocast
     model: BD3LM
     optimizers: list[torch.optim.Optimizer]  # Muon, then Adam
-    reducer: GradReducer
     loader: TokenLoader
-    held_out: list[tuple[int, torch.Tensor]]  # this rank's chunks for --clip_search
     log: RunLog
     checkpoint_folder: str
-    noise_interval: tuple[float, float] = field(init=False)  # training t ~ U(lo, hi); --clip_search changes it
+    clip_search: "ClipSearch | None" = None
+    noise_interval: tuple[float, float] = field(init=False)  # training masking probability; clip_search moves it
     last_checkpoint: str = field(init=False)
     noise_generator: torch.Generator = field(init=False, default_factory=torch.Generator)
 
@@ -653,8 +490,8 @@ class Run:
                 train_time_ms += 1000 * (self.sync_time() - step_start)
                 self.validate(step, train_time_ms)
                 step_start = self.sync_time()
-                if hp.clip_search and not last_step:
-                    self.noise_interval = self.search_noise_interval(step)  # in the train time: it steers training
+                if self.clip_search and not last_step:  # in the train time: it steers training
+                    self.noise_interval = self.clip_search(self.model, self.autocast, step, self.log)
             if not resumed_here and hp.save_every and step % hp.save_every == 0 and 0 < step < hp.steps:
                 self.last_checkpoint = self.save("latest.pt", step)
                 self.log(f"saved:{self.last_checkpoint} step:{step}")
@@ -668,17 +505,14 @@ class Run:
     def train_step(self, step: int) -> float:
         """One optimizer step on batch_size sequences, batch_size / world_size of them on each rank in forwards of
         micro_batch; returns the mean loss over all of them."""
-        micro_steps = grad_accum(self.hp, self.world_size)
         loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(micro_steps):
+        for micro_step in range(grad_accum(self.hp, self.world_size)):
             tokens, noise = self.micro_batch(step, micro_step)
             with self.autocast:  # the model's mean over this forward's tokens, weighted by its share of the batch
                 loss = self.model(tokens, noise) * self.hp.micro_batch / self.hp.batch_size
-            if micro_step == micro_steps - 1:
-                self.reducer.last_micro_step()
             loss.backward()
             loss_sum += loss.detach()
-        self.reducer.wait()
+        all_reduce_grads(list(self.model.parameters()))
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item()
@@ -700,11 +534,12 @@ class Run:
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
         """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
         place in the global batch, not from which rank or forward draws it."""
-        noises = []
+        config, noises = self.model.config, []
         for row in range(rows):
             chunk = step * self.hp.batch_size + (micro_step * self.world_size + self.rank) * rows + row
             self.noise_generator.manual_seed((self.hp.seed << 32) + chunk)
-            noises.append(train_noise(length, self.model.config.block_size, *self.noise_interval, self.noise_generator))
+            noises.append(train_noise(length, config.block_size, *self.noise_interval, self.noise_generator,
+                                      config.schedule))
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
@@ -712,8 +547,7 @@ class Run:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_multiplier(self.hp, step)
-        muon = self.optimizers[0]
-        for group in muon.param_groups:
+        for group in self.optimizers[0].param_groups:
             group["momentum"] = muon_momentum(self.hp, step)
         for optimizer in self.optimizers:
             optimizer.step()
@@ -723,52 +557,57 @@ class Run:
         hp = self.hp
         self.model.eval()
         with self.autocast:
-            val_loss, val_count = val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len, VAL_NOISE_SEED,
-                                            self.rank, self.world_size)
+            val_loss, val_count = common.val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len,
+                                                   common.VAL_NOISE_SEED, self.rank, self.world_size)
         self.model.train()
         self.log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
                  f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")
-
-    def search_noise_interval(self, step: int) -> tuple[float, float]:
-        """The candidate interval under which the per-block training loss varies least on the held-out chunks."""
-        started = time.perf_counter()
-        self.model.eval()
-        with self.autocast:
-            variances = {interval: block_loss_variance(self.model, self.held_out, *interval, CLIP_SEARCH_NOISE_SEED,
-                                                       self.world_size)
-                         for interval in clip_candidates(self.hp.clip_search_widths, self.hp.clip_search_step)}
-        self.model.train()
-        chosen = min(variances, key=variances.get)
-        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
-        self.log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
-                 f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
-        return chosen
 
     def save(self, name: str, step: int) -> str:
         """Write checkpoint_folder/name from rank 0, atomically: a crash mid-write leaves the previous file intact."""
         path = os.path.join(self.checkpoint_folder, name)
         if self.rank == 0:
             os.makedirs(self.checkpoint_folder, exist_ok=True)
-            state = dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(),
+            rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()}
+                                                      if torch.cuda.is_available() else {})}
+            state = dict(format=common.CHECKPOINT_FORMAT, model=self.model.state_dict(),
                          model_config=asdict(self.model.config), hparams=asdict(self.hp), step=step,
                          optimizers=[opt.state_dict() for opt in self.optimizers], loader=self.loader.state_dict(),
-                         rng=rng_state(), noise_interval=self.noise_interval)
+                         rng=rng, noise_interval=self.noise_interval)
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
         return path
 
     def resume(self) -> int:
-        """Continue from hp.resume; returns its step."""
-        step, saved_interval = load_checkpoint(self.hp.resume, self.model, self.model.config, self.optimizers,
-                                               self.loader, self.device)
-        self.noise_interval = saved_interval or self.noise_interval
-        self.log(f"resumed:{self.hp.resume} step:{step}")
-        return step
+        """Restore weights, optimizer states, data position, RNG and noise interval from hp.resume; returns its
+        step."""
+        path, config = self.hp.resume, asdict(self.model.config)
+        try:
+            state = common.read_checkpoint(path, self.device)
+        except ConfigError as error:
+            fail(str(error))
+        if state["model_config"] != config:
+            differences = ", ".join(f"{key} {value} (now {config.get(key)})"
+                                    for key, value in state["model_config"].items() if config.get(key) != value)
+            fail(f"checkpoint {path} has a different model config: {differences}", status=2)
+        self.model.load_state_dict(state["model"])
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(optimizer_state)
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as error:
+            fail(f"cannot resume from {path}: {error}")
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+        self.noise_interval = state.get("noise_interval") or self.noise_interval  # None before --clip_search
+        self.log(f"resumed:{path} step:{state['step']}")
+        return state["step"]
 
     def finish(self) -> None:
         """The closing lines of the log and the final checkpoint."""
         self.log(f"train_tokens:{self.loader.tokens_consumed}")
-        self.log(f"peak_memory:{peak_memory_mib(self.device.type == 'cuda')}MiB")
+        self.log(f"peak_memory:{common.peak_memory_mib(self.device)}MiB")
         if self.hp.save_final:
             path = self.save("final.pt", self.hp.steps)
             self.log(f"checkpoint:{path}")
@@ -785,44 +624,59 @@ class Run:
 
 
 # -----------------------------------------------------------------------------
-# Validation
+# Extras: the noise interval from data (--clip_search)
+
+CLIP_SEARCH_NOISE_SEED = 1  # fixed: every search, candidate interval and world size draws the same uniforms
 
 
-@torch.no_grad()
-def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
-              world_size: int = 1, progress: bool = False) -> tuple[float, int]:
-    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into
-    fixed chunks of seq_len, under eval_noise(seed): the same chunks and noise whatever the world size.
-    Returns (NELBO, tokens) summed over all ranks (eval.py uses it too)."""
-    device = model.head.weight.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    token_count = torch.zeros((), dtype=torch.float64, device=device)
-    chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
-    for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
-        noise = eval_noise(tokens.numel(), model.config.block_size, seed, offset)
-        loss = model(*to_device(tokens, noise, device, model.config.vocab_size))
-        loss_sum += loss.double() * tokens.numel()
-        token_count += tokens.numel()
-    if world_size > 1:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(token_count)
-    return (loss_sum / token_count).item(), int(token_count.item())
+def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
+    """The candidate noise intervals of --clip_search, built as bd3lms builds them: for each width w, the intervals
+    (lo, lo + w) for lo = 0, step, 2 step, ... while lo + w <= 1."""
+    try:
+        parsed = [float(width) for width in widths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--clip_search_widths takes comma-separated numbers, got {widths!r}") from None
+    if not all(0 < width <= 1 for width in parsed):
+        raise ConfigError(f"--clip_search_widths must lie in (0, 1], got {widths!r}")
+    if not 0 < step <= 1:
+        raise ConfigError(f"--clip_search_step must lie in (0, 1], got {step}")
+    intervals = [(round(k * step, 6), round(k * step + width, 6))
+                 for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
+    return list(dict.fromkeys(intervals))
+
+
+def check_clip_search(hp: Hyperparameters) -> None:
+    clip_candidates(hp.clip_search_widths, hp.clip_search_step)
+    if hp.clip_search_tokens < hp.seq_len or hp.clip_search_tokens % hp.seq_len:
+        raise ConfigError(f"--clip_search_tokens={hp.clip_search_tokens} is not a positive multiple of "
+                          f"--seq_len={hp.seq_len}")
+    if hp.seq_len % hp.block_size or hp.clip_search_tokens < 2 * hp.block_size:
+        raise ConfigError(f"--clip_search needs whole blocks, two at least: --seq_len={hp.seq_len} and "
+                          f"--clip_search_tokens={hp.clip_search_tokens} in blocks of {hp.block_size}")
+
+
+def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
+    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
+    chunks of seq_len: chunk i goes to rank i % world_size."""
+    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
+    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
+            for index, start in enumerate(starts) if index % world_size == rank]
 
 
 @torch.no_grad()
 def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: int, world_size: int = 1) -> float:
     """Sample variance, over every block of `chunks` on all ranks, of the per-block training loss (the mean over
-    the block's tokens of CE / t where masked) under t ~ U(t_lo, t_hi). A chunk's noise comes from train_noise
-    seeded by `seed` and the chunk's index, so every interval reuses the same uniforms (a fair comparison) on
-    any number of ranks. `chunks` are this rank's (index, tokens), as held_out_chunks gives them."""
-    device, block_size = model.head.weight.device, model.config.block_size
+    the block's tokens of the weighted CE where masked) under the interval [t_lo, t_hi]. A chunk's noise comes from
+    train_noise seeded by `seed` and the chunk's index, so every interval reuses the same uniforms (a fair
+    comparison) on any number of ranks. `chunks` are this rank's (index, tokens), as held_out_chunks gives them."""
+    device, config = model.head.weight.device, model.config
     moments = torch.zeros(3, dtype=torch.float64, device=device)  # blocks, sum, sum of squares
     generator = torch.Generator()
     for index, tokens in chunks:
         generator.manual_seed((seed << 32) + index)
-        noise = train_noise(tokens.numel(), block_size, t_lo, t_hi, generator)
-        losses = model.token_losses(*to_device(tokens, noise, device, model.config.vocab_size))
-        block_losses = losses.double().view(-1, block_size).mean(1)
+        noise = train_noise(tokens.numel(), config.block_size, t_lo, t_hi, generator, config.schedule)
+        losses = model.token_losses(*to_device(tokens, noise, device, config.vocab_size))
+        block_losses = losses.double().view(-1, config.block_size).mean(1)
         moments[0] += block_losses.numel()
         moments[1] += block_losses.sum()
         moments[2] += block_losses.square().sum()
@@ -832,53 +686,26 @@ def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: in
     return (squares - total**2 / count) / (count - 1)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoint
+class ClipSearch:
+    """BD3-LM's data-driven clipped schedule: at a validation, the candidate interval under which the per-block
+    training loss varies least on train tokens held out at the end of the stream (the loader never reads them)."""
 
+    def __init__(self, hp: Hyperparameters, loader: TokenLoader, rank: int, world_size: int):
+        self.candidates = clip_candidates(hp.clip_search_widths, hp.clip_search_step)
+        self.chunks, self.world_size = held_out_chunks(loader, rank, world_size), world_size
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def read_checkpoint(path: str, device) -> dict:
-    """A checkpoint of this code's format, loaded with weights_only=True (sample.py and eval.py use it too);
-    a ValueError with one line naming the problem otherwise."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception:
-        raise ValueError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        said = state.get("format") if isinstance(state, dict) else None
-        found = f" (it says {said!r}: retrain with this code)" if said else ""
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
-    return state
-
-
-def load_checkpoint(path, model, config, optimizers, loader, device) -> tuple[int, tuple[float, float] | None]:
-    """Restore weights, optimizer states, data position and RNG; returns the step to continue from and the
-    training noise interval (None in checkpoints written before --clip_search existed)."""
-    try:
-        state = read_checkpoint(path, device)
-    except ValueError as error:
-        fail(str(error))
-    if state["model_config"] != asdict(config):
-        differences = ", ".join(f"{key} {value} (now {asdict(config)[key]})"
-                                for key, value in state["model_config"].items() if asdict(config)[key] != value)
-        fail(f"checkpoint {path} has a different model config: {differences}", status=2)
-    model.load_state_dict(state["model"])
-    for optimizer, optimizer_state in zip(optimizers, state["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
-    try:
-        loader.load_state_dict(state["loader"])
-    except ValueError as error:
-        fail(f"cannot resume from {path}: {error}")
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
-    return state["step"], state.get("noise_interval")
+    def __call__(self, model: BD3LM, autocast, step: int, log: RunLog) -> tuple[float, float]:
+        started = time.perf_counter()
+        model.eval()
+        with autocast:
+            variances = {interval: block_loss_variance(model, self.chunks, *interval, CLIP_SEARCH_NOISE_SEED,
+                                                       self.world_size) for interval in self.candidates}
+        model.train()
+        chosen = min(variances, key=variances.get)
+        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
+        log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
+            f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
+        return chosen
 
 
 if __name__ == "__main__":

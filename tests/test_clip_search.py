@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SMALL, load_final, read_log, run_train, val_losses
 
 import train
 from data.demo import prepare_demo
 from data.loader import DataExhausted, TokenLoader
 from data.shards import read_shard, write_shard
 from model import BD3LM, ModelConfig, train_noise
-from tests.test_train import SMALL, load_final, read_log, run_train, val_losses
 
 # four candidates, none of them the default (0.3, 0.8): a run that ignored the choice would train differently
 WIDTHS, STEP = "0.5,1", 0.25

@@ -16,18 +16,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_model import naive_token_losses, tricky_streams
-from test_train import SMALL, load_final, read_log, run_train, val_losses
+from conftest import EOT, SMALL, VOCAB, load_final, naive_token_losses, read_log, run_train, tricky_streams, val_losses
 from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
 
 import train
-from data.demo import prepare_demo
 from data.loader import TokenLoader
 from data.shards import HEADER_BYTES, read_shard, write_shard
 from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
-
-VOCAB, EOT = 97, 96
 
 
 @pytest.fixture(autouse=True)
@@ -162,11 +158,6 @@ def test_padded_logits_give_the_softmax_of_the_real_vocabulary(softcap):
 # train.py
 
 
-@pytest.fixture(scope="module")
-def demo_corpus():
-    return prepare_demo()
-
-
 def test_warm_up_changes_nothing_in_the_run(tmp_path, demo_corpus):
     flags = [*SMALL, "--steps=3", "--val_every=0", "--save_final=True"]
     run_train(tmp_path, *flags, "--run_id=warm")
@@ -191,8 +182,7 @@ def test_warm_up_compiles_every_graph_that_training_and_validation_run(tmp_path,
     assert backend.graphs == 2
     loader = TokenLoader(demo_corpus[0], hp.seq_len, sequences=hp.micro_batch)
     optimizers, log = train.make_optimizers(model, hp, fast_bf16=False), train.RunLog(tmp_path, "graphs", 0)
-    run = train.Run(hp, 0, 1, cpu, autocast, model, optimizers, train.GradReducer(model.parameters()), loader, [], log,
-                    checkpoint_folder=str(tmp_path))
+    run = train.Run(hp, 0, 1, cpu, autocast, model, optimizers, loader, log, checkpoint_folder=str(tmp_path))
     for step in range(3):
         assert math.isfinite(run.train_step(step))
     run.validate(3, 0.0)

@@ -1,5 +1,5 @@
 """train.py's distributed pieces on 2 gloo ranks on CPU: the Muon that shares its Newton-Schulz work over the ranks
-and the GradReducer that sums gradients in buckets during the backward. One spawn of 2 processes serves the file.
+and all_reduce_grads, which sums the gradients after the backward. One spawn of 2 processes serves the file.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_distributed.py
 
@@ -24,7 +24,7 @@ NO_GRAD = (2, 1)  # (step, matrix) without a gradient: the optimizers skip it an
 
 def muon_run(make_optimizer) -> list[torch.Tensor]:
     """Four steps with changing LR and momentum from one seed, with the same random gradients on every rank (as
-    after GradReducer); returns the matrices."""
+    after all_reduce_grads); returns the matrices."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
     optimizer = make_optimizer(params)
@@ -45,7 +45,7 @@ def our_muon(ns_dtype):
 
 class Toy(torch.nn.Module):
     """Layers used everywhere, and parameters without a gradient: one on every rank, one on rank 0, one in the last
-    micro-step. A module lists its own parameters before its layers', so these three come last in the buckets."""
+    micro-step."""
 
     def __init__(self):
         super().__init__()
@@ -66,23 +66,17 @@ class Toy(torch.nn.Module):
 
 
 def reducer_run(rank: int, steps: int = 2, grad_accum: int = 3) -> dict:
-    """Each step's gradients summed by GradReducer, this rank's own gradients from a twin model, and how many
-    buckets were sent after each micro-step's backward."""
+    """Each step's gradients summed by all_reduce_grads, and this rank's own gradients from a twin model."""
     torch.manual_seed(0)
     model = Toy()
     twin = copy.deepcopy(model)
-    reducer = train.GradReducer(model.parameters(), bucket_mb=256 / 2**20)
-    result = dict(buckets=[[name for p in bucket for name, q in model.named_parameters() if q is p]
-                           for bucket in reducer.buckets], summed=[], local=[], sent=[])
+    result = dict(summed=[], local=[])
     for step in range(steps):
         for micro_step in range(grad_accum):
             x = torch.randn(4, 16, generator=torch.Generator().manual_seed(100 * step + 10 * micro_step + rank))
-            if micro_step == grad_accum - 1:
-                reducer.last_micro_step()
             model(x, rank, micro_step).backward()
             twin(x, rank, micro_step).backward()
-            result["sent"].append(len(reducer.sent))
-        reducer.wait()
+        train.all_reduce_grads(list(model.parameters()))
         for name, module in (("summed", model), ("local", twin)):
             result[name].append({n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()})
             module.zero_grad(set_to_none=True)
@@ -119,14 +113,8 @@ def test_shared_muon_equals_torch_muon_and_one_process(ranks):
         assert torch.equal(ours, theirs), SHAPES[i]
 
 
-def test_grad_reducer_sums_like_one_process(ranks):
-    """Summed gradients equal the sum of every rank's own; None only where no rank has one; buckets are sent in the
-    last micro-step's backward only, in one order on every rank, the rest at wait()."""
-    buckets = ranks[0]["reducer"]["buckets"]
-    assert buckets == [["last.bias", "last.weight"], ["middle.bias"], ["middle.weight"], ["first.bias"],
-                       ["first.weight"], ["rank_one_only"], ["first_micro_step_only"], ["unused"]]
-    assert ranks[0]["reducer"]["sent"] == [0, 0, 5] * 2  # rank_one_only has no gradient on rank 0
-    assert ranks[1]["reducer"]["sent"] == [0, 0, 6] * 2  # first_micro_step_only holds the next buckets back
+def test_all_reduce_grads_sums_like_one_process(ranks):
+    """Summed gradients equal the sum of every rank's own; None only where no rank has one."""
     for step in range(2):
         for name in ranks[0]["reducer"]["local"][step]:
             local = [rank["reducer"]["local"][step][name] for rank in ranks]
@@ -137,3 +125,5 @@ def test_grad_reducer_sums_like_one_process(ranks):
                 assert (summed is None) == (expected is None), name
                 assert expected is None or torch.equal(summed, expected), name
     assert ranks[0]["reducer"]["summed"][0]["unused"] is None
+    assert ranks[0]["reducer"]["local"][0]["rank_one_only"] is None  # a gradient only the other rank has
+    assert ranks[0]["reducer"]["summed"][0]["rank_one_only"] is not None

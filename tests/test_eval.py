@@ -10,34 +10,26 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ONE_THREAD, REPO, SMALL, read_log, run_train
 
-from data.demo import DEMO_DIR, prepare_demo
+from data.demo import DEMO_DIR
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tokens:(\d+) seq_len:(\d+) "
                     r"autocast:(bf16|fp32) files:(\S+)")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, demo_corpus):
     """A two-layer demo-corpus model trained for 6 steps; returns (checkpoint path, final val_loss of its log)."""
-    prepare_demo()
     folder = tmp_path_factory.mktemp("run")
-    flags = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=256",
-             "--seq_len=128", "--batch_size=2", "--val_tokens=1024", "--steps=6", "--warmup_steps=0", "--val_every=0",
-             "--autocast=fp32", "--unigram_baseline=False", "--run_id=small", f"--log_dir={folder}/logs",
-             f"--checkpoint_dir={folder}/checkpoints"]
-    subprocess.run([sys.executable, "train.py", *flags], cwd=REPO, env=ONE_THREAD, check=True, capture_output=True,
-                   timeout=600)
-    log = open(f"{folder}/logs/small.txt").read()
-    final = re.findall(r"^step:6/6 val_loss:(\S+) ", log, re.M)[-1]
+    run_train(folder, *SMALL, "--steps=6", "--val_every=0", "--run_id=small")
+    final = re.findall(r"^step:6/6 val_loss:(\S+) ", read_log(folder, "small"), re.M)[-1]
     return f"{folder}/checkpoints/small/final.pt", final
 
 
 def evaluate(*flags, launcher=(sys.executable, "eval.py")):
-    return subprocess.run([*launcher, *flags], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([*launcher, *flags], cwd=REPO, env={**os.environ, **ONE_THREAD}, capture_output=True,
+                          text=True, timeout=600)
 
 
 def result_of(completed):

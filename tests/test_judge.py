@@ -12,14 +12,13 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, replace
 
 import pytest
 import torch
+from conftest import peaked_model, save_checkpoint
 
 import eval as evaluation
-from model import BD3LM, ModelConfig
-from train import CHECKPOINT_FORMAT, Hyperparameters
+from model import BD3LM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 50257
@@ -29,24 +28,7 @@ RESULT = re.compile(r"gen_ppl:(\S+) log_ppl_stderr:(\S+) entropy:(\S+) median_le
 
 
 def random_model(block_size: int, seed: int, vocab_size: int = VOCAB) -> BD3LM:
-    """Random weights with a wide head, so that predictions differ from position to position."""
-    torch.manual_seed(seed)
-    model = BD3LM(ModelConfig(vocab_size=vocab_size, eot_id=vocab_size - 1, n_layer=2, n_head=2, head_dim=16,
-                              model_dim=32, mlp_hidden=64, block_size=block_size))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0, (4 if name.startswith("head") else 1) * param.size(-1) ** -0.5)
-    return model.eval()
-
-
-def save_checkpoint(model: BD3LM, path, seq_len: int = 64) -> str:
-    c = model.config
-    hparams = asdict(replace(Hyperparameters(), n_layer=c.n_layer, n_head=c.n_head, head_dim=c.head_dim,
-                             model_dim=c.model_dim, mlp_hidden=c.mlp_hidden, block_size=c.block_size, seq_len=seq_len))
-    torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(c), hparams=hparams,
-                    step=0, optimizers=[], loader={}, rng={}), path)
-    return str(path)
+    return peaked_model(block_size, seed, vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EOT, VOCAB, naive_token_losses, random_stream, small_model, tricky_streams
 
 from model import (
     BD3LM,
+    SCHEDULES,
     TILE,
     ModelConfig,
     block_diffusion_block_mask,
@@ -18,42 +20,6 @@ from model import (
     eval_noise,
     train_noise,
 )
-
-VOCAB, EOT = 97, 96
-
-
-def small_model(block_size=4, vocab_size=VOCAB, eot_id=EOT, seed=0, **overrides) -> BD3LM:
-    """A tiny model with every weight random (zero-initialized projections would hide bugs)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
-                      block_size=block_size, eot_id=eot_id, attn_backend="sdpa", **overrides)
-    model = BD3LM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
-
-
-def random_stream(length, gen, eot_id=EOT, vocab=VOCAB, mean_doc=20) -> torch.Tensor:
-    """Random tokens in which an <|endoftext|> ends a document with probability 1 / mean_doc at every position,
-    so documents of every length occur, shorter than a block and two in one block included."""
-    tokens = torch.randint(0, vocab - 1, (length,), generator=gen)
-    tokens[tokens == eot_id] = 0
-    tokens[torch.rand(length, generator=gen) < 1 / mean_doc] = eot_id
-    return tokens
-
-
-def tricky_streams(length, block_size, gen):
-    """Streams that put <|endoftext|> where the rule is easy to get wrong: on the first and on the last slot of a
-    block, twice in one block, at the start of the stream, and nowhere at all (one document mid-stream)."""
-    streams = [random_stream(length, gen, mean_doc=m) for m in (3, 8, 10**9)]
-    edges = random_stream(length, gen, mean_doc=10**9)
-    edges[::block_size] = EOT  # first slot of every block
-    edges[block_size - 1::3 * block_size] = EOT  # last slot of every third block
-    if block_size >= 4:
-        edges[block_size + 1: length: 5 * block_size] = EOT  # with the first slot: two in one block
-    return streams + [edges]
-
 
 # -----------------------------------------------------------------------------
 # 1. the dense mask against a per-pair rule written from its three lines
@@ -284,29 +250,6 @@ def test_noisy_block_sees_only_its_noisy_tokens_and_its_documents_clean_past(blo
 # 4. the vectorized [x_t ; x_0] pass against a loop over blocks
 
 
-def naive_token_losses(model, tokens, noise):
-    """For each block: the clean tokens of the document it starts in, then the noisy block, run as one
-    ordinary sequence with a block-causal mask over the fixed slots."""
-    cfg, length = model.config, len(tokens)
-    losses = torch.zeros(length)
-    x_t = torch.where(noise.masked, cfg.mask_id, tokens)
-    ids = tokens.tolist()
-    for start in range(0, length, cfg.block_size):
-        end = min(start + cfg.block_size, length)
-        doc_start = start
-        while doc_start > 0 and ids[doc_start - 1] != EOT:
-            doc_start -= 1
-        sequence = torch.cat([tokens[doc_start:start], x_t[start:end]])
-        pos = torch.arange(doc_start, end)
-        slot = pos // cfg.block_size
-        mask = (slot[None, :] <= slot[:, None])[None, None]
-        hidden, _ = model.trunk(sequence[None], pos[None], mask)
-        logits = model.logits_of(hidden[0, start - doc_start:]).float()
-        ce = F.cross_entropy(logits, tokens[start:end], reduction="none")
-        losses[start:end] = torch.where(noise.masked[start:end], ce / noise.t[start:end], 0.0)
-    return losses
-
-
 @pytest.mark.parametrize("block_size", [1, 4, 16, 96, 128])
 def test_vectorized_loss_equals_per_block_loop(block_size):
     """Block size 1 is an autoregressive model with document masking; 96 and 128 (>= L) are MDLM."""
@@ -414,13 +357,41 @@ def test_end_of_text_is_learned_where_a_document_ends():
 
 
 # -----------------------------------------------------------------------------
-# 5. uniform logits give ln(vocab) per token on average
+# 5. the noise schedules against their formulas, and uniform logits give ln(vocab) per token on average
+
+# alpha_t (the chance a token is still clean at time t) of each schedule, written from nano-dlm's table
+ALPHA = {"linear": lambda t: 1 - t, "cosine": lambda t: math.cos(math.pi / 2 * t) ** 2, "sqrt": lambda t: 1 - t**0.5}
 
 
-def test_uniform_logits_average_log_vocab():
-    """Uniform logits cost ln(vocab) per masked token, so the loss is ln(vocab) * sum(masked / t) / L: checked
-    exactly through the model on a few windows, then its average over 4M val positions within 1%."""
-    cfg = ModelConfig(n_layer=2, n_head=1, head_dim=16, model_dim=16, mlp_hidden=32, attn_backend="sdpa")
+def reference_weight(schedule):
+    """-alpha'(t) / (1 - alpha(t)), the continuous-time NELBO's weight, with alpha' by central differences."""
+    alpha = ALPHA[schedule]
+    return lambda t: -(alpha(t + 1e-6) - alpha(t - 1e-6)) / 2e-6 / (1 - alpha(t))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_matches_its_formula(schedule):
+    s, alpha = SCHEDULES[schedule], ALPHA[schedule]
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    torch.testing.assert_close(s.mask_prob(t), torch.tensor([1 - alpha(x) for x in t.tolist()], dtype=torch.float64))
+    torch.testing.assert_close(s.weight(t), torch.tensor([reference_weight(schedule)(x) for x in t.tolist()],
+                                                         dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(s.time_of(s.mask_prob(t)), t)
+    ends = s.mask_prob(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert ends.tolist() == pytest.approx([0.0, 1.0], abs=1e-12)
+    # the integral of the NELBO's weight times the masking probability from a to 1 is 1 - p(a) (quadrature), so
+    # from 0 it is 1: under uniform logits every schedule's expected loss is ln(vocab)
+    a, u = 0.01, (torch.arange(10**6, dtype=torch.float64) + 0.5) / 10**6
+    integral = (1 - a) * float((s.weight(a + (1 - a) * u) * s.mask_prob(a + (1 - a) * u)).mean())
+    assert integral == pytest.approx(1 - (1 - alpha(a)), abs=1e-9)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_uniform_logits_average_log_vocab(schedule):
+    """Uniform logits cost ln(vocab) per masked token, so the loss is ln(vocab) * sum(masked * weight(t)) / L:
+    checked exactly through the model on a few windows, then its average over 4M val positions within 1%."""
+    cfg = ModelConfig(n_layer=2, n_head=1, head_dim=16, model_dim=16, mlp_hidden=32, attn_backend="sdpa",
+                      schedule=schedule)
     model = BD3LM(cfg)
     with torch.no_grad():
         model.head.weight.zero_()
@@ -430,13 +401,32 @@ def test_uniform_logits_average_log_vocab():
     weights = []
     for i in range(chunks):
         tokens = stream[i * chunk:(i + 1) * chunk]
-        noise = eval_noise(chunk, cfg.block_size, seed=0, offset=i * chunk)
-        weights.append((noise.masked / noise.t).sum().item() / chunk)
+        noise = eval_noise(chunk, cfg.block_size, seed=0, offset=i * chunk, schedule=schedule)
+        weights.append(torch.where(noise.masked, SCHEDULES[schedule].weight(noise.t), 0).sum().item() / chunk)
         if i < 3:
             with torch.no_grad():
                 loss = model(tokens, noise).item()
             assert loss == pytest.approx(math.log(cfg.vocab_size) * weights[-1], rel=1e-5)
     assert abs(sum(weights) / chunks - 1) < 0.01
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_training_and_val_losses_equal_the_per_token_reference_of_the_schedule(schedule):
+    """The vectorized loss under training and validation noise against the per-block loop weighted by the
+    reference weight of the schedule's own formula; the noise masks each block with the schedule's probability."""
+    gen = torch.Generator().manual_seed(21)
+    model = small_model(block_size=4, schedule=schedule)
+    for tokens in tricky_streams(64, 4, gen):
+        for noise in (train_noise(64, 4, 0.2, 0.9, gen, schedule), eval_noise(64, 4, 3, 64, schedule)):
+            with torch.no_grad():
+                torch.testing.assert_close(model.token_losses(tokens, noise),
+                                           naive_token_losses(model, tokens, noise, reference_weight(schedule)),
+                                           rtol=1e-4, atol=1e-4)
+    noise = train_noise(400_000, 16, 0.3, 0.8, gen, schedule)
+    mask_prob = torch.tensor([1 - ALPHA[schedule](t) for t in noise.t[::16].tolist()])
+    assert 0.3 - 1e-6 <= mask_prob.min() and mask_prob.max() <= 0.8 + 1e-6  # t_lo, t_hi bound the masking probability
+    assert abs(noise.masked.view(-1, 16).float().mean(1).mean() - mask_prob.mean()) < 0.003
+    assert abs(mask_prob.mean() - SCHEDULES[schedule].mean_mask_prob(0.3, 0.8)) < 0.003
 
 
 # -----------------------------------------------------------------------------

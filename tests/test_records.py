@@ -162,6 +162,7 @@ def commit_files(repo: Path, files: dict[str, str]) -> str:
     repo.mkdir(exist_ok=True)
     git(repo, "init", "-q")
     for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text(text, encoding="utf-8", newline="")
     git(repo, "add", *files)
     git(repo, "commit", "-q", "-m", "the code of the run")
@@ -232,7 +233,9 @@ def test_real_demo_log(tmp_path):
     assert run.returncode == 0, run.stderr
     text = (logs / "demo.txt").read_text(encoding="utf-8")
     repo = tmp_path / "code"
-    rev = commit_files(repo, {name: (REPO / name).read_text(encoding="utf-8") for name in EMBEDDED})
+    embedded = re.findall(r"^==== file: (\S+) ====$", text, re.M)
+    assert {"train.py", "model.py", "common.py", "data/loader.py"} <= set(embedded)
+    rev = commit_files(repo, {name: (REPO / name).read_text(encoding="utf-8") for name in embedded})
     # Two steps teach little; a working model still does no worse than guessing among the 50257 tokens.
     code, out = run_check(tmp_path, text, f"--target={math.log(50257)}", "--val_tokens=1024",
                           "--train_files=.*", "--val_file=.*", f"--rev={rev}", f"--repo={repo}")
@@ -243,3 +246,9 @@ def test_real_demo_log(tmp_path):
     assert code == 1, out
     for reason in ("is not <= target 3.43", "not 10,485,760", "not FineWeb-Edu train", "not the FineWeb-Edu val"):
         assert reason in out
+
+    # a change to any module the run imported, not only train.py and model.py, is a mismatch
+    changed = commit_files(repo, {"data/loader.py": (REPO / "data/loader.py").read_text(encoding="utf-8") + "#\n"})
+    code, out = run_check(tmp_path, text, f"--target={math.log(50257)}", "--val_tokens=1024", "--train_files=.*",
+                          "--val_file=.*", f"--rev={changed}", f"--repo={repo}")
+    assert code == 1 and "data/loader.py differs" in out and "train.py differs" not in out, out

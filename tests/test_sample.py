@@ -14,14 +14,11 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from conftest import REPO, peaked_model, save_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import sample  # noqa: E402
-from model import BD3LM, ModelConfig  # noqa: E402
-from sample import SAMPLERS, Settings, completions, generate, window_start  # noqa: E402
-from train import CHECKPOINT_FORMAT, Hyperparameters  # noqa: E402
+import sample
+from model import BD3LM, ModelConfig
+from sample import SAMPLERS, Settings, completions, generate, window_start
 
 VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
 EOT = VOCAB - 1  # <|endoftext|>, which ends a document
@@ -33,15 +30,7 @@ SAMPLER_SETTINGS = {"ddpm": dict(steps_per_block=4, temperature=0.8, top_p=0.95)
 
 
 def random_model(seed: int = 0, vocab_size: int = VOCAB) -> BD3LM:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, eot_id=vocab_size - 1, n_layer=2, n_head=2, head_dim=16,
-                         model_dim=32, mlp_hidden=64, block_size=BLOCK)
-    model = BD3LM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:  # a wider head gives peaked distributions, as a trained model has
-                param.normal_(0, (4 if name.startswith("head") else 1) * param.size(-1) ** -0.5)
-    return model
+    return peaked_model(BLOCK, seed, vocab_size)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -300,13 +289,7 @@ def test_every_cached_forward_equals_a_full_recompute_on_a_trained_model(trained
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = random_model(vocab_size=50257)
-    path = tmp_path_factory.mktemp("checkpoints") / "final.pt"
-    hparams = asdict(replace(Hyperparameters(), n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
-                             block_size=BLOCK, seq_len=64))
-    torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
-                    hparams=hparams, step=0, optimizers=[], loader={}, rng={}), path)
-    return path
+    return save_checkpoint(random_model(vocab_size=50257), tmp_path_factory.mktemp("checkpoints") / "final.pt")
 
 
 def sample_cli(*flags):

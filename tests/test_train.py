@@ -17,49 +17,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_THREAD, REPO, SMALL, load_final, read_log, run_train, val_losses
 
 import train
 from data.demo import prepare_demo
 from data.shards import read_shard, write_shard
 from records.check import parse_log
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# a small demo-preset model: two layers of width 128, 2 x 128-token sequences per step, exact fp32
-SMALL = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=256",
-         "--seq_len=128", "--batch_size=2", "--val_tokens=1024", "--warmup_steps=0", "--autocast=fp32",
-         "--unigram_baseline=False"]
-# one thread per process: torchrun gives each rank one, and two threads on a busy 2-core machine spin-wait for
-# each other (tens of seconds a step); exactness tests compare runs made with the same thread count anyway
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_corpus():
-    return prepare_demo()
-
-
-def run_train(tmp_path, *flags, env=None, check=True, launcher=(sys.executable, "train.py")):
-    """Run train.py with logs and checkpoints under tmp_path; returns the CompletedProcess."""
-    command = [*launcher, f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/checkpoints", *flags]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, **ONE_THREAD, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def read_log(tmp_path, run_id):
-    with open(f"{tmp_path}/logs/{run_id}.txt") as f:
-        return f.read()
-
-
-def val_losses(log_text):
-    return [float(m.group(1)) for m in re.finditer(r"^step:\d+/\d+ val_loss:(\S+) ", log_text, re.M)]
-
-
-def load_final(tmp_path, run_id):
-    return torch.load(f"{tmp_path}/checkpoints/{run_id}/final.pt", weights_only=True)
+pytestmark = pytest.mark.usefixtures("demo_corpus")
 
 
 def test_demo_run_end_to_end(tmp_path):
@@ -68,9 +33,11 @@ def test_demo_run_end_to_end(tmp_path):
                     "--val_tokens=4096", "--warmup_steps=2", "--muon_momentum_warmup=6", "--batch_size=4")
     text = read_log(tmp_path, "demo")
     parsed = parse_log(text)  # the records checker must be able to read what train.py writes
-    for name in ("train.py", "model.py"):
+    assert set(parsed.files) == {"train.py", "model.py", "common.py", "data/__init__.py", "data/demo.py",
+                                 "data/loader.py", "data/prepare.py", "data/shards.py", "data/tokenizer.py"}
+    for name, body in parsed.files.items():  # every repository module the run imported, as it is on disk
         with open(os.path.join(REPO, name)) as f:
-            assert parsed.files[name] == f.read()
+            assert body == f.read(), name
     config = json.loads(parsed.header["config"].group("json"))
     assert config["preset"] == "demo" and config["steps"] == steps
     lines = text.split("\n")
@@ -334,3 +301,25 @@ def test_muon_equals_torch_muon_and_fp32_newton_schulz_stays_close():
         assert not torch.equal(reference, initial)
         moved = float((reference - initial).detach().abs().max())
         torch.testing.assert_close(fp32, reference, rtol=0, atol=0.03 * moved)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "sqrt"])
+def test_training_validation_and_warm_up_draw_the_noise_of_the_schedule(schedule, tmp_path, monkeypatch):
+    """Every noise train.py draws (training steps, validation, the warm-up) is the schedule's."""
+    drawn = []
+
+    def spy(function):
+        def draw(*args, **kwargs):
+            drawn.append(function.__name__)
+            noise = function(*args, **kwargs)
+            assert args[-1] == schedule
+            return noise
+        return draw
+
+    monkeypatch.setattr(train, "train_noise", spy(train.train_noise))
+    monkeypatch.setattr(train, "eval_noise", spy(train.eval_noise))
+    monkeypatch.setattr(train.common, "eval_noise", spy(train.common.eval_noise))
+    train.main([*SMALL, "--steps=1", f"--schedule={schedule}", f"--log_dir={tmp_path}/logs",
+                f"--checkpoint_dir={tmp_path}/ck", "--run_id=spy"])
+    assert {"train_noise", "eval_noise"} == set(drawn)
+    assert json.loads(re.search(r"^config:(.*)$", read_log(tmp_path, "spy"), re.M).group(1))["schedule"] == schedule

@@ -1,0 +1,197 @@
+"""
+What the scripts share: --name=value flags and --help, the device, precision and process group, checkpoints,
+peak memory, and the val NELBO (the protocol of train.py's validation and of eval.py).
+
+train.py, sample.py, eval.py and bench.py import this file; it imports only model.py and data/, never a script.
+"""
+
+import os
+import resource
+import sys
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.loader import val_batches
+from model import BD3LM, ModelConfig, Noise, check_token_ids, eval_noise
+
+CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # v2: <|endoftext|> ends a document, fixed block slots
+VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
+
+
+class ConfigError(ValueError):
+    """A flag, file or combination of settings a script cannot use: one line on stderr, exit status 2."""
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+def usage(command: str, *settings_classes) -> str:
+    """--help: each field of the settings dataclasses with its default and help text."""
+    lines = [f"usage: {command}", ""]
+    for f in (f for cls in settings_classes for f in fields(cls)):
+        lines.append(f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_value(name: str, kind: type, text: str):
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{name} takes True or False, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name} takes a value of type {kind.__name__}, got {text!r}") from None
+
+
+def parse_flags(argv: list[str], settings_class) -> dict:
+    """`--name=value` flags for the fields of a settings dataclass, each value converted to its field's type."""
+    kinds, flags = {f.name: f.type for f in fields(settings_class)}, {}
+    for arg in argv:
+        name, equals, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not equals:
+            raise ConfigError(f"expected --name=value, got {arg!r} (see --help)")
+        if name not in kinds:
+            raise ConfigError(f"unknown flag --{name} (see --help)")
+        flags[name] = parse_value(name, kinds[name], text)
+    return flags
+
+
+def fail(message: str, status: int = 1):
+    """One line on stderr (from rank 0 only), then exit: user errors never print a traceback."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        *others, last = choices
+        raise ConfigError(f"--{name} must be {', '.join(others)} or {last}, got {value!r}")
+
+
+# -----------------------------------------------------------------------------
+# Device, precision, process group
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`--device`: auto (this rank's GPU if there is one, else the CPU), cpu or cuda."""
+    check_choice("device", name, ("auto", "cpu", "cuda"))
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but this machine has no CUDA device")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def ranks() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain `python script.py`."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join torchrun's ranks, NCCL on GPUs and gloo on CPUs; nothing for one process."""
+    if ranks()[1] > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 matmul kernels for this CPU: x86 with AVX-512 (in hardware with AVX512-BF16 or AMX,
+    converted otherwise) or ARM with bf16. Without them (AVX2-only CPUs) bf16 matmuls run hundreds of times
+    slower than fp32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fast_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or cpu_has_bf16_kernels()
+
+
+def uses_bf16(autocast: str, device: torch.device) -> bool:
+    """`--autocast`: auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32."""
+    check_choice("autocast", autocast, ("auto", "bf16", "fp32"))
+    return autocast == "bf16" or (autocast == "auto" and fast_bf16(device))
+
+
+def autocast_context(device: torch.device, bf16: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def peak_memory_mib(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() // 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+
+
+def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, Noise]:
+    """Check a chunk's token ids on the CPU (the compiled loss cannot without waiting for the device), then copy it
+    and its noise to `device`; to a GPU from pinned memory, without blocking."""
+    check_token_ids(tokens, vocab_size)
+
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    return copy(tokens), Noise(*(copy(x) for x in noise))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def read_checkpoint(path: str, device) -> dict:
+    """A checkpoint of this code's format, loaded with weights_only=True; a ConfigError naming the problem
+    otherwise."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path!r} does not exist" if path else "--checkpoint=PATH is required")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:
+        raise ConfigError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        said = state.get("format") if isinstance(state, dict) else None
+        found = f" (it says {said!r}: retrain with this code)" if said else ""
+        raise ConfigError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
+    return state
+
+
+def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
+    """The trained model of a checkpoint, in eval mode, and the settings of the run that wrote it."""
+    state = read_checkpoint(path, device)
+    try:
+        model = BD3LM(ModelConfig(**state["model_config"])).to(device)
+        model.load_state_dict(state["model"])
+        return model.eval(), state["hparams"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited checkpoint
+        raise ConfigError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
+
+
+# -----------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
+              world_size: int = 1, progress: bool = False) -> tuple[float, int]:
+    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into
+    fixed chunks of seq_len, under eval_noise(seed): the same chunks and noise whatever the world size.
+    Returns (NELBO, tokens) summed over all ranks."""
+    device, config = model.head.weight.device, model.config
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    token_count = torch.zeros((), dtype=torch.float64, device=device)
+    chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
+    for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
+        noise = eval_noise(tokens.numel(), config.block_size, seed, offset, config.schedule)
+        loss = model(*to_device(tokens, noise, device, config.vocab_size))
+        loss_sum += loss.double() * tokens.numel()
+        token_count += tokens.numel()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    return (loss_sum / token_count).item(), int(token_count.item())
