@@ -8,21 +8,17 @@ What a checkpoint is worth: the validation NELBO on data, or the quality of its 
     python eval.py --checkpoint=PATH --judge=checkpoints/ar/final.pt --sampler=confidence --threshold=0.7
     python eval.py --checkpoint=PATH --judge=gpt2-large --sweep=True            # needs `pip install transformers`
 
-NELBO: the protocol is training's validation (common.val_nelbo): fixed chunks of seq_len tokens, t ~ U(0, 1) per
-block under the checkpoint's schedule, and masks from a seed and each token's global position, so the result does
-not depend on the world size.
-Seed k of `--seeds=K` is train.py's val seed plus k, so `--seeds=1` reproduces the log.
+NELBO: the protocol of training's validation (common.val_nelbo), whose result does not depend on the world size.
+Seed k of `--seeds=K` is train.py's val seed plus k, so `--seeds=1` reproduces the run's last val line.
 
-Sample quality (`--judge`): sample.py's generate with sample.py's flags, then the generative perplexity of the
-samples under an autoregressive judge (a checkpoint of this repository trained with --block_size=1, or a Hugging
-Face causal LM such as GPT-2 Large, as in the BD3-LM paper), the mean unigram entropy of each sample (low: a
-degenerate, repetitive sample), lengths, the share that ended with <|endoftext|>, tokens/s and forwards per token.
-`--sweep=True` runs a table of samplers and knobs instead and prints it as markdown.
+Sample quality (`--judge`): samples from sample.py's generate (with its flags) under an autoregressive judge, a
+checkpoint of this repository trained with --block_size=1 or a Hugging Face causal LM (GPT-2 Large, as in the
+BD3-LM paper): generative perplexity, mean unigram entropy (low: degenerate, repetitive samples), lengths, the
+share that ended with <|endoftext|>, speed. `--sweep=True` prints a markdown table of samplers and knobs instead.
 
 The last line is the result, `key:value` pairs a script can parse.
 """
 
-import glob
 import math
 import os
 import statistics
@@ -37,7 +33,7 @@ import common
 import sample
 from common import VAL_NOISE_SEED, ConfigError, load_model
 from data.loader import find_shards, val_batches
-from model import BD3LM, setting
+from model import BD3LM, SCHEDULES, setting
 
 GPT2_VOCAB = 50257
 
@@ -49,6 +45,8 @@ class Settings(sample.Settings):
     val_tokens: int = setting(-1, "NELBO: tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
     seq_len: int = setting(0, "NELBO: tokens per chunk; 0: the run's seq_len")
     seeds: int = setting(1, "NELBO: noise seeds; with more than one, the mean and its standard error")
+    schedule: str = setting("", "NELBO: the val noise's schedule; empty: the run's (every schedule estimates the "
+                                "same NELBO, with its own variance)")
     autocast: str = setting("auto", "NELBO: auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32 "
                                     "(samples are generated in fp32, as sample.py generates them)")
     judge: str = setting("", "score samples instead of data: a checkpoint trained with --block_size=1, or a Hugging "
@@ -57,23 +55,25 @@ class Settings(sample.Settings):
     num_samples: int = setting(64, "samples generated together as one batch")
 
 
-SAMPLE_ONLY = {f.name for f in fields(sample.Settings)} - {"checkpoint", "device", "num_samples", "seed"}
+# the flags that only sample quality reads
+SAMPLE_ONLY = {"sweep", *(f.name for f in fields(sample.Settings))} - {"checkpoint", "device", "num_samples", "seed"}
 # the sweep: every sampler of the registry at each value of its knob
 SWEEP = [dict(sampler=name, **({entry.knob: value} if entry.knob else {}))
          for name, entry in sample.SAMPLERS.items() for value in entry.sweep or (None,)]
 
 
 def parse_settings(argv: list[str]) -> Settings:
-    s = Settings(**common.parse_flags(argv, Settings))
-    given = {arg[2:].split("=")[0] for arg in argv}
-    if "show_denoising" in given:
+    flags = common.parse_flags(argv, Settings)
+    s = Settings(**flags)
+    if "show_denoising" in flags:
         raise ConfigError("--show_denoising is sample.py's: eval.py prints no samples")
-    if not s.judge and given & (SAMPLE_ONLY | {"sweep"}):
-        raise ConfigError(f"--{sorted(given & (SAMPLE_ONLY | {'sweep'}))[0]} applies to sample quality: give "
-                            f"--judge too")
+    if not s.judge and flags.keys() & SAMPLE_ONLY:
+        raise ConfigError(f"--{min(flags.keys() & SAMPLE_ONLY)} applies to sample quality: give --judge too")
     sample.check_settings(s)
     if s.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
+    if s.schedule:
+        common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
     if s.val_tokens < -1 or s.seq_len < 0:
         raise ConfigError(f"--val_tokens must be -1, 0 or positive and --seq_len 0 or positive, got "
                             f"{s.val_tokens} and {s.seq_len}")
@@ -178,13 +178,12 @@ def knobs(s: Settings) -> str:
 def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
     rows = ["| sampler | knob | tokens/forward, per sample | tokens/forward, batch | tokens/s | gen PPL | entropy | "
             "ended with EOT | median length |", "|---|---|---|---|---|---|---|---|---|"]
-    for overrides in SWEEP:
-        setting_s = replace(s, **overrides)
-        q = sample_quality(model, judge, prompt, setting_s)
-        rows.append(f"| {setting_s.sampler} | {knobs(setting_s)} | {q['tokens_per_forward']:.2f} | "
-                    f"{q['batch_tokens_per_forward']:.2f} | "
-                    f"{q['tokens_per_s']:.0f} | {q['gen_ppl']:.1f} ± {q['gen_ppl'] * q['log_ppl_stderr']:.1f} | "
-                    f"{q['entropy']:.2f} | {q['ended']:.0%} | {q['median_length']:.0f} |")
+    for swept in (replace(s, **overrides) for overrides in SWEEP):
+        q = sample_quality(model, judge, prompt, swept)
+        rows.append(f"| {swept.sampler} | {knobs(swept)} | {q['tokens_per_forward']:.2f} | "
+                    f"{q['batch_tokens_per_forward']:.2f} | {q['tokens_per_s']:.0f} | {q['gen_ppl']:.1f} ± "
+                    f"{q['gen_ppl'] * q['log_ppl_stderr']:.1f} | {q['entropy']:.2f} | {q['ended']:.0%} | "
+                    f"{q['median_length']:.0f} |")
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a sweep takes minutes
     return "\n".join(rows)
 
@@ -202,6 +201,7 @@ def main(argv: list[str]) -> None:
         s = parse_settings(argv)
         device = common.pick_device(s.device)
         model, hparams = load_model(s.checkpoint, device)
+        model.config.schedule = s.schedule or model.config.schedule
         if s.judge:
             if world_size > 1:
                 raise ConfigError("sample quality runs in one process: start it without torchrun")
@@ -210,9 +210,9 @@ def main(argv: list[str]) -> None:
             prompt = sample.read_prompt(s)
             judge = load_judge(s.judge, model, device)
         else:
-            files = find_shards(s.files) if s.files else [hparams["val_file"]]
-            if not s.files and not glob.glob(hparams["val_file"]):
+            if not s.files and not os.path.isfile(hparams["val_file"]):
                 raise ConfigError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
+            files = find_shards(s.files) if s.files else [hparams["val_file"]]
             seq_len = s.seq_len or hparams["seq_len"]
             num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
             val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
@@ -247,7 +247,7 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
     with common.autocast_context(device, bf16):
         for k in range(s.seeds):
             loss, tokens = common.val_nelbo(model, files, num_tokens, seq_len, VAL_NOISE_SEED + k, rank, world_size,
-                                     progress=rank == 0)
+                                            progress=rank == 0)
             results.append(loss)
             if rank == 0 and s.seeds > 1:
                 print(f"seed:{VAL_NOISE_SEED + k} val_nelbo:{loss:.4f}", flush=True)
@@ -257,7 +257,8 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
         mean = statistics.fmean(results)
         stderr = statistics.stdev(results) / math.sqrt(len(results)) if len(results) > 1 else float("nan")
         print(f"val_nelbo:{mean:.4f} stderr:{stderr:.4f} ppl_bound:{math.exp(min(mean, 700)):.2f} seeds:{s.seeds} "
-              f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} files:{','.join(files)}")
+              f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} schedule:{model.config.schedule} "
+              f"files:{','.join(files)}")
 
 
 if __name__ == "__main__":

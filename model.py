@@ -257,7 +257,7 @@ def flex_kernel_options(device_properties) -> dict:
 
 def check_token_ids(tokens: Tensor, top: int) -> None:
     """Token ids must lie in [0, top). Reading them back waits for the device, so the compiled loss leaves this to
-    its callers, which check on the CPU before the copy (train.to_device)."""
+    its callers, which check on the CPU before the copy (common.to_device)."""
     if int(tokens.min()) < 0 or int(tokens.max()) >= top:
         raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
 

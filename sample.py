@@ -3,18 +3,16 @@ Generate text from a trained BD3-LM checkpoint, block by block.
 
     python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The history of" --max_new_tokens=256
 
-The prompt and the text after it are one sequence cut into fixed blocks, as in training; an empty prompt starts
-a new document at block 0. Each new block starts as all [MASK] (or with the prompt's tail in it when the prompt
-does not end on a block boundary) and is denoised in a few steps by one of three samplers; the finished block
-then enters the KV cache as clean context, so a denoising step costs one forward pass of one block. A sample
-ends at its first generated <|endoftext|> (`--stop_at_eot=False`: it goes on into new documents).
+The prompt and the text after it are one sequence cut into fixed blocks, as in training (an empty prompt starts a
+new document). Each new block starts as all [MASK], or with the prompt's tail, and one of the SAMPLERS denoises it
+in a few steps; the finished block enters the KV cache as clean context, so a step costs one forward of one block.
+A sample ends at its first generated <|endoftext|> (`--stop_at_eot=False`: it goes on into new documents).
 
-Text longer than `--context` (default: the training length) is written under a sliding window that moves by half
-a context at a time; the cache is then re-encoded from the window's tokens, so it always holds exactly what a
-pass over the window would, and memory stays bounded. `--kv_cache=False` instead recomputes the whole window at
-every step: the slow reference. Both paths compute the same logits up to float rounding (about 1e-5); the tokens
-drawn from them are the same until a draw lands within that rounding of a step of the cumulative distribution,
-which on the trained demo model can happen within a few hundred tokens, after which the two samples part.
+Beyond `--context` tokens (default: the training length) a window slides by half a context; the cache is then
+re-encoded from the window's tokens, so it holds exactly what a pass over the window would, in bounded memory.
+`--kv_cache=False` recomputes the window at every step: the slow reference, with the same logits up to float
+rounding (about 1e-5), so the samples part only once a draw lands within that rounding of a step of the cumulative
+distribution (on the trained demo model, within a few hundred tokens).
 
 `generate` knows the model's inference API and the samplers, nothing about tokenizers or files; `main` is the
 command line around it: settings, checkpoint, prompt, printing.
@@ -65,50 +63,24 @@ class Settings:
 def check_settings(s: Settings) -> None:
     if s.sampler not in SAMPLERS:
         raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
-    for name in ("num_samples", "max_new_tokens", "steps_per_block"):
-        if getattr(s, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(s, name)}")
-    if s.context < 0:
-        raise ConfigError(f"--context must be 0 (the training seq_len) or positive, got {s.context}")
-    if not 0 <= s.threshold <= 1:
-        raise ConfigError(f"--threshold must lie in [0, 1], got {s.threshold}")
-    if not 0 < s.top_p <= 1:
-        raise ConfigError(f"--top_p must lie in (0, 1], got {s.top_p}")
-    if not s.temperature >= 0:
-        raise ConfigError(f"--temperature must not be negative, got {s.temperature}")
-    if not 0 <= s.seed < 2**63:
-        raise ConfigError(f"--seed must lie in [0, 2**63), got {s.seed}")
+    for name, valid, rule in [("num_samples", s.num_samples >= 1, "be at least 1"),
+                              ("max_new_tokens", s.max_new_tokens >= 1, "be at least 1"),
+                              ("steps_per_block", s.steps_per_block >= 1, "be at least 1"),
+                              ("context", s.context >= 0, "be 0 (the training seq_len) or positive"),
+                              ("threshold", 0 <= s.threshold <= 1, "lie in [0, 1]"),
+                              ("top_p", 0 < s.top_p <= 1, "lie in (0, 1]"),
+                              ("temperature", s.temperature >= 0, "not be negative"),
+                              ("seed", 0 <= s.seed < 2**63, "lie in [0, 2**63)")]:
+        if not valid:
+            raise ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
     if s.prompt and s.prompt_file:
         raise ConfigError("give --prompt or --prompt_file, not both")
 
 
 # -----------------------------------------------------------------------------
-# Samplers: one denoising step of a block [N, n]
-
-
-def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Probabilities [..., V] to draw from, in float64, so that the rounding of this step adds nothing to the
-    rounding by which the cached and the reference path's logits differ."""
-    if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    probs = torch.softmax(logits.double() / temperature, -1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        kept = sorted_probs.cumsum(-1) - sorted_probs < top_p  # mass before a token below top_p; keeps the top one
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * kept)
-    return probs / probs.sum(-1, keepdim=True)
-
-
-def draw(cdf: Tensor, generator: torch.Generator) -> Tensor:
-    """One token per position by inverting the cumulative distribution with one uniform number each."""
-    u = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64, device=generator.device)
-    u = (u.to(cdf.device) * cdf[..., -1])[..., None]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
-
-
-# Each sampler chooses which masked positions [N, n] of a block to commit at denoising step `step` (from 0), given
-# the block's logits [N, n, V]; the tokens committed are then drawn from the logits. A new sampler is one function
-# and one entry in SAMPLERS.
+# Samplers: each chooses which masked positions [N, n] of a block to commit at denoising step `step` (from 0),
+# given the block's logits [N, n, V]; denoise_block then draws the committed tokens from the logits. A new
+# sampler is one function and one entry in SAMPLERS.
 
 
 def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
@@ -126,8 +98,7 @@ def first_hitting(step: int, masked: Tensor, logits: Tensor, s: Settings, schedu
 
 
 def confidence(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
-    """Every masked token whose top probability (the model's own, before temperature and top-p) reaches
-    s.threshold, and at least the most confident one."""
+    """Every masked token whose top probability (before temperature and top-p) reaches s.threshold; at least one."""
     scores = (logits.amax(-1) - logits.logsumexp(-1)).exp()
     return best_of(scores, masked) | (masked & (scores >= s.threshold))
 
@@ -152,13 +123,35 @@ SAMPLERS = {
 }
 
 
+# -----------------------------------------------------------------------------
+# Denoising and generation
+
+
+def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Probabilities [..., V] to draw from, in float64, so that the rounding of this step adds nothing to the
+    rounding by which the cached and the reference path's logits differ."""
+    if temperature == 0:
+        return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        kept = sorted_probs.cumsum(-1) - sorted_probs < top_p  # mass before a token below top_p; keeps the top one
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * kept)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def draw(cdf: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per position by inverting the cumulative distribution with one uniform number each."""
+    u = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64, device=generator.device)
+    u = (u.to(cdf.device) * cdf[..., -1])[..., None]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
 def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, schedule_name: str, generator,
                   on_step=None) -> tuple[Tensor, Tensor]:
-    """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. Tokens are drawn only where
-    a step commits. A step that commits nothing leaves the block as it was, so the next step reuses the last
-    forward's logits (no change, no forward). Returns the block and the forwards its rows needed: a forward
-    counts for a row whose block changed since its last one (rows are independent, so a row that did not
-    change would have reused its logits alone): what the rows cost one at a time."""
+    """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. A step that commits nothing
+    reuses the last forward's logits. Returns the block and the forwards its rows would need one at a time (a row
+    counts a forward only if its block changed since its last one)."""
     masked, logits, step = block == mask_id, None, 0
     choose, schedule = SAMPLERS[s.sampler].choose, SCHEDULES[schedule_name]
     changed, row_forwards = masked.any(-1), torch.zeros((), dtype=torch.long, device=block.device)
@@ -176,10 +169,6 @@ def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, schedu
                 on_step(block)
         step += 1
     return block, row_forwards
-
-
-# -----------------------------------------------------------------------------
-# Generation
 
 
 @dataclass
@@ -206,24 +195,19 @@ def window_start(begin: int, block_size: int, context: int) -> int:
 @torch.no_grad()
 def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Generator, on_step=None,
              progress: bool = False) -> tuple[Tensor, Stats]:
-    """Continue `prompt` (token ids, possibly none) in `s.num_samples` rows at once. Returns the tokens
-    [N, len(prompt) + generated] and stats. With `s.stop_at_eot`, stops early once every row has generated an
-    <|endoftext|>. Each forward sees the tokens from window_start on, s.context at most (a multiple of the
-    block size; 0: all), so text of any length takes bounded memory. `on_step(block_index, block)` sees each
-    block after every step that changed it."""
+    """Continue `prompt` (token ids, possibly none) in s.num_samples rows at once: the tokens [N, len(prompt) +
+    generated] and stats. `on_step(block_index, block)` sees each block after every step that changed it."""
     cfg, device = model.config, model.head.weight.device
     total = len(prompt) + s.max_new_tokens
-    context = s.context or -(-total // cfg.block_size) * cfg.block_size
+    context = s.context or -(-total // cfg.block_size) * cfg.block_size  # 0: the whole text in one window
     check_context(context, cfg.block_size)
     start_time, stats = time.perf_counter(), Stats()
     tokens = torch.full((s.num_samples, total), cfg.mask_id, device=device)
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    first_block = len(prompt) - len(prompt) % cfg.block_size  # the prompt's tail is fixed in this block
+    starts = range(len(prompt) - len(prompt) % cfg.block_size, total, cfg.block_size)  # the first has the prompt's tail
     cache = None
-
-    starts = range(first_block, tokens.size(1), cfg.block_size)
     for index, begin in enumerate(tqdm(starts, unit="block", disable=not progress)):
-        end, window = min(begin + cfg.block_size, tokens.size(1)), window_start(begin, cfg.block_size, context)
+        end, window = min(begin + cfg.block_size, total), window_start(begin, cfg.block_size, context)
         if s.kv_cache and (cache is None or cache.start != window):  # (re-)encode the window's clean tokens
             cache = model.new_cache(s.num_samples, context, start=window)
             if begin > window:
@@ -242,7 +226,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
                                                            cfg.schedule, generator, show)
         stats.row_forwards += int(row_forwards)
         ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
-        if end == tokens.size(1) or ended:
+        if end == total or ended:
             tokens = tokens[:, :end]
             break
         if cache and window_start(end, cfg.block_size, context) == window:
@@ -258,7 +242,6 @@ def completions(tokens: Tensor, prompt_length: int, eot: int, cut: bool = True) 
     """Each row's generated tokens, cut before its first <|endoftext|> (if `cut`)."""
     rows = tokens[:, prompt_length:].tolist()
     return [row[: row.index(eot)] if cut and eot in row else row for row in rows]
-
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -299,9 +282,8 @@ def main(argv: list[str]) -> None:
             text = "".join(MASK_GLYPH if i == model.config.mask_id else tokenizer.decode([i]) for i in ids)
             print(f"block {index} sample {row}: {text!r}")
 
-    generator = torch.Generator(device).manual_seed(s.seed)
-    tokens, stats = generate(model, prompt, s, generator, on_step=show if s.show_denoising else None,
-                             progress=not s.show_denoising)
+    tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed),
+                             on_step=show if s.show_denoising else None, progress=not s.show_denoising)
     for row, completion in enumerate(completions(tokens, len(prompt), model.config.eot_id, cut=s.stop_at_eot)):
         print(f"---- sample {row} ----\n{s.prompt}{tokenizer.decode(completion)}")
     total = s.num_samples * stats.new_tokens

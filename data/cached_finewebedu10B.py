@@ -2,13 +2,12 @@
 
     python data/cached_finewebedu10B.py 10      # the val shard and train shards 1..10 (100M tokens each)
 
-Files come from the dataset repo kjj0/finewebedu10B-gpt2 and land in data/finewebedu10B/. A file that is
-already there and valid (its header matches its size) is skipped without asking the network, so a re-run only
-fetches what is missing. huggingface_hub downloads each file to a temporary name and renames it when complete,
-so an interrupted transfer never leaves a valid-looking shard; every file is checked again after download.
-HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work as huggingface_hub documents them.
-
-This file knows the file names on the Hub; the shard format belongs to shards.py.
+Files come from the dataset repo kjj0/finewebedu10B-gpt2 into data/finewebedu10B/. A file already there and
+valid (its header matches its size) is skipped without asking the network, so a re-run only fetches what is
+missing. huggingface_hub downloads to a temporary name and renames when complete, so an interrupted transfer
+never leaves a valid-looking shard; every file is checked again after download. HF_ENDPOINT, HF_TOKEN and
+HF_HUB_OFFLINE work as huggingface_hub documents them. This file knows the file names on the Hub; the shard
+format belongs to shards.py.
 """
 
 import argparse
@@ -24,26 +23,17 @@ MAX_TRAIN_SHARDS = 99
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finewebedu10B")
 
 
-def shard_names(num_train: int) -> list[str]:
-    return ["finewebedu_val_000000.bin"] + [f"finewebedu_train_{i:06d}.bin" for i in range(1, num_train + 1)]
-
-
-def is_complete(path: str) -> bool:
-    try:
-        shard_num_tokens(path)
-        return True
-    except ShardError:
-        return False
-
-
 def download(name: str, out_dir: str) -> None:
     """Fetch one file unless a valid copy is there; exit with one line if the network or the file fails."""
     from huggingface_hub import constants, hf_hub_download
 
     path = os.path.join(out_dir, name)
-    if is_complete(path):
+    try:
+        shard_num_tokens(path)
         print(f"{name}: already complete, skipped")
         return
+    except ShardError:  # missing or incomplete
+        pass
     try:
         hf_hub_download(repo_id=REPO_ID, filename=name, repo_type="dataset", local_dir=out_dir)
     except Exception as e:  # connection, HTTP, offline-mode and consistency errors all end the same way
@@ -60,13 +50,14 @@ def download(name: str, out_dir: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("num_train", type=int, nargs="?", default=10, help="train shards to fetch (1-99)")
+    parser.add_argument("num_train", type=int, nargs="?", default=10, help="train shards to fetch (0-99)")
     parser.add_argument("--out_dir", default=DEFAULT_DIR, help="where the shards go")
     args = parser.parse_args()
     if not 0 <= args.num_train <= MAX_TRAIN_SHARDS:
         raise SystemExit(f"num_train must be between 0 and {MAX_TRAIN_SHARDS}, got {args.num_train}")
     os.makedirs(args.out_dir, exist_ok=True)
-    for name in shard_names(args.num_train):
+    train_names = [f"finewebedu_train_{i:06d}.bin" for i in range(1, args.num_train + 1)]
+    for name in ["finewebedu_val_000000.bin"] + train_names:
         download(name, args.out_dir)
 
 

@@ -3,9 +3,8 @@
 Sources, in this order: the Python language reference topics of `pydoc_data.topics`, then the docstrings of
 the standard library, numpy and torch (modules, their public classes and functions, and the public members
 of those classes). Docstrings shorter than 200 characters are dropped and exact duplicates kept once. The
-documents are shuffled with a fixed seed and written by prepare.py's `write_token_shards`, so the first
-~128K tokens are a held-out val split drawn from all sources. The result depends only on the Python and
-package versions installed.
+documents are shuffled with a fixed seed, so the first ~128K tokens, the held-out val split, come from all
+sources. The result depends only on the Python and package versions installed.
 
     python data/demo.py     # writes data/demo/demo_{train,val}_000000.bin unless they are already there
 
@@ -15,6 +14,7 @@ This file chooses the text; tokenizing and the shard format belong to prepare.py
 import importlib
 import inspect
 import os
+import pkgutil
 import random
 import re
 import sys
@@ -48,19 +48,13 @@ PACKAGE_MODULES = [
 
 def stdlib_modules() -> list:
     """The importable public standard-library modules and their direct public submodules, sorted by name."""
-    import pkgutil
-
-    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in STDLIB_SKIP)
     modules = []
-    for name in names:
+    for name in sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in STDLIB_SKIP):
         module = _try_import(name)
-        if module is None:
-            continue
-        modules.append(module)
-        children = pkgutil.iter_modules(getattr(module, "__path__", []), name + ".")
-        for child in sorted(info.name for info in children):
-            if not child.rsplit(".", 1)[1].startswith("_"):
-                modules += filter(None, [_try_import(child)])
+        if module is not None:
+            children = pkgutil.iter_modules(getattr(module, "__path__", []), name + ".")
+            public = sorted(info.name for info in children if not info.name.rsplit(".", 1)[1].startswith("_"))
+            modules += [module] + [child for child in map(_try_import, public) if child is not None]
     return modules
 
 
@@ -118,27 +112,22 @@ def collect_documents() -> tuple[list[str], dict[str, int]]:
     documents, counts = {}, {}
     for source, texts in sources.items():
         before = len(documents)
-        documents.update((text, None) for text in texts if len(text) >= MIN_CHARS and text not in documents)
+        documents.update((text, None) for text in texts if len(text) >= MIN_CHARS)
         counts[source] = len(documents) - before
     documents = list(documents)
     random.Random(0).shuffle(documents)
     return documents, counts
 
 
-def demo_paths() -> tuple[str, str]:
-    return os.path.join(DEMO_DIR, "demo_train_000000.bin"), os.path.join(DEMO_DIR, "demo_val_000000.bin")
-
-
 def prepare_demo() -> tuple[str, str]:
     """Write the demo shards unless valid ones exist; print the corpus size; return (train_path, val_path)."""
-    train_path, val_path = demo_paths()
+    train_path, val_path = (os.path.join(DEMO_DIR, f"demo_{split}_000000.bin") for split in ("train", "val"))
     try:
         train, val = read_shard(train_path), read_shard(val_path)
     except ShardError:
         documents, counts = collect_documents()
-        train_paths, val_paths = write_token_shards(
-            documents, DEMO_DIR, "demo", DEMO_VAL_TOKENS, shard_tokens=1 << 28, workers=1, progress=False
-        )
+        train_paths, val_paths = write_token_shards(documents, DEMO_DIR, "demo", DEMO_VAL_TOKENS, shard_tokens=1 << 28,
+                                                    workers=1, progress=False)
         if [train_path, val_path] != train_paths + val_paths:
             raise RuntimeError(f"demo corpus no longer fits one train and one val shard: {train_paths}")
         train, val = read_shard(train_path), read_shard(val_path)

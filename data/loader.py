@@ -1,17 +1,14 @@
 """Read token shards as one stream, in a fixed order, split across ranks; never reuse a token.
 
 The shards of a split are concatenated, in the order given, into one stream with global positions. The
-training stream is cut into chunks of `seq_len` tokens. One call of `next_batch` on every rank reads the next
+training stream is cut into chunks of `seq_len` tokens. One `next_batch` call on every rank reads the next
 window of `world_size` x `sequences` chunks, and rank r takes the r-th run of `sequences` consecutive chunks of
 it, so the chunks a run sees, and their order, do not depend on how it is spread over ranks, sequences per
-forward and gradient-accumulation steps. With `align_to_documents` each chunk starts at
-the first document that begins at or after the end of the previous chunk (the token after an `<|endoftext|>`,
-which ends the document before it); the tokens skipped to get there count as consumed and are never read.
-When the stream cannot fill the next window the loader raises DataExhausted: it never wraps around. Its
-position is one global offset, saved as (shard, offset).
-
-Validation reads the first `num_tokens` of its stream in fixed, unaligned chunks (`val_batches`), so the
-tokens evaluated and their global offsets are the same for every world size.
+forward and gradient-accumulation steps. With `align_to_documents` each chunk starts at the first document that
+begins at or after the end of the previous chunk (the token after an `<|endoftext|>`); the tokens skipped to get
+there count as consumed and are never read. When the stream cannot fill the next window the loader raises
+DataExhausted: it never wraps around. Its position is one global offset, saved as (shard, offset). Validation
+(`val_batches`) reads fixed, unaligned chunks, so the tokens evaluated are the same for every world size.
 
 This file knows the shard format (through shards.py) and token ids only; it knows nothing about the model.
 """
@@ -22,13 +19,11 @@ import os
 import numpy as np
 import torch
 
-from data.shards import VOCAB_SIZE, read_shard, shard_num_tokens
+from data.shards import VOCAB_SIZE, read_shard
 from data.tokenizer import EOT
 
-MISSING_DATA_HINT = (
-    "download FineWeb-Edu with `python data/cached_finewebedu10B.py 10` (10 train shards, 1B tokens), "
-    "or train on the built-in demo corpus with `python train.py --preset=demo`"
-)
+MISSING_DATA_HINT = ("download FineWeb-Edu with `python data/cached_finewebedu10B.py 10` (10 train shards, 1B "
+                     "tokens), or train on the built-in demo corpus with `python train.py --preset=demo`")
 
 
 class DataExhausted(RuntimeError):
@@ -47,26 +42,20 @@ class TokenStream:
     """Shard files as one concatenated stream of tokens with global positions, read through memmaps."""
 
     def __init__(self, files):
-        self.files = [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+        self.files = [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
         if not self.files:
             raise FileNotFoundError(f"no shard files given: {MISSING_DATA_HINT}")
         for path in self.files:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: no such shard: {MISSING_DATA_HINT}")
-        sizes = [shard_num_tokens(path) for path in self.files]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # global position of each file's start
+        self.shards = [read_shard(path) for path in self.files]
+        self.starts = np.cumsum([0, *map(len, self.shards)]).tolist()  # global position of each file's start
         self.num_tokens = self.starts[-1]
-        self._memmaps = {}
         self._eot_file, self._eot_positions = None, None
 
     def file_of(self, position: int) -> int:
         """Index of the file holding `position` (len(files) at the end of the stream); skips empty files."""
         return int(np.searchsorted(self.starts, position, side="right")) - 1
-
-    def shard_tokens(self, index: int) -> np.ndarray:
-        if index not in self._memmaps:
-            self._memmaps[index] = read_shard(self.files[index])
-        return self._memmaps[index]
 
     def read(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the stream as a uint16 array (a copy when it spans files)."""
@@ -74,7 +63,7 @@ class TokenStream:
         while start < end:
             take = min(end, self.starts[index + 1]) - start
             local = start - self.starts[index]
-            pieces.append(self.shard_tokens(index)[local : local + take])
+            pieces.append(self.shards[index][local : local + take])
             start, index = start + take, index + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -84,7 +73,7 @@ class TokenStream:
         index = self.file_of(position)
         while index < len(self.files):
             if self._eot_file != index:  # one file's document ends at a time: the stream is read forward
-                self._eot_file, self._eot_positions = index, np.flatnonzero(self.shard_tokens(index) == EOT)
+                self._eot_file, self._eot_positions = index, np.flatnonzero(self.shards[index] == EOT)
             k = int(np.searchsorted(self._eot_positions, position - self.starts[index]))
             if k < len(self._eot_positions):
                 return self.starts[index] + int(self._eot_positions[k]) + 1
@@ -94,9 +83,8 @@ class TokenStream:
 
 
 class TokenLoader:
-    """Each `next_batch` call returns this rank's `sequences` chunks [sequences, seq_len] of the next global
-    window of the training stream. The last `held_out_tokens` of the stream are never read (train.py's
-    --clip_search measures on them)."""
+    """This rank's batches [sequences, seq_len] of the training stream; its last `held_out_tokens` are never
+    read (train.py's --clip_search measures on them)."""
 
     def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True,
                  held_out_tokens: int = 0, sequences: int = 1):
@@ -104,9 +92,10 @@ class TokenLoader:
             raise ValueError(f"need seq_len >= 1, sequences >= 1, 0 <= rank < world_size: "
                              f"{seq_len=} {sequences=} {rank=} {world_size=}")
         self.stream = TokenStream(files)
-        if not 0 <= held_out_tokens <= self.stream.num_tokens:
-            raise ValueError(f"cannot hold out {held_out_tokens} of the {self.stream.num_tokens} training tokens")
-        self.end = self.stream.num_tokens - held_out_tokens
+        self.num_tokens = self.stream.num_tokens
+        if not 0 <= held_out_tokens <= self.num_tokens:
+            raise ValueError(f"cannot hold out {held_out_tokens} of the {self.num_tokens} training tokens")
+        self.end = self.num_tokens - held_out_tokens
         self.seq_len, self.rank, self.world_size, self.sequences = seq_len, rank, world_size, sequences
         self.align_to_documents = align_to_documents
         self.position = 0  # global position of the first token not yet consumed
@@ -116,11 +105,6 @@ class TokenLoader:
         """Tokens consumed by all ranks so far, including those skipped to reach a document start."""
         return self.position
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens in all the shards of this stream."""
-        return self.stream.num_tokens
-
     def next_batch(self) -> torch.Tensor:
         starts, position = [], self.position
         for _ in range(self.world_size * self.sequences):
@@ -128,57 +112,45 @@ class TokenLoader:
                 position = self.stream.next_document_start(position)
             if position is None or position + self.seq_len > self.end:
                 raise DataExhausted(
-                    f"training data exhausted after {self.position:,} of {self.end:,} tokens"
-                    f" in {len(self.stream.files)} shards: no room for another window of "
-                    f"{self.world_size * self.sequences}x{self.seq_len} tokens, and data is never repeated; "
-                    "train fewer steps or add shards (`python data/cached_finewebedu10B.py N` with a larger N)"
-                )
+                    f"training data exhausted after {self.position:,} of {self.end:,} tokens in "
+                    f"{len(self.stream.files)} shards: no room for another window of {self.world_size * self.sequences}"
+                    f"x{self.seq_len} tokens, and data is never repeated; train fewer steps or add shards "
+                    "(`python data/cached_finewebedu10B.py N` with a larger N)")
             starts.append(position)
             position += self.seq_len
         self.position = position
         mine = starts[self.rank * self.sequences:(self.rank + 1) * self.sequences]
-        return torch.from_numpy(np.stack([self.stream.read(start, start + self.seq_len) for start in mine])
-                                .astype(np.int64))
+        chunks = [self.stream.read(start, start + self.seq_len) for start in mine]
+        return torch.from_numpy(np.stack(chunks).astype(np.int64))
 
     def state_dict(self) -> dict:
         shard = min(self.stream.file_of(self.position), len(self.stream.files) - 1)
-        return {
-            "shard": shard,
-            "offset": self.position - self.stream.starts[shard],
-            "shard_name": os.path.basename(self.stream.files[shard]),
-        }
+        name = os.path.basename(self.stream.files[shard])
+        return {"shard": shard, "offset": self.position - self.stream.starts[shard], "shard_name": name}
 
     def load_state_dict(self, state: dict) -> None:
         shard, offset = int(state["shard"]), int(state["offset"])
         names = [os.path.basename(path) for path in self.stream.files]
         if not 0 <= shard < len(names) or names[shard] != state["shard_name"]:
-            raise ValueError(
-                f"saved loader position is in shard {state['shard_name']!r} (#{shard}), which is not "
-                f"shard #{shard} of the {len(names)} training shards given now"
-            )
-        size = self.stream.starts[shard + 1] - self.stream.starts[shard]
+            raise ValueError(f"saved loader position is in shard {state['shard_name']!r} (#{shard}), which is not "
+                             f"shard #{shard} of the {len(names)} training shards given now")
+        size = len(self.stream.shards[shard])
         if not 0 <= offset <= size:
             raise ValueError(f"saved loader offset {offset} is outside shard {names[shard]} ({size} tokens)")
         self.position = self.stream.starts[shard] + offset
 
 
 def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int = 0, world_size: int = 1):
-    """Yield (global offset, int64 tokens [seq_len]) for this rank's chunks of the first `num_tokens` val
+    """Iterate (global offset, int64 tokens [seq_len]) over this rank's chunks of the first `num_tokens` val
     tokens: chunk i starts at i * seq_len and goes to rank i % world_size. None takes every whole chunk."""
     stream = TokenStream(path_or_files)
     if num_tokens is None:
         num_tokens = stream.num_tokens // seq_len * seq_len
     if num_tokens % seq_len or num_tokens > stream.num_tokens:
-        raise ValueError(
-            f"val tokens {num_tokens} must be a multiple of seq_len {seq_len} and at most the "
-            f"{stream.num_tokens} tokens in {', '.join(stream.files)}"
-        )
-
-    def batches():
-        for offset in range(rank * seq_len, num_tokens, world_size * seq_len):
-            yield offset, torch.from_numpy(stream.read(offset, offset + seq_len).astype(np.int64))
-
-    return batches()
+        raise ValueError(f"val tokens {num_tokens} must be a multiple of seq_len {seq_len} and at most the "
+                         f"{stream.num_tokens} tokens in {', '.join(stream.files)}")
+    offsets = range(rank * seq_len, num_tokens, world_size * seq_len)  # not a generator: bad arguments fail at once
+    return ((offset, torch.from_numpy(stream.read(offset, offset + seq_len).astype(np.int64))) for offset in offsets)
 
 
 def unigram_baseline(train_files, val_files) -> float:

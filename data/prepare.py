@@ -2,15 +2,14 @@
 
     python data/prepare.py books/ notes.txt corpus.jsonl --out_dir=data/mytext --name=mytext
 
-Inputs: `.txt` files (one document per file), JSONL files (one document per line, text in `--text_field`),
-and Parquet files (text in `--text_field`; needs pyarrow). Directories are searched recursively, in sorted
-order. Every document is written as `<|endoftext|>` followed by its tokens. The first documents, until at
-least `--val_tokens` tokens, form the held-out split `{name}_val_000000.bin ...`; the rest go to
-`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard (a document may continue into the next
-shard). Tokenization runs on all cores by default; the output does not depend on the number of workers.
+Inputs: `.txt` files (one document each), JSONL files (one document per line) and Parquet files (needs
+pyarrow), with the text in `--text_field`; directories are searched recursively, in sorted order. Each document
+is written as `<|endoftext|>` followed by its tokens. The first documents, until at least `--val_tokens` tokens,
+form `{name}_val_000000.bin ...`; the rest go to `{name}_train_000000.bin ...`, `--shard_tokens` tokens per
+shard (a document may continue into the next). The output does not depend on `--workers` (default: all cores).
 
 This file knows the input formats and the order documents are written in; the byte format belongs to
-shards.py and the vocabulary to tokenizer.py. The demo corpus (demo.py) is written by `write_token_shards`.
+shards.py and the vocabulary to tokenizer.py.
 """
 
 import argparse
@@ -20,6 +19,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 
 import numpy as np
 from tqdm import tqdm
@@ -44,7 +44,15 @@ def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
                     if line.strip():
                         yield _text_of(line, text_field, f"{path}:{line_number}")
         else:
-            yield from _iter_parquet(path, text_field)
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`)") from None
+            parquet = pq.ParquetFile(path)
+            if text_field not in parquet.schema_arrow.names:
+                raise ValueError(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names})")
+            for batch in parquet.iter_batches(columns=[text_field]):
+                yield from (text for text in batch.column(0).to_pylist() if text is not None)
 
 
 def expand_inputs(paths: list[str]) -> list[str]:
@@ -70,18 +78,6 @@ def _text_of(line: str, text_field: str, where: str) -> str:
     return record[text_field]
 
 
-def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`)") from None
-    parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names})")
-    for batch in parquet.iter_batches(columns=[text_field]):
-        yield from (text for text in batch.column(0).to_pylist() if text is not None)
-
-
 def encode_document(text: str) -> np.ndarray:
     """`<|endoftext|>` followed by the document's tokens; special-token text inside a document stays text."""
     return np.array([EOT] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
@@ -91,10 +87,11 @@ class ShardWriter:
     """Cuts a stream of token arrays into shards of `shard_tokens` tokens named `{prefix}_{index:06d}.bin`."""
 
     def __init__(self, prefix: str, shard_tokens: int):
-        self.prefix, self.paths, self.tokens_written = prefix, [], 0
+        self.prefix, self.paths, self.num_tokens = prefix, [], 0
         self.buffer, self.filled = np.empty(shard_tokens, dtype=np.uint16), 0
 
     def add(self, tokens: np.ndarray) -> None:
+        self.num_tokens += len(tokens)
         while len(tokens):
             take = min(len(tokens), len(self.buffer) - self.filled)
             self.buffer[self.filled : self.filled + take] = tokens[:take]
@@ -104,22 +101,14 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self.filled:
-            path = f"{self.prefix}_{len(self.paths):06d}.bin"
-            write_shard(path, self.buffer[: self.filled])
-            self.paths.append(path)
-            self.tokens_written += self.filled
+            self.paths.append(f"{self.prefix}_{len(self.paths):06d}.bin")
+            write_shard(self.paths[-1], self.buffer[: self.filled])
             self.filled = 0
 
 
-def write_token_shards(
-    documents: Iterable[str],
-    out_dir: str,
-    name: str,
-    val_tokens: int,
-    shard_tokens: int = 100_000_000,
-    workers: int | None = None,
-    progress: bool = True,
-) -> tuple[list[str], list[str]]:
+def write_token_shards(documents: Iterable[str], out_dir: str, name: str, val_tokens: int,
+                       shard_tokens: int = 100_000_000, workers: int | None = None,
+                       progress: bool = True) -> tuple[list[str], list[str]]:
     """Tokenize `documents` into val and train shards in `out_dir`; return (train_paths, val_paths)."""
     if shard_tokens < 1 or val_tokens < 0:
         raise ValueError(f"need shard_tokens >= 1 and val_tokens >= 0, got {shard_tokens} and {val_tokens}")
@@ -128,10 +117,11 @@ def write_token_shards(
     train = ShardWriter(os.path.join(out_dir, f"{name}_train"), shard_tokens)
     workers = workers or os.cpu_count() or 1
     bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not progress)
-    with multiprocessing.Pool(workers, initializer=get_tokenizer) if workers > 1 else _NoPool() as pool:
-        for tokens in pool.imap(encode_document, documents, chunksize=128):
-            in_val = val.tokens_written + val.filled < val_tokens
-            (val if in_val else train).add(tokens)
+    # one worker starts no processes, so small jobs do not pay for them
+    with multiprocessing.Pool(workers, initializer=get_tokenizer) if workers > 1 else nullcontext() as pool:
+        encoded = pool.imap(encode_document, documents, chunksize=128) if pool else map(encode_document, documents)
+        for tokens in encoded:
+            (val if val.num_tokens < val_tokens else train).add(tokens)
             bar.update(len(tokens))
     bar.close()
     val.flush()
@@ -139,19 +129,6 @@ def write_token_shards(
     if not train.paths:
         raise ValueError(f"{name}: no documents left for training after {val_tokens} tokens went to val")
     return train.paths, val.paths
-
-
-class _NoPool:
-    """Stands in for a one-worker Pool, so small jobs do not pay for starting processes."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, function, items, chunksize=1):
-        return map(function, items)
 
 
 def main() -> None:
@@ -173,9 +150,8 @@ def main() -> None:
         os.remove(path)
     try:
         documents = iter_documents(expand_inputs(args.inputs), args.text_field)
-        train_paths, val_paths = write_token_shards(
-            documents, args.out_dir, args.name, args.val_tokens, args.shard_tokens, args.workers
-        )
+        train_paths, val_paths = write_token_shards(documents, args.out_dir, args.name, args.val_tokens,
+                                                    args.shard_tokens, args.workers)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print(f"wrote {len(train_paths)} train and {len(val_paths)} val shards to {args.out_dir}")

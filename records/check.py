@@ -2,11 +2,9 @@
 
     python records/check.py logs/RUN.txt --rev=GIT_REV
 
-It prints one verdict line (PASS, or FAIL with every reason) that includes the train time, and exits
-0 when the log meets the rules, 1 on any violation, 2 when the log cannot be read or parsed.
-
-This file reads logs only: it knows the log format that train.py writes, not the model, the trainer
-or torch, so a record can be checked on any machine with Python (and git, for --rev).
+It prints one verdict line (PASS, or FAIL with every reason) that includes the train time, and exits 0 when
+the log meets the rules, 1 on any violation, 2 when the log cannot be read or parsed. It knows only the log
+format train.py writes, not the model or torch, so a record can be checked with Python (and git, for --rev).
 """
 
 import argparse
@@ -20,18 +18,15 @@ from pathlib import Path
 FILE_START = re.compile(r"==== file: (.+) ====")
 HEADER_LINES = {
     "config": re.compile(r"config:(?P<json>\{.*\})"),
-    "train_data": re.compile(r"train_data:pattern=(?P<pattern>.+) shards=(?P<shards>\d+) "
-                             r"tokens=(?P<tokens>\d+)"),
+    "train_data": re.compile(r"train_data:pattern=(?P<pattern>.+) shards=(?P<shards>\d+) tokens=(?P<tokens>\d+)"),
     "val_data": re.compile(r"val_data:path=(?P<path>.+) tokens=(?P<tokens>\d+)"),
     "params": re.compile(r"params:(?P<count>\d+)"),
     "train_tokens": re.compile(r"train_tokens:(?P<count>\d+)"),
     "resumed": re.compile(r"resumed:(?P<path>.+) step:(?P<step>\d+)"),
 }
 STEP_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) ")
-VAL_LINE = re.compile(
-    r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+) ppl:\S+ "
-    r"train_time:(?P<ms>\d+)ms tokens:(?P<tokens>\d+)"
-)
+VAL_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+) ppl:\S+ "
+                      r"train_time:(?P<ms>\d+)ms tokens:(?P<tokens>\d+)")
 
 
 class MalformedLog(ValueError):
@@ -110,9 +105,8 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
         problems.append(f"val data {val_path} is not the FineWeb-Edu val shard ({args.val_file})")
 
     if "resumed" in log.header:
-        resumed_at = log.header["resumed"].group("step")
-        problems.append(f"the run resumed at step {resumed_at}: its train_time misses the steps before, "
-                        "so a record needs one uninterrupted run")
+        problems.append(f"the run resumed at step {log.header['resumed'].group('step')}: its train_time misses the "
+                        "steps before, so a record needs one uninterrupted run")
     available = int(log.header["train_data"].group("tokens"))
     if "train_tokens" not in log.header:
         problems.append("no train_tokens line: the run did not finish")
@@ -123,17 +117,14 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
             problems.append(f"train_tokens {consumed:,} > {available:,} in the train shards: data repeated")
 
     if not log.val_lines:
-        problems.append("no val_loss line: the run did not finish")
-        summary["train_time"] = "unknown"
-        return problems, summary
+        return problems + ["no val_loss line: the run did not finish"], {**summary, "train_time": "unknown"}
     final = log.val_lines[-1]
     step, total = int(final.group("step")), int(final.group("total"))
     loss_text, val_tokens = final.group("loss"), int(final.group("tokens"))
     summary = {"val_loss": loss_text, "train_time": f"{int(final.group('ms')) / 60000:.2f}min",
                "step": f"{step}/{total}", **summary}
     if step != total:
-        problems.append(f"the last val_loss is at step {step}/{total}, not the final step: "
-                        "the run did not finish")
+        problems.append(f"the last val_loss is at step {step}/{total}, not the final step: the run did not finish")
     try:
         loss = float(loss_text)
     except ValueError:
@@ -143,11 +134,6 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
     if val_tokens != args.val_tokens:
         problems.append(f"val measured on {val_tokens:,} tokens, not {args.val_tokens:,}")
     return problems, summary
-
-
-def git_show(repo: Path, rev: str, path: str) -> bytes | None:
-    shown = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True)
-    return shown.stdout if shown.returncode == 0 else None
 
 
 def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
@@ -160,24 +146,22 @@ def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
         return [f"the log embeds no source files to compare with {rev}"]
     problems = []
     for path, body in files.items():
-        committed = git_show(repo, rev, path)
-        if committed is None:
+        shown = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True)
+        if shown.returncode != 0:
             problems.append(f"{path} is not in {rev}")
         # The writer may end the last source line with its own newline before the end marker.
-        elif body.encode() not in (committed, committed + b"\n"):
+        elif body.encode() not in (shown.stdout, shown.stdout + b"\n"):
             problems.append(f"{path} differs from {rev}")
     return problems
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a training log against records/README.md.")
     parser.add_argument("log", type=Path, help="the training log (logs/<run_id>.txt)")
     parser.add_argument("--target", type=float, default=3.43,
                         help="highest final val NELBO, nats/token: 3.44 less the 0.01 margin for the val noise")
-    parser.add_argument("--val_tokens", type=int, default=10_485_760,
-                        help="val tokens the final evaluation must use")
-    parser.add_argument("--max_params", type=int, default=162_000_000,
-                        help="most parameters, embeddings included")
+    parser.add_argument("--val_tokens", type=int, default=10_485_760, help="val tokens the final evaluation must use")
+    parser.add_argument("--max_params", type=int, default=162_000_000, help="most parameters, embeddings included")
     parser.add_argument("--block_size", type=int, default=16, help="required denoising block size")
     parser.add_argument("--train_files", default=r"finewebedu_train_[^/]*\.bin",
                         help="regex the file name in the train_data pattern must match ('.*' for the demo)")
@@ -186,11 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rev", help="git revision whose files the code embedded in the log must equal")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="git repo for --rev (default: the repo holding this script)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         try:
             with open(args.log, encoding="utf-8", newline="") as log_file:  # keep \r for byte-exact code

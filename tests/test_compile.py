@@ -100,7 +100,7 @@ def test_one_graph_for_training_and_one_for_evaluation_whatever_the_documents_an
             for model in (compiled, eager):
                 for p, grad in zip(model.parameters(), grads):
                     p -= 0.1 * grad
-                model.eval()  # validation as train.val_nelbo runs it
+                model.eval()  # validation as common.val_nelbo runs it
             val_tokens, val_noise = documents(64, gen), eval_noise(64, 4, seed=0, offset=64 * step)
             torch.testing.assert_close(compiled(val_tokens, val_noise), eager(val_tokens, val_noise))
         for model in (compiled, eager):

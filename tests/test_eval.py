@@ -15,7 +15,7 @@ from conftest import ONE_THREAD, REPO, SMALL, read_log, run_train
 from data.demo import DEMO_DIR
 
 RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tokens:(\d+) seq_len:(\d+) "
-                    r"autocast:(bf16|fp32) files:(\S+)")
+                    r"autocast:(bf16|fp32) schedule:(\w+) files:(\S+)")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_reproduces_the_runs_last_val_line(run):
     checkpoint, logged = run
     result = result_of(evaluate(f"--checkpoint={checkpoint}", "--autocast=fp32"))
     assert result.group(1) == logged
-    assert result.group(3, 4, 5, 6) == ("1", "1024", "128", "fp32")
-    assert result.group(7).endswith("demo_val_000000.bin")
+    assert result.group(3, 4, 5, 6, 7) == ("1", "1024", "128", "fp32", "linear")
+    assert result.group(8).endswith("demo_val_000000.bin")
 
 
 def test_several_seeds_give_mean_and_standard_error(run):
@@ -63,7 +63,21 @@ def test_two_ranks_give_the_one_process_result_on_other_files(run):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py")
     two = result_of(evaluate(*flags, launcher=torchrun))
     assert one.group(1) == two.group(1) and one.group(4) == two.group(4) == "3072"
-    assert one.group(7).endswith("demo_train_000000.bin")
+    assert one.group(8).endswith("demo_train_000000.bin")
+
+
+def test_another_schedules_val_noise_estimates_the_same_nelbo(run):
+    """--schedule=linear is the run's own estimator (the same number); cosine and sqrt draw other noise, whose
+    estimates of the same NELBO differ from it by about their noise (a few standard errors at most)."""
+    checkpoint, logged = run
+    flags = [f"--checkpoint={checkpoint}", "--autocast=fp32", "--seeds=3"]
+    own, default = result_of(evaluate(*flags, "--schedule=linear")), result_of(evaluate(*flags))
+    assert own.group(7) == "linear" and own.group(1, 2) == default.group(1, 2)
+    for schedule in ("cosine", "sqrt"):
+        other = result_of(evaluate(*flags, f"--schedule={schedule}"))
+        assert other.group(7) == schedule and other.group(1) != own.group(1)
+        spread = 4 * (float(own.group(2)) ** 2 + float(other.group(2)) ** 2) ** 0.5 + 0.05
+        assert abs(float(other.group(1)) - float(own.group(1))) < spread
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -73,6 +87,7 @@ def test_two_ranks_give_the_one_process_result_on_other_files(run):
     (["--checkpoint={ckpt}", "--seeds=0"], "--seeds must be at least 1"),
     (["--checkpoint={ckpt}", "--seeds=many"], "--seeds takes a value of type int"),
     (["--checkpoint={ckpt}", "--folds=2"], "unknown flag --folds"),
+    (["--checkpoint={ckpt}", "--schedule=cubic"], "--schedule must be linear, cosine or sqrt"),
 ])
 def test_bad_input_gives_one_line_and_status_2(run, flags, message):
     completed = evaluate(*(flag.format(ckpt=run[0]) for flag in flags))

@@ -125,6 +125,26 @@ def test_first_hitting_commits_one_token_per_step(model):
     assert stats.forwards == 14
 
 
+def test_a_new_sampler_is_one_function_and_one_registry_entry(model, monkeypatch):
+    """A left-to-right sampler (the leftmost masked token each step), registered and nothing else: the settings
+    check accepts it and generation uses it, with the cached path still equal to the reference."""
+    def left_to_right(step, masked, logits, s, schedule, generator):
+        return masked & (masked.cumsum(-1) == 1)
+
+    monkeypatch.setitem(SAMPLERS, "left_to_right", sample.Sampler(left_to_right))
+    settings = Settings(num_samples=2, max_new_tokens=14, sampler="left_to_right")
+    sample.check_settings(settings)
+    still_masked = []
+    generate(model, PROMPT, settings, torch.Generator().manual_seed(0),
+             on_step=lambda index, block: still_masked.append((index, (block[0] == model.config.mask_id).tolist())))
+    # the prompt's tail fills 3 slots of block 0; blocks 1-3 fill from the left, one token a step; block 4 has one
+    assert still_masked == [(0, [False] * 4)] + [(index, [False] * filled + [True] * (4 - filled))
+                                                 for index in range(1, 4) for filled in (1, 2, 3, 4)] + [(4, [False])]
+    cached, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0))
+    reference, _ = generate(model, PROMPT, replace(settings, kv_cache=False), torch.Generator().manual_seed(0))
+    assert torch.equal(cached, reference) and stats.forwards == 14
+
+
 @pytest.mark.parametrize("sampler, settings", [("ddpm", dict(steps_per_block=16)), ("confidence", dict(threshold=0.3))])
 def test_row_forwards_count_what_each_row_would_need_alone(model, sampler, settings):
     """Counted from what on_step sees: a row needs a forward at the start of each block (every block starts with

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import ONE_THREAD, REPO, SMALL, load_final, read_log, run_train, val_losses
 
+import common
 import train
 from data.demo import prepare_demo
 from data.shards import read_shard, write_shard
@@ -57,7 +58,7 @@ def test_demo_run_end_to_end(tmp_path):
     path = re.search(r"^checkpoint:(\S+)$", text, re.M).group(1)
     assert f"python sample.py --checkpoint={path}" in run.stdout
     state = torch.load(path, weights_only=True)
-    assert state["format"] == train.CHECKPOINT_FORMAT == "bd3lm-speedrun-v2" and state["step"] == steps
+    assert state["format"] == common.CHECKPOINT_FORMAT == "bd3lm-speedrun-v2" and state["step"] == steps
     assert set(state) >= {"model", "model_config", "hparams", "optimizers", "loader", "rng"}
     assert state["hparams"] == config
 
@@ -82,22 +83,22 @@ def test_presets_and_world_sizes_train_the_same_model(tmp_path):
     train_losses = {run_id: re.findall(r"^step:\d+/3 train_loss:(\S+) ", text, re.M) for run_id, text in logs.items()}
     tokens = {run_id: re.search(r"^train_tokens:\d+$", text, re.M).group() for run_id, text in logs.items()}
     finals = {run_id: load_final(tmp_path, run_id) for run_id in runs}
-    # Adam (eps 1e-10) divides by the root of a gradient's second moment, so on the embedding entries whose gradient
-    # is a near-cancelling sum (~1e-11) a different summation order moves the update by up to ~3e-4 (measured: 97
-    # of 6.4M entries); everywhere the gradient stands above rounding the weights agree to 1e-5
-    embed_adam = finals["small_gpu"]["optimizers"][1]["state"][0]  # Adam's first parameter is the embedding
-    above_rounding = embed_adam["exp_avg_sq"].sqrt() > 1e-9
     for run_id in ("one_big_gpu", "two_big_gpus"):
         assert tokens[run_id] == tokens["small_gpu"]
         assert [float(x) for x in train_losses[run_id]] == pytest.approx([float(x) for x in train_losses["small_gpu"]],
                                                                           abs=1e-4)
         assert val_losses(logs[run_id])[-1] == pytest.approx(val_losses(logs["small_gpu"])[-1], abs=1e-5)
-        for name, tensor in finals["small_gpu"]["model"].items():
-            other = finals[run_id]["model"][name]
-            if name == "trunk.embed.weight":
-                torch.testing.assert_close(other[~above_rounding], tensor[~above_rounding], rtol=0, atol=1e-3)
-                other, tensor = other[above_rounding], tensor[above_rounding]
-            torch.testing.assert_close(other, tensor, rtol=0, atol=1e-5, msg=name)
+    # the same forwards on 1 process and on 2 ranks: bit for bit (the all-reduce adds what one process accumulates)
+    for name, tensor in finals["one_big_gpu"]["model"].items():
+        assert torch.equal(finals["two_big_gpus"]["model"][name], tensor), name
+    # Across presets the matmuls have other shapes, so the sums are rounded in another order, and the weights are
+    # compared through their losses above, not entry by entry: Muon orthogonalizes a gradient whatever its size, so
+    # the rounding-level first gradients of the zero-initialized projections become full-size updates that differ
+    # (measured on an AVX-512 CPU: up to 3% of those matrices' norm after 3 steps, 1e-4 or less elsewhere)
+    for name, tensor in finals["small_gpu"]["model"].items():
+        other = finals["one_big_gpu"]["model"][name]
+        if not name.endswith(("proj.weight", "down.weight")):
+            assert float((other - tensor).norm()) <= 1e-2 * float(tensor.norm()) + 1e-6, name
 
 
 def test_resume_after_kill_is_exact(tmp_path):
