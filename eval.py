@@ -257,8 +257,8 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
         mean = statistics.fmean(results)
         stderr = statistics.stdev(results) / math.sqrt(len(results)) if len(results) > 1 else float("nan")
         print(f"val_nelbo:{mean:.4f} stderr:{stderr:.4f} ppl_bound:{math.exp(min(mean, 700)):.2f} seeds:{s.seeds} "
-              f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} schedule:{model.config.schedule} "
-              f"files:{','.join(files)}")
+              f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} "
+              f"schedule:{model.config.schedule} files:{','.join(files)}")
 
 
 if __name__ == "__main__":
