@@ -87,6 +87,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device=cuda but this machine has no CUDA device")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     return device
