@@ -5,9 +5,8 @@ A sequence is cut into fixed slots of `block_size` tokens: token i is in block i
 position is i. `<|endoftext|>` ends a document and is predicted like any other token. Each block is noised by
 masking every token with the schedule's probability p(t) (one t per block; p(t) = t by default), and the model
 predicts the clean tokens of a block from its noisy version and the clean earlier blocks of the document that the
-block starts in. Everything a
-noisy block sees is fixed by its own noisy tokens and the clean tokens before it, so the product over blocks
-is a distribution over the whole stream and the loss bounds its negative log-likelihood.
+block starts in. Everything a noisy block sees is fixed by its own noisy tokens and the clean tokens before it, so
+the product over blocks is a distribution over the whole stream and the loss bounds its negative log-likelihood.
 Training runs one transformer pass over [x_t ; x_0] under the mask rule below; inference keeps the clean
 blocks in a KV cache and runs one noisy block at a time.
 
