@@ -201,7 +201,6 @@ def main(argv: list[str]) -> None:
         s = parse_settings(argv)
         device = common.pick_device(s.device)
         model, hparams = load_model(s.checkpoint, device)
-        model.config.schedule = s.schedule or model.config.schedule
         if s.judge:
             if world_size > 1:
                 raise ConfigError("sample quality runs in one process: start it without torchrun")
@@ -213,6 +212,7 @@ def main(argv: list[str]) -> None:
             if not s.files and not os.path.isfile(hparams["val_file"]):
                 raise ConfigError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
             files = find_shards(s.files) if s.files else [hparams["val_file"]]
+            model.config.schedule = s.schedule or model.config.schedule
             seq_len = s.seq_len or hparams["seq_len"]
             num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
             val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now

@@ -368,7 +368,7 @@ def repository_modules() -> list[str]:
     files = {os.path.abspath(module.__file__) for module in list(sys.modules.values())
              if isinstance(getattr(module, "__file__", None), str) and os.path.isabs(module.__file__)}
     paths = (os.path.relpath(path, here) for path in files if path.startswith(here + os.sep) and path.endswith(".py"))
-    return sorted(path for path in paths if not path.startswith("tests" + os.sep))
+    return sorted(path for path in paths if not path.startswith("tests" + os.sep) and "site-packages" not in path)
 
 
 def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
@@ -586,9 +586,10 @@ class Run:
             state = common.read_checkpoint(path, self.device)
         except ConfigError as error:
             fail(str(error))
-        if state["model_config"] != config:
-            differences = ", ".join(f"{key} {value} (now {config.get(key)})"
-                                    for key, value in state["model_config"].items() if config.get(key) != value)
+        saved = {**asdict(ModelConfig()), **state["model_config"]}  # a field the writer lacked had its default
+        if saved != config:
+            differences = ", ".join(f"{key} {saved.get(key)} (now {config.get(key)})"
+                                    for key in sorted(saved | config) if saved.get(key) != config.get(key))
             fail(f"checkpoint {path} has a different model config: {differences}", status=2)
         self.model.load_state_dict(state["model"])
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):

@@ -91,6 +91,8 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
         raise MalformedLog(f"the config line is not valid JSON ({error})") from None
     if config.get("block_size") != args.block_size:
         problems.append(f"block_size {config.get('block_size')} != {args.block_size}")
+    if config.get("schedule", "linear") != "linear":  # the val noise's margin below the target is the linear one's
+        problems.append(f"schedule {config['schedule']}: a record trains and validates with the linear schedule")
 
     params = int(log.header["params"].group("count"))
     summary["params"] = f"{params:,}"

@@ -97,6 +97,10 @@ def test_limits_are_inclusive(tmp_path, good_log):
      '"val_tokens": 10485760}',
      'config:{"block_size": 8, "num_iterations": 1000, "seq_len": 65536, "t_hi": 0.8, "t_lo": 0.3, '
      '"val_tokens": 10485760}', "block_size 8 != 16"),
+    ('config:{"block_size": 16, "num_iterations": 1000, "seq_len": 65536, "t_hi": 0.8, "t_lo": 0.3, '
+     '"val_tokens": 10485760}',
+     'config:{"block_size": 16, "num_iterations": 1000, "schedule": "cosine", "seq_len": 65536, "t_hi": 0.8, '
+     '"t_lo": 0.3, "val_tokens": 10485760}', "schedule cosine: a record trains and validates with the linear"),
     ("train_data:pattern=data/finewebedu10B/finewebedu_train_*.bin shards=8 tokens=800000000",
      "train_data:pattern=data/owt/owt_train_*.bin shards=8 tokens=800000000", "train data data/owt/"),
     ("val_data:path=data/finewebedu10B/finewebedu_val_000000.bin tokens=10485760",

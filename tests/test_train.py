@@ -267,6 +267,19 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert not os.path.exists(f"{tmp_path}/checkpoints/nan")
 
 
+def test_resume_of_a_checkpoint_without_a_newer_config_field_takes_its_default(tmp_path):
+    """A checkpoint written before ModelConfig had `schedule` resumes as the linear schedule it trained with; under
+    another schedule it is refused, naming the field."""
+    run_train(tmp_path, *SMALL, "--run_id=old", "--steps=1", "--save_final=True")
+    state = load_final(tmp_path, "old")
+    del state["model_config"]["schedule"]
+    torch.save(state, f"{tmp_path}/old.pt")
+    run_train(tmp_path, *SMALL, "--run_id=resumed", "--steps=2", f"--resume={tmp_path}/old.pt")
+    assert "resumed:" in read_log(tmp_path, "resumed")
+    result = run_train(tmp_path, *SMALL, "--schedule=cosine", f"--resume={tmp_path}/old.pt", check=False)
+    assert result.returncode == 2 and "different model config: schedule linear (now cosine)" in result.stderr
+
+
 def test_resume_with_other_model_config_is_refused(tmp_path):
     run_train(tmp_path, *SMALL, "--run_id=first", "--steps=1", "--save_final=True")
     checkpoint = f"{tmp_path}/checkpoints/first/final.pt"
