@@ -29,11 +29,10 @@ class ConfigError(ValueError):
 # Flags
 
 
-def usage(command: str, *settings_classes) -> str:
-    """--help: each field of the settings dataclasses with its default and help text."""
+def usage(command: str, settings_class) -> str:
+    """--help: each field of a settings dataclass with its default and help text."""
     lines = [f"usage: {command}", ""]
-    for f in (f for cls in settings_classes for f in fields(cls)):
-        lines.append(f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}")
+    lines += [f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}" for f in fields(settings_class)]
     return "\n".join(lines)
 
 
@@ -118,8 +117,8 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def uses_bf16(autocast: str, device: torch.device) -> bool:
-    """`--autocast`: auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32."""
-    check_choice("autocast", autocast, ("auto", "bf16", "fp32"))
+    """`--autocast` (checked with the other flags): auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32),
+    bf16 or fp32."""
     return autocast == "bf16" or (autocast == "auto" and fast_bf16(device))
 
 
