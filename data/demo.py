@@ -3,8 +3,11 @@
 Sources, in this order: the Python language reference topics of `pydoc_data.topics`, then the docstrings of
 the standard library, numpy and torch (modules, their public classes and functions, and the public members
 of those classes). Docstrings shorter than 200 characters are dropped and exact duplicates kept once. The
-documents are shuffled with a fixed seed, so the first ~128K tokens, the held-out val split, come from all
-sources. The result depends only on the Python and package versions installed.
+documents are shuffled with a fixed seed, so the held-out val split (~128K tokens) comes from all sources.
+Docstrings are often near twins (numpy's and numpy.ma's, the ufuncs' shared paragraphs), so documents that share a
+run of 50 tokens, directly or through others, form a group, and a group goes wholly to val or wholly to train: no
+val document shares a 50-token span with train. The result depends only on the Python and package versions
+installed.
 
     python data/demo.py     # writes data/demo/demo_{train,val}_000000.bin unless they are already there
 
@@ -20,15 +23,20 @@ import re
 import sys
 import warnings
 
+import numpy as np
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.prepare import write_token_shards
-from data.shards import ShardError, read_shard
+from data.prepare import encode_document
+from data.shards import ShardError, read_shard, write_shard
 from data.tokenizer import EOT
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 DEMO_VAL_TOKENS = 131_072
 MIN_CHARS = 200
+SPAN_TOKENS = 50  # documents sharing a run of this many tokens are near duplicates
+# random odd 64-bit coefficients: a span's hash is their dot product with its tokens, modulo 2**64
+SPAN_COEFFICIENTS = np.random.default_rng(0).integers(0, 2**63, size=SPAN_TOKENS, dtype=np.uint64) * 2 + 1
 # Imports with side effects (GUI, terminal, printing, browser) or that are only tests/tools of Python itself.
 STDLIB_SKIP = {
     "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "readline", "rlcompleter",
@@ -105,8 +113,10 @@ def collect_documents() -> tuple[list[str], dict[str, int]]:
     sources = {"pydoc_data.topics": [topics[key] for key in sorted(topics)]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated modules warn on import; their docstrings are still text
+        _progress("reading the docstrings of the standard library")
         sources["stdlib docstrings"] = docstrings(stdlib_modules())
         for package in ("numpy", "torch"):
+            _progress(f"reading the docstrings of {package}")
             modules = [_try_import(n) for n in PACKAGE_MODULES if n.split(".")[0] == package]
             sources[f"{package} docstrings"] = docstrings(list(filter(None, modules)))
     documents, counts = {}, {}
@@ -119,22 +129,76 @@ def collect_documents() -> tuple[list[str], dict[str, int]]:
     return documents, counts
 
 
+def span_hashes(tokens: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each run of SPAN_TOKENS consecutive tokens, in order (none if there are fewer tokens)."""
+    if len(tokens) < SPAN_TOKENS:
+        return np.zeros(0, dtype=np.uint64)
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens, dtype=np.uint64), SPAN_TOKENS)
+    return windows @ SPAN_COEFFICIENTS
+
+
+def near_duplicate_groups(encoded: list[np.ndarray]) -> np.ndarray:
+    """The group of each document: documents that share a span of SPAN_TOKENS tokens, directly or through other
+    documents, are in one group, named by its first document."""
+    hashes = [span_hashes(tokens) for tokens in encoded]
+    owners = np.repeat(np.arange(len(encoded)), [len(h) for h in hashes])
+    _, span_ids = np.unique(np.concatenate(hashes), return_inverse=True)
+    first_owner = np.full(span_ids.max(initial=-1) + 1, len(encoded))
+    np.minimum.at(first_owner, span_ids, owners)
+    parent = list(range(len(encoded)))
+
+    def root(doc: int) -> int:
+        while parent[doc] != doc:
+            parent[doc] = parent[parent[doc]]
+            doc = parent[doc]
+        return doc
+
+    links = np.unique(np.stack([first_owner[span_ids], owners], axis=1), axis=0)
+    for first, other in links[links[:, 0] != links[:, 1]].tolist():
+        a, b = root(first), root(other)
+        parent[max(a, b)] = min(a, b)
+    return np.array([root(doc) for doc in range(len(encoded))])
+
+
+def split_groups(encoded: list[np.ndarray], val_tokens: int) -> tuple[list[int], list[int]]:
+    """(val, train) document indices, in document order. Val takes whole near-duplicate groups in the order of their
+    first documents until it holds val_tokens; a group larger than an eighth of that stays in train."""
+    groups = near_duplicate_groups(encoded)
+    sizes = np.bincount(groups, weights=[len(tokens) for tokens in encoded], minlength=len(encoded))
+    in_val, filled = set(), 0
+    for doc, group in enumerate(groups.tolist()):
+        if doc == group and filled < val_tokens and sizes[group] <= val_tokens / 8:
+            in_val.add(group)
+            filled += int(sizes[group])
+    val = [doc for doc, group in enumerate(groups.tolist()) if group in in_val]
+    train = [doc for doc, group in enumerate(groups.tolist()) if group not in in_val]
+    return val, train
+
+
 def prepare_demo() -> tuple[str, str]:
     """Write the demo shards unless valid ones exist; print the corpus size; return (train_path, val_path)."""
     train_path, val_path = (os.path.join(DEMO_DIR, f"demo_{split}_000000.bin") for split in ("train", "val"))
     try:
         train, val = read_shard(train_path), read_shard(val_path)
     except ShardError:
+        _progress(f"building the demo corpus in {DEMO_DIR} (once)")
         documents, counts = collect_documents()
-        train_paths, val_paths = write_token_shards(documents, DEMO_DIR, "demo", DEMO_VAL_TOKENS, shard_tokens=1 << 28,
-                                                    workers=1, progress=False)
-        if [train_path, val_path] != train_paths + val_paths:
-            raise RuntimeError(f"demo corpus no longer fits one train and one val shard: {train_paths}")
+        _progress(f"tokenizing {len(documents)} documents")
+        encoded = [encode_document(text) for text in documents]
+        _progress(f"grouping documents that share {SPAN_TOKENS}-token spans, then splitting val from train")
+        val_docs, train_docs = split_groups([tokens[1:] for tokens in encoded], DEMO_VAL_TOKENS)  # no <|endoftext|>
+        os.makedirs(DEMO_DIR, exist_ok=True)
+        write_shard(val_path, np.concatenate([encoded[doc] for doc in val_docs]))
+        write_shard(train_path, np.concatenate([encoded[doc] for doc in train_docs]))
         train, val = read_shard(train_path), read_shard(val_path)
         print("demo sources: " + ", ".join(f"{source} {n} documents" for source, n in counts.items()))
     documents = int((train == EOT).sum()) + int((val == EOT).sum())
     print(f"demo corpus: {documents} documents, {len(train)} train and {len(val)} val tokens in {DEMO_DIR}")
     return train_path, val_path
+
+
+def _progress(message: str) -> None:
+    print(f"demo corpus: {message}", flush=True)
 
 
 if __name__ == "__main__":
