@@ -20,10 +20,14 @@ import json
 import math
 import os
 import platform
+import site
 import subprocess
 import sys
 import time
+import traceback
+import types
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -33,6 +37,7 @@ import common
 from common import ConfigError, fail, to_device
 from data.demo import DEMO_DIR, prepare_demo
 from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
+from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
     SCHEDULES,
@@ -365,10 +370,38 @@ class RunLog:
 def repository_modules() -> list[str]:
     """Paths, relative to the repository, of its modules this process has imported (tests excluded)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    files = {os.path.abspath(module.__file__) for module in list(sys.modules.values())
-             if isinstance(getattr(module, "__file__", None), str) and os.path.isabs(module.__file__)}
-    paths = (os.path.relpath(path, here) for path in files if path.startswith(here + os.sep) and path.endswith(".py"))
-    return sorted(path for path in paths if not path.startswith("tests" + os.sep) and "site-packages" not in path)
+    paths = (os.path.relpath(path, here) for path in module_files() if inside(path, here) and path.endswith(".py"))
+    return sorted(path for path in paths if not path.startswith("tests" + os.sep) and not installed(path))
+
+
+def module_files() -> set[str]:
+    return {os.path.abspath(module.__file__) for module in list(sys.modules.values())
+            if isinstance(getattr(module, "__file__", None), str) and os.path.isabs(module.__file__)}
+
+
+def inside(path: str, folder: str) -> bool:
+    return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
+
+
+def installed(path: str) -> bool:
+    """Whether `path` belongs to the Python installation or its packages (a virtual environment may sit in the
+    checkout)."""
+    folders = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
+               *site.getsitepackages()}
+    return any(inside(path, folder) for folder in folders)
+
+
+def runtime_line() -> str:
+    """What started the process, the modules from outside the repository and the Python installation, and whether
+    the clock of train_time is the real one: code that ran but is not embedded shows here."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    entry = os.path.abspath(traceback.extract_stack()[0].filename)
+    outside = sorted(path for path in module_files() if not inside(path, here) and not installed(path))
+    clock = time.perf_counter
+    genuine = (isinstance(clock, types.BuiltinFunctionType) and clock.__self__ is time
+               and clock.__name__ == "perf_counter")
+    return (f"runtime:entry={os.path.relpath(entry, here) if inside(entry, here) else entry} "
+            f"outside_modules={','.join(outside) or 'none'} clock={'genuine' if genuine else 'replaced'}")
 
 
 def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
@@ -381,6 +414,7 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
     log(f"python:{platform.python_version()}", console=False)
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
+    log(runtime_line(), console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
     log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
         f"autocast:{'bf16' if bf16 else 'fp32'}")
@@ -410,9 +444,23 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         fail(str(error))
     log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
+    if rank == 0:
+        log_shards(log, train_files, hp.val_file)
     if hp.clip_search:
         log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
     return loader
+
+
+def log_shards(log: RunLog, train_files: list[str], val_file: str) -> None:
+    """One line per shard with its size and sha256, so the log names its data by content, not by file name; the
+    shards are hashed in parallel (about 0.5 s per 100M-token shard and core)."""
+    started, named = time.perf_counter(), [("train", path) for path in train_files] + [("val", val_file)]
+    with ThreadPoolExecutor(min(len(named), os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(file_sha256, [path for _, path in named]))
+    for (split, path), sha256 in zip(named, hashes):
+        log(f"shard:{split} path={path} tokens={shard_num_tokens(path)} bytes={os.path.getsize(path)} "
+            f"sha256={sha256}", console=False)
+    log(f"shard_hash_time:{1000 * (time.perf_counter() - started):.0f}ms")
 
 
 def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:

@@ -3,9 +3,11 @@
 A shard is a header of 256 little-endian int32 values `[MAGIC, VERSION, num_tokens, 0, ...]` followed by
 `num_tokens` uint16 GPT-2 token ids: the format of the cached FineWeb-Edu shards on the Hugging Face Hub, so
 shards we write and shards we download are read by the same code. This file knows nothing of tokenizers,
-documents or where shards come from; it says clearly what is wrong with a file that is not a valid shard.
+documents or where shards come from; it says clearly what is wrong with a file that is not a valid shard, and
+gives the sha256 that identifies a shard by its content.
 """
 
+import hashlib
 import os
 
 import numpy as np
@@ -75,3 +77,9 @@ def read_shard(path, check_ids: bool = False) -> np.memmap:
         position = int(np.argmax(tokens >= VOCAB_SIZE))
         raise ShardError(f"{path}: token {position} has id {tokens[position]}, not below {VOCAB_SIZE}")
     return tokens
+
+
+def file_sha256(path) -> str:
+    """The sha256 of the whole file, header included: the hash the Hugging Face Hub keeps for each shard."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -3,30 +3,43 @@
     python records/check.py logs/RUN.txt --rev=GIT_REV
 
 It prints one verdict line (PASS, or FAIL with every reason) that includes the train time, and exits 0 when
-the log meets the rules, 1 on any violation, 2 when the log cannot be read or parsed. It knows only the log
-format train.py writes, not the model or torch, so a record can be checked with Python (and git, for --rev).
+the log meets the rules, 1 on any violation, 2 when the log cannot be read or parsed. Every number of the log is
+checked against the config and against the other lines, so an edited line contradicts another. It knows only the
+log format train.py writes, the parameter count of model.py's architecture (`expected_params`) and, with --rev,
+the code of that commit; it needs Python and git, not torch.
 """
 
 import argparse
+import ast
 import json
+import math
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+SHARD_HEADER_BYTES = 1024  # data/shards.py: 256 int32 values, then 2 bytes per token
 FILE_START = re.compile(r"==== file: (.+) ====")
 HEADER_LINES = {
     "config": re.compile(r"config:(?P<json>\{.*\})"),
+    "runtime": re.compile(r"runtime:entry=(?P<entry>\S+) outside_modules=(?P<outside>\S+) clock=(?P<clock>\S+)"),
     "train_data": re.compile(r"train_data:pattern=(?P<pattern>.+) shards=(?P<shards>\d+) tokens=(?P<tokens>\d+)"),
     "val_data": re.compile(r"val_data:path=(?P<path>.+) tokens=(?P<tokens>\d+)"),
     "params": re.compile(r"params:(?P<count>\d+)"),
     "train_tokens": re.compile(r"train_tokens:(?P<count>\d+)"),
     "resumed": re.compile(r"resumed:(?P<path>.+) step:(?P<step>\d+)"),
 }
+SHARD_LINE = re.compile(r"shard:(?P<split>train|val) path=(?P<path>.+) tokens=(?P<tokens>\d+) bytes=(?P<bytes>\d+) "
+                        r"sha256=(?P<sha256>[0-9a-f]{64})")
 STEP_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) ")
-VAL_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+) ppl:\S+ "
+TRAIN_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) train_loss:(?P<loss>\S+) train_time:(?P<ms>\d+)ms "
+                        r"step_avg:(?P<avg>[0-9.]+)ms")
+VAL_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+) ppl:(?P<ppl>\S+) "
                       r"train_time:(?P<ms>\d+)ms tokens:(?P<tokens>\d+)")
+CLIP_SEARCH_LINE = re.compile(r"clip_search step:(?P<step>\d+) .*")
+CONFIG_KEYS = ("block_size", "schedule", "steps", "batch_size", "seq_len", "val_tokens", "val_every", "resume",
+               "clip_search", "vocab_size", "n_layer", "n_head", "head_dim", "model_dim", "mlp_hidden")
 
 
 class MalformedLog(ValueError):
@@ -37,12 +50,20 @@ class MalformedLog(ValueError):
 class ParsedLog:
     files: dict[str, str]                  # embedded path -> text between its markers
     header: dict[str, re.Match]            # HEADER_LINES key -> its (single) match
-    val_lines: list[re.Match]
+    events: list[tuple[str, re.Match]] = field(default_factory=list)  # (kind, match) in log order
+    shards: list[re.Match] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[re.Match]:
+        return [match for event, match in self.events if event == kind]
+
+    @property
+    def val_lines(self) -> list[re.Match]:
+        return self.of_kind("val")
 
 
 def parse_log(text: str) -> ParsedLog:
     lines = text.split("\n")
-    files, header, val_lines, totals = {}, {}, [], set()
+    log, totals = ParsedLog({}, {}), set()
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -53,100 +74,296 @@ def parse_log(text: str) -> ParsedLog:
                 end = lines.index(f"==== end file: {name} ====", i + 1)
             except ValueError:
                 raise MalformedLog(f"embedded file {name} has no end marker; the log is truncated") from None
-            if name in files:
+            if name in log.files:
                 raise MalformedLog(f"the log embeds {name} twice; give one run per log")
             body = lines[i + 1:end]
-            files[name] = "\n".join(body) + "\n" if body else ""
+            log.files[name] = "\n".join(body) + "\n" if body else ""
             i = end + 1
             continue
         for key, pattern in HEADER_LINES.items():
             match = pattern.fullmatch(line)
             if match:
-                if key in header:
+                if key in log.header:
                     raise MalformedLog(f"the log holds more than one '{key}:' line; give one run per log")
-                header[key] = match
-        step = STEP_LINE.match(line)
-        if step:
+                log.header[key] = match
+                log.events.append((key, match))
+        if shard := SHARD_LINE.fullmatch(line):
+            log.shards.append(shard)
+        if clip := CLIP_SEARCH_LINE.fullmatch(line):
+            log.events.append(("clip_search", clip))
+        if step := STEP_LINE.match(line):
             totals.add(int(step.group("total")))
-            val = VAL_LINE.fullmatch(line)
-            if val:
-                val_lines.append(val)
-            elif " val_loss:" in line:
-                raise MalformedLog(f"cannot parse the val line {line!r}")
+            if val := VAL_LINE.fullmatch(line):
+                log.events.append(("val", val))
+            elif train := TRAIN_LINE.fullmatch(line):
+                log.events.append(("step", train))
+            else:
+                raise MalformedLog(f"cannot parse the step line {line!r}")
         i += 1
     for key in ("config", "train_data", "val_data", "params"):
-        if key not in header:
+        if key not in log.header:
             raise MalformedLog(f"the log has no '{key}:' line")
     if len(totals) > 1:
         raise MalformedLog(f"step lines disagree on the number of steps ({sorted(totals)}); one run per log")
-    return ParsedLog(files, header, val_lines)
+    return log
+
+
+def expected_params(config: dict) -> int:
+    """The parameters of model.BD3LM for a config (tests/test_records.py compares it with the model): the
+    embedding of the vocabulary and [MASK], per layer q, k, v, the attention and MLP projections, a value-mix
+    scalar in every layer but the first, a skip weight per pair of layers, and the head padded to 128 rows."""
+    dim, layers, inner = config["model_dim"], config["n_layer"], config["n_head"] * config["head_dim"]
+    padded_vocab = math.ceil((config["vocab_size"] + 1) / 128) * 128
+    per_layer = 4 * dim * inner + 2 * dim * config["mlp_hidden"]
+    return (config["vocab_size"] + 1) * dim + layers * per_layer + (layers - 1) + layers // 2 + padded_vocab * dim
 
 
 def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """Returns (violations, summary fields for the verdict line)."""
-    problems, summary = [], {}
     try:
         config = json.loads(log.header["config"].group("json"))
     except json.JSONDecodeError as error:
         raise MalformedLog(f"the config line is not valid JSON ({error})") from None
-    if config.get("block_size") != args.block_size:
-        problems.append(f"block_size {config.get('block_size')} != {args.block_size}")
-    if config.get("schedule", "linear") != "linear":  # the val noise's margin below the target is the linear one's
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        return [f"the config lacks {', '.join(missing)}: not a log of this train.py"], {"train_time": "unknown"}
+    problems, summary = [], {}
+    if config["block_size"] != args.block_size:
+        problems.append(f"block_size {config['block_size']} != {args.block_size}")
+    if config["schedule"] != "linear":  # the val noise's margin below the target is the linear one's
         problems.append(f"schedule {config['schedule']}: a record trains and validates with the linear schedule")
-
     params = int(log.header["params"].group("count"))
     summary["params"] = f"{params:,}"
     if params > args.max_params:
         problems.append(f"params {params:,} > {args.max_params:,}")
-
-    train_pattern = log.header["train_data"].group("pattern")
-    if not re.fullmatch(args.train_files, Path(train_pattern).name):
-        problems.append(f"train data {train_pattern} is not FineWeb-Edu train shards ({args.train_files})")
-    val_path = log.header["val_data"].group("path")
-    if not re.fullmatch(args.val_file, Path(val_path).name):
-        problems.append(f"val data {val_path} is not the FineWeb-Edu val shard ({args.val_file})")
-
+    if params != expected_params(config):
+        problems.append(f"params {params:,} is not the {expected_params(config):,} of the config's model")
+    problems += check_runtime(log)
+    problems += check_data(log, config, args, summary)
+    resumed = "resumed" in log.header or config["resume"]
     if "resumed" in log.header:
         problems.append(f"the run resumed at step {log.header['resumed'].group('step')}: its train_time misses the "
                         "steps before, so a record needs one uninterrupted run")
+    elif config["resume"]:
+        problems.append(f"config resume={config['resume']}: the run continued a checkpoint, so its train_time misses "
+                        "the steps before (and its resumed: line is gone)")
+    if not resumed:
+        problems += check_steps(log, config)
+    return problems + check_final(log, config, args, summary), summary
+
+
+def check_runtime(log: ParsedLog) -> list[str]:
+    """The process ran train.py itself, with no code from outside the repo and the Python installation, and with
+    the clock train_time is read from."""
+    if "runtime" not in log.header:
+        return ["no runtime: line: the log does not say what ran train.py"]
+    runtime, problems = log.header["runtime"], []
+    if runtime.group("entry") != "train.py":
+        problems.append(f"the process started in {runtime.group('entry')}, not train.py: code outside the log ran")
+    if runtime.group("outside") != "none":
+        problems.append(f"modules from outside the repo and the Python installation ran: {runtime.group('outside')}")
+    if runtime.group("clock") != "genuine":
+        problems.append(f"time.perf_counter was replaced ({runtime.group('clock')}): train_time is not wall-clock")
+    return problems
+
+
+def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
+    problems = []
+    train_data, val_data = log.header["train_data"], log.header["val_data"]
+    if not re.fullmatch(args.train_files, Path(train_data.group("pattern")).name):
+        problems.append(f"train data {train_data.group('pattern')} is not FineWeb-Edu train shards "
+                        f"({args.train_files})")
+    if not re.fullmatch(args.val_file, Path(val_data.group("path")).name):
+        problems.append(f"val data {val_data.group('path')} is not the FineWeb-Edu val shard ({args.val_file})")
+    if int(val_data.group("tokens")) != config["val_tokens"]:
+        problems.append(f"val_data tokens={val_data.group('tokens')} but the config's val_tokens is "
+                        f"{config['val_tokens']}")
+    train = [s for s in log.shards if s.group("split") == "train"]
+    val = [s for s in log.shards if s.group("split") == "val"]
+    if len(train) != int(train_data.group("shards")) or len(val) != 1:
+        return problems + [f"{len(train)} train and {len(val)} val shard: lines for {train_data.group('shards')} train "
+                           "shards and 1 val shard: the log does not identify its data"]
+    for shard in log.shards:
+        if int(shard.group("bytes")) != SHARD_HEADER_BYTES + 2 * int(shard.group("tokens")):
+            problems.append(f"shard {shard.group('path')}: {shard.group('tokens')} tokens do not fill "
+                            f"{shard.group('bytes')} bytes")
+    if sum(int(s.group("tokens")) for s in train) != int(train_data.group("tokens")):
+        problems.append(f"the train shards hold {sum(int(s.group('tokens')) for s in train):,} tokens, not the "
+                        f"{int(train_data.group('tokens')):,} of the train_data line")
+    seen = {}
+    for shard in train:
+        if shard.group("sha256") == val[0].group("sha256"):
+            problems.append(f"train shard {shard.group('path')} is the val shard (same sha256)")
+        elif shard.group("sha256") in seen:
+            problems.append(f"train shard {shard.group('path')} repeats {seen[shard.group('sha256')]} (same sha256)")
+        seen.setdefault(shard.group("sha256"), shard.group("path"))
+    val_shard_tokens = int(val[0].group("tokens"))
+    if args.val_shard_tokens and val_shard_tokens != args.val_shard_tokens:
+        problems.append(f"the val shard holds {val_shard_tokens:,} tokens, not FineWeb-Edu's {args.val_shard_tokens:,}")
+    if args.val_sha256 and val[0].group("sha256") != args.val_sha256:
+        problems.append(f"the val shard's sha256 {val[0].group('sha256')} is not {args.val_sha256}")
+    summary["val_shard"] = f"sha256:{val[0].group('sha256')[:16]}" + ("" if args.val_sha256 else "(unverified)")
+    return problems
+
+
+def check_steps(log: ParsedLog, config: dict) -> list[str]:
+    """Step lines 1..steps in order, times that never fall and agree with their averages, validations where the
+    config puts them, and a clip search after each but the last when it is on."""
+    steps, problems = config["steps"], []
+    train_lines = log.of_kind("step")
+    numbers = [int(m.group("step")) for m in train_lines]
+    if not train_lines:
+        problems.append("the log has no step lines")
+    elif numbers != list(range(1, steps + 1)):
+        gap = next((i + 1 for i, n in enumerate(numbers) if n != i + 1), len(numbers) + 1)
+        problems.append(f"the step lines are not 1..{steps} in order ({len(numbers)} lines, the first wrong or missing "
+                        f"is step {gap})")
+    totals = {int(m.group("total")) for kind, m in log.events if kind in ("step", "val")}
+    if totals and totals != {steps}:
+        problems.append(f"the step lines count to {totals.pop()} but the config has steps {steps}")
+    for m in train_lines:
+        step, ms, avg = int(m.group("step")), int(m.group("ms")), float(m.group("avg"))
+        if abs(avg * step - ms) > 0.005 * step + 1:
+            problems.append(f"step {step}: step_avg {avg}ms x {step} steps is not its train_time {ms}ms")
+            break
+    last_time = 0
+    for kind, m in log.events:
+        if kind in ("step", "val"):
+            if int(m.group("ms")) < last_time:
+                problems.append(f"train_time falls from {last_time}ms to {m.group('ms')}ms at {m.group(0).split()[0]} "
+                                f"{'val' if kind == 'val' else 'train'} line")
+                break
+            last_time = int(m.group("ms"))
+    val_steps = [int(m.group("step")) for m in log.val_lines]
+    every = config["val_every"]
+    expected = sorted({0, steps} | (set(range(every, steps, every)) if every else set()))
+    if len(set(val_steps)) < len(val_steps):
+        repeated = sorted({s for s in val_steps if val_steps.count(s) > 1})
+        problems.append(f"more than one val line at step {', '.join(map(str, repeated))}")
+    elif val_steps != expected:
+        problems.append(f"val lines at steps {val_steps}, where the config (val_every {every}) puts them at {expected}")
+    searches = [int(m.group("step")) for m in log.of_kind("clip_search")]
+    wanted = expected[:-1] if config["clip_search"] else []
+    if searches != wanted:
+        problems.append(f"clip_search {str(config['clip_search']).lower()} but clip_search lines at steps {searches}, "
+                        f"not {wanted}")
+    kinds = [kind for kind, _ in log.events]
+    if "train_tokens" in kinds and "val" in kinds[kinds.index("train_tokens"):]:
+        problems.append("a val line follows the train_tokens line that closes the run")
+    return problems
+
+
+def check_final(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
+    """The final val line: finite, consistent with its ppl and the last step line, on the right tokens; the train
+    tokens consumed within what the steps needed and the shards hold."""
+    problems = []
     available = int(log.header["train_data"].group("tokens"))
     if "train_tokens" not in log.header:
         problems.append("no train_tokens line: the run did not finish")
     else:
         consumed = int(log.header["train_tokens"].group("count"))
+        needed = config["steps"] * config["batch_size"] * config["seq_len"]
         summary["train_tokens"] = f"{consumed:,}"
         if consumed > available:
             problems.append(f"train_tokens {consumed:,} > {available:,} in the train shards: data repeated")
-
+        if consumed < needed:
+            problems.append(f"train_tokens {consumed:,} < the {needed:,} that steps x batch_size x seq_len consume")
+    for m in log.val_lines:
+        problems += check_val_line(m, config)
     if not log.val_lines:
-        return problems + ["no val_loss line: the run did not finish"], {**summary, "train_time": "unknown"}
+        summary["train_time"] = "unknown"
+        return problems + ["no val_loss line: the run did not finish"]
     final = log.val_lines[-1]
     step, total = int(final.group("step")), int(final.group("total"))
-    loss_text, val_tokens = final.group("loss"), int(final.group("tokens"))
-    summary = {"val_loss": loss_text, "train_time": f"{int(final.group('ms')) / 60000:.2f}min",
-               "step": f"{step}/{total}", **summary}
+    summary.update(val_loss=final.group("loss"), train_time=f"{int(final.group('ms')) / 60000:.2f}min",
+                   step=f"{step}/{total}")
     if step != total:
         problems.append(f"the last val_loss is at step {step}/{total}, not the final step: the run did not finish")
+    train_lines = log.of_kind("step")
+    if train_lines and int(final.group("ms")) < int(train_lines[-1].group("ms")):
+        problems.append(f"the final train_time {final.group('ms')}ms is less than the "
+                        f"{train_lines[-1].group('ms')}ms of the last step line")
+    loss = float(final.group("loss")) if is_number(final.group("loss")) else math.nan
+    if math.isfinite(loss) and not loss <= args.target:
+        problems.append(f"val_loss {final.group('loss')} is not <= target {args.target}")
+    if int(final.group("tokens")) != args.val_tokens:
+        problems.append(f"val measured on {int(final.group('tokens')):,} tokens, not {args.val_tokens:,}")
+    return problems
+
+
+def is_number(text: str) -> bool:
     try:
-        loss = float(loss_text)
+        float(text)
+        return True
     except ValueError:
-        raise MalformedLog(f"val_loss {loss_text!r} is not a number") from None
-    if not loss <= args.target:
-        problems.append(f"val_loss {loss_text} is not <= target {args.target}")
-    if val_tokens != args.val_tokens:
-        problems.append(f"val measured on {val_tokens:,} tokens, not {args.val_tokens:,}")
-    return problems, summary
+        return False
+
+
+def check_val_line(m: re.Match, config: dict) -> list[str]:
+    step, loss_text, ppl_text = m.group("step"), m.group("loss"), m.group("ppl")
+    if not is_number(loss_text) or not is_number(ppl_text):
+        raise MalformedLog(f"val_loss {loss_text!r} or ppl {ppl_text!r} at step {step} is not a number")
+    loss, ppl = float(loss_text), float(ppl_text)
+    problems = []
+    if not (math.isfinite(loss) and loss >= 0):
+        problems.append(f"val_loss {loss_text} at step {step} is not a finite, non-negative NELBO")
+    else:  # train.py prints exp(loss) to 2 decimals from the loss before its rounding to 4
+        exact = math.exp(min(loss, 700))
+        if abs(ppl - exact) > exact * 6e-5 + 0.006:
+            problems.append(f"val_loss {loss_text} and ppl {ppl_text} disagree at step {step} (exp gives {exact:.2f})")
+    if int(m.group("tokens")) != config["val_tokens"]:
+        problems.append(f"the val line at step {step} measured {m.group('tokens')} tokens, the config's val_tokens "
+                        f"{config['val_tokens']}")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# The code: every repository module train.py imports is embedded, and equals the commit
+
+
+def imported_repo_files(sources: dict[str, str], repo_files: set[str], entry: str = "train.py") -> set[str]:
+    """The repository files that running `entry` imports, found from the import statements of the sources, the
+    files of repo_files only (the rest is the standard library and installed packages)."""
+    needed, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in needed or path not in repo_files:
+            continue
+        needed.add(path)
+        if path not in sources:
+            continue  # reported as missing; its own imports are unknown
+        try:
+            tree = ast.parse(sources[path])
+        except SyntaxError:
+            continue  # the comparison with the commit reports it
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                parts = name.split(".")
+                for depth in range(1, len(parts) + 1):
+                    stem = "/".join(parts[:depth])
+                    todo += [f"{stem}.py", f"{stem}/__init__.py"]
+    return needed
 
 
 def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
-    """Each embedded file must equal `git show REV:path`, byte for byte."""
+    """Each embedded file must equal `git show REV:path`, byte for byte, and every repository module that
+    train.py imports at REV must be embedded."""
     resolved = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
                                f"{rev}^{{commit}}"], capture_output=True, text=True)
     if resolved.returncode != 0:
         raise MalformedLog(f"{rev!r} is not a commit in the git repo at {repo}")
     if not files:
         return [f"the log embeds no source files to compare with {rev}"]
+    listed = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", rev], capture_output=True,
+                            text=True, check=True).stdout.split("\n")
     problems = []
+    for path in sorted(imported_repo_files(files, {p for p in listed if p.endswith(".py")}) - set(files)):
+        problems.append(f"{path} is imported by the run but not embedded in the log")
     for path, body in files.items():
         shown = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True)
         if shown.returncode != 0:
@@ -169,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="regex the file name in the train_data pattern must match ('.*' for the demo)")
     parser.add_argument("--val_file", default=r"finewebedu_val_000000\.bin",
                         help="regex the file name in the val_data path must match ('.*' for the demo)")
+    parser.add_argument("--val_shard_tokens", type=int, default=100_000_000,
+                        help="tokens of the val shard (FineWeb-Edu's: 100,000,000; 0: any, for the demo)")
+    parser.add_argument("--val_sha256", default="",
+                        help="sha256 the val shard must have; records/README.md says why none is known yet")
     parser.add_argument("--rev", help="git revision whose files the code embedded in the log must equal")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="git repo for --rev (default: the repo holding this script)")
@@ -185,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             code_problems = check_code(log.files, args.repo, args.rev)
             problems += code_problems
             summary["code"] = f"{'mismatch' if code_problems else 'matches'}@{args.rev}"
+        else:
+            summary["code"] = "NOT CHECKED (no --rev)"
     except MalformedLog as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
