@@ -375,8 +375,9 @@ def repository_modules() -> list[str]:
 
 
 def module_files() -> set[str]:
-    return {os.path.abspath(module.__file__) for module in list(sys.modules.values())
-            if isinstance(getattr(module, "__file__", None), str) and os.path.isabs(module.__file__)}
+    """The files of the imported modules (runpy leaves a script's own __file__ relative)."""
+    files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
+    return {os.path.abspath(path) for path in files if isinstance(path, str) and os.path.isfile(path)}
 
 
 def inside(path: str, folder: str) -> bool:
