@@ -111,7 +111,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
 
     def __init__(self, files: dict[str, bytes]):
         super().__init__(("127.0.0.1", 0), FakeHubHandler)
-        self.files, self.requests, self.interrupt = files, [], set()
+        self.files, self.requests, self.interrupt, self.etags = files, [], set(), {}
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
 
 
@@ -147,7 +147,7 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(body) - start))
-        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
+        self.send_header("ETag", '"' + hub.etags.get(name, hashlib.sha256(body).hexdigest()) + '"')  # LFS: sha256
         self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
@@ -233,6 +233,28 @@ def test_interrupted_download_leaves_no_valid_looking_shard(fake_hub, tmp_path):
             except ShardError:
                 pass
     assert valid == ["finewebedu_val_000000.bin"]
+
+
+def test_downloader_verifies_the_sha256(fake_hub, tmp_path, monkeypatch):
+    name = "finewebedu_val_000000.bin"
+    result = run_downloader(fake_hub, tmp_path, 0)
+    sha256 = hashlib.sha256(fake_hub.files[name]).hexdigest()
+    assert result.returncode == 0 and f"sha256 {sha256} (matches the Hub's hash)" in result.stdout, result.stdout
+
+    (tmp_path / "fw" / name).unlink()
+    fake_hub.etags[name] = "0" * 64  # a transfer that does not give the file the Hub names
+    result = run_downloader(fake_hub, tmp_path, 0)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last_line == f"removed the download of {name}: its sha256 {sha256} is not the " \
+                                                  f"Hub's hash {'0' * 64}", result.stderr
+    assert not (tmp_path / "fw" / name).exists()
+
+    import data.cached_finewebedu10B as downloader
+
+    assert downloader.check_sha256(name, sha256, None) == "no known hash to verify it against"
+    monkeypatch.setitem(downloader.KNOWN_SHA256, name, "1" * 64)  # a known hash wins over the Hub's
+    with pytest.raises(ValueError, match=f"its sha256 {sha256} is not the known hash {'1' * 64}"):
+        downloader.check_sha256(name, sha256, sha256)
 
 
 def test_downloader_rejects_a_served_file_that_is_not_a_shard(fake_hub, tmp_path):
