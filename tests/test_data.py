@@ -368,7 +368,9 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
     assert len(train) >= 1_000_000 and len(val) >= demo.DEMO_VAL_TOKENS
     assert train[0] == EOT and val[0] == EOT
     first_bytes = open(train_path, "rb").read()
-    assert "demo corpus:" in capsys.readouterr().out
+    stages = ["building", "standard library", "numpy", "torch", "tokenizing", "grouping", f"{len(train)} train"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("demo corpus: ")]
+    assert len(printed) == len(stages) and all(stage in line for stage, line in zip(stages, printed)), printed
     assert demo.prepare_demo() == (train_path, val_path)  # idempotent: the existing shards are kept
     assert open(train_path, "rb").read() == first_bytes and "demo corpus:" in capsys.readouterr().out
     documents, counts = demo.collect_documents()
@@ -378,7 +380,51 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
     fresh = subprocess.run([sys.executable, "-c", "import hashlib, json; from data.demo import collect_documents; "
                             "print(hashlib.sha256(json.dumps(collect_documents()[0]).encode()).hexdigest())"],
                            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    assert fresh.stdout.strip() == hashlib.sha256(json.dumps(documents).encode()).hexdigest()
+    assert fresh.stdout.strip().splitlines()[-1] == hashlib.sha256(json.dumps(documents).encode()).hexdigest()
+
+
+def windows(tokens, n: int) -> set[bytes]:
+    """Every run of n tokens, as bytes: the slow exact reference of demo.span_hashes."""
+    raw = np.ascontiguousarray(tokens, dtype="<u2").tobytes()
+    return {raw[2 * i : 2 * (i + n)] for i in range(len(tokens) - n + 1)}
+
+
+def test_demo_val_shares_no_long_span_with_train(demo_corpus):
+    """The real demo corpus: no val document has a run of 50 tokens that a train document has."""
+    import data.demo as demo
+
+    train, val = (np.asarray(read_shard(path)) for path in demo_corpus)
+    train_spans = set().union(*(windows(doc, demo.SPAN_TOKENS) for doc in split_documents(train)))
+    val_docs = split_documents(val)
+    assert len(val_docs) > 100 and not any(windows(doc, demo.SPAN_TOKENS) & train_spans for doc in val_docs)
+
+
+def test_near_duplicate_groups_match_a_slow_reference():
+    """Random documents with spans copied between them (chains included) are grouped as the slow way groups them:
+    documents linked when they share a run of SPAN_TOKENS tokens, groups the connected sets."""
+    import data.demo as demo
+
+    n = demo.SPAN_TOKENS
+    docs = [rng.integers(0, 50257, size=int(rng.integers(10, 400))).astype(np.uint16) for _ in range(60)]
+    for _ in range(25):
+        a, b = rng.integers(0, len(docs), size=2)
+        length = int(rng.integers(n - 3, n + 30))  # some copies too short to link
+        if len(docs[a]) >= length and len(docs[b]) >= length:
+            start, to = int(rng.integers(0, len(docs[a]) - length + 1)), int(rng.integers(0, len(docs[b]) - length + 1))
+            docs[b][to : to + length] = docs[a][start : start + length]
+    spans = [windows(doc, n) for doc in docs]
+    reference = list(range(len(docs)))
+    for i in range(len(docs)):  # label propagation until every linked pair shares the smallest label
+        for j in range(len(docs)):
+            if spans[i] & spans[j]:
+                low = min(reference[i], reference[j])
+                reference = [low if label in (reference[i], reference[j]) else label for label in reference]
+    assert demo.near_duplicate_groups(docs).tolist() == reference
+
+    val, train = demo.split_groups(docs, 2000)
+    assert sorted(val + train) == list(range(len(docs)))
+    assert not set().union(*(spans[i] for i in val)) & set().union(*(spans[i] for i in train))
+    assert sum(len(docs[i]) for i in val) >= 2000
 
 
 # ----------------------------------------------------------------------------------------------------------
