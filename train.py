@@ -368,10 +368,13 @@ class RunLog:
 
 
 def repository_modules() -> list[str]:
-    """Paths, relative to the repository, of its modules this process has imported (tests excluded)."""
+    """Paths, relative to the repository, of its modules this process has imported (tests and a virtual environment
+    inside the checkout excluded)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    paths = (os.path.relpath(path, here) for path in module_files() if inside(path, here) and path.endswith(".py"))
-    return sorted(path for path in paths if not path.startswith("tests" + os.sep) and not installed(path))
+    environments = [folder for folder in python_folders() if inside(folder, here)]
+    paths = [os.path.relpath(path, here) for path in module_files() if inside(path, here) and path.endswith(".py")
+             and not any(inside(path, folder) for folder in environments)]
+    return sorted(path for path in paths if not path.startswith("tests" + os.sep))
 
 
 def module_files() -> set[str]:
@@ -384,12 +387,10 @@ def inside(path: str, folder: str) -> bool:
     return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
 
 
-def installed(path: str) -> bool:
-    """Whether `path` belongs to the Python installation or its packages (a virtual environment may sit in the
-    checkout)."""
-    folders = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
-               *site.getsitepackages()}
-    return any(inside(path, folder) for folder in folders)
+def python_folders() -> set[str]:
+    """The folders of the Python installation and of its packages."""
+    return {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
+            *site.getsitepackages()}
 
 
 def runtime_line() -> str:
@@ -397,7 +398,8 @@ def runtime_line() -> str:
     the clock of train_time is the real one: code that ran but is not embedded shows here."""
     here = os.path.dirname(os.path.abspath(__file__))
     entry = os.path.abspath(traceback.extract_stack()[0].filename)
-    outside = sorted(path for path in module_files() if not inside(path, here) and not installed(path))
+    outside = sorted(path for path in module_files()
+                     if not inside(path, here) and not any(inside(path, folder) for folder in python_folders()))
     clock = time.perf_counter
     genuine = (isinstance(clock, types.BuiltinFunctionType) and clock.__self__ is time
                and clock.__name__ == "perf_counter")
