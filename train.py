@@ -558,7 +558,8 @@ class Run:
         self.model.eval()
         with self.autocast:
             val_loss, val_count = common.val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len,
-                                                   common.VAL_NOISE_SEED, self.rank, self.world_size)
+                                                   common.VAL_NOISE_SEED, self.rank, self.world_size,
+                                                   progress=self.rank == 0 and sys.stderr.isatty())
         self.model.train()
         self.log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
                  f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")
