@@ -211,8 +211,8 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
     tokens = torch.full((s.num_samples, total), cfg.mask_id, device=device)
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     starts = range(len(prompt) - len(prompt) % cfg.block_size, total, cfg.block_size)  # the first has the prompt's tail
-    cache = None
-    for index, begin in enumerate(tqdm(starts, unit="block", disable=not progress)):
+    cache, bar = None, tqdm(total=len(starts), unit="block", disable=not progress)
+    for index, begin in enumerate(starts):
         end, window = min(begin + cfg.block_size, total), window_start(begin, cfg.block_size, context)
         if s.kv_cache and (cache is None or cache.start != window):  # (re-)encode the window's clean tokens
             cache = model.new_cache(s.num_samples, context, start=window)
@@ -235,6 +235,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
         tokens[:, begin:end], row_forwards = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id,
                                                            cfg.schedule, generator, show)
         stats.row_forwards += int(row_forwards)
+        bar.update()
         ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
         if end == total or ended:
             tokens = tokens[:, :end]
@@ -242,6 +243,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
         if cache and window_start(end, cfg.block_size, context) == window:
             model.cache_append(cache, tokens[:, begin:end])
             stats.cache_appends += 1
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     stats.new_tokens, stats.seconds = tokens.size(1) - len(prompt), time.perf_counter() - start_time
