@@ -244,8 +244,8 @@ def test_windowed_cache_gives_the_tokens_of_a_recompute_over_the_window(model, s
     the window at every step; rows go on past <|endoftext|> into new documents inside the window."""
     model = random_model(seed=1)
     model.head.register_forward_hook(favour_end_of_text)
-    settings = Settings(num_samples=3, max_new_tokens=12 * context + 3, context=context, stop_at_eot=False,
-                        sampler=sampler, **SAMPLER_SETTINGS[sampler])
+    settings = Settings(num_samples=3, max_new_tokens=12 * context + 3, min_new_tokens=0, context=context,
+                        stop_at_eot=False, sampler=sampler, **SAMPLER_SETTINGS[sampler])
     cached, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0))
     reference, _ = generate(model, PROMPT, replace(settings, kv_cache=False), torch.Generator().manual_seed(0))
     assert torch.equal(cached, reference)
