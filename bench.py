@@ -165,7 +165,8 @@ def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: 
           "new tokens", "KV cache", "tokens/s", "forwards per token")
     for sampler in SAMPLERS:
         for new_tokens, kv_cache in ((256, True), (256, False), (1024, True), (1024, False))[:4 - quick]:
-            settings, runs = SampleSettings(sampler=sampler, max_new_tokens=new_tokens, kv_cache=kv_cache), []
+            settings, runs = SampleSettings(sampler=sampler, max_new_tokens=new_tokens, kv_cache=kv_cache,
+                                            num_samples=1, min_new_tokens=0), []
 
             def run() -> None:
                 runs.append(generate(model, [], settings, torch.Generator(device=device).manual_seed(0))[1])

@@ -53,6 +53,8 @@ class Settings(sample.Settings):
                              "Face causal LM name or folder (needs transformers)")
     sweep: bool = setting(False, "with --judge: sweep the samplers' knobs and print a markdown table")
     num_samples: int = setting(64, "samples generated together as one batch")
+    min_new_tokens: int = setting(0, "no <|endoftext|> among the first this many new tokens; 0: sample quality "
+                                     "measures the lengths the model chooses")
 
 
 # the flags that only sample quality reads

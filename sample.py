@@ -34,6 +34,8 @@ from data.tokenizer import get_tokenizer
 from model import BD3LM, SCHEDULES, Schedule, setting
 
 MASK_GLYPH = "░"
+SHOWN_BLOCKS = 4  # of the denoising display: a screenful
+WIDTH = 80  # of the terminal the denoising display fits
 
 
 @dataclass
@@ -42,9 +44,11 @@ class Settings:
     prompt: str = setting("", "text to continue (an <|endoftext|> in it ends a document there: do not start "
                                   "with one); empty: a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
-    num_samples: int = setting(1, "samples generated together as one batch")
+    num_samples: int = setting(3, "samples generated together as one batch")
     max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early); "
                                        "any number: a window slides over a long text")
+    min_new_tokens: int = setting(64, "no <|endoftext|> among the first this many new tokens (its probability is "
+                                      "set to 0 there), so every sample is long enough to read")
     context: int = setting(0, "tokens one forward sees, noisy block included, a multiple of the block size; "
                               "0: the training seq_len")
     stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: go on into new documents, "
@@ -56,7 +60,8 @@ class Settings:
     top_p: float = setting(1.0, "nucleus: draw from the smallest set of tokens holding this much probability")
     seed: int = setting(0, "seed of the one generator all random draws come from")
     kv_cache: bool = setting(True, "False: recompute the whole context at every step (slow reference)")
-    show_denoising: bool = setting(False, "print how each block fills in, step by step")
+    show_denoising: bool = setting(True, f"print how the first {SHOWN_BLOCKS} blocks of sample 0 fill in from "
+                                         f"[MASK], step by step, before the samples")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
 
@@ -65,6 +70,7 @@ def check_settings(s: Settings) -> None:
         raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
     for name, valid, rule in [("num_samples", s.num_samples >= 1, "be at least 1"),
                               ("max_new_tokens", s.max_new_tokens >= 1, "be at least 1"),
+                              ("min_new_tokens", s.min_new_tokens >= 0, "not be negative"),
                               ("steps_per_block", s.steps_per_block >= 1, "be at least 1"),
                               ("context", s.context >= 0, "be 0 (the training seq_len) or positive"),
                               ("threshold", 0 <= s.threshold <= 1, "lie in [0, 1]"),
@@ -205,8 +211,8 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
     tokens = torch.full((s.num_samples, total), cfg.mask_id, device=device)
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     starts = range(len(prompt) - len(prompt) % cfg.block_size, total, cfg.block_size)  # the first has the prompt's tail
-    cache = None
-    for index, begin in enumerate(tqdm(starts, unit="block", disable=not progress)):
+    cache, bar = None, tqdm(total=len(starts), unit="block", disable=not progress)
+    for index, begin in enumerate(starts):
         end, window = min(begin + cfg.block_size, total), window_start(begin, cfg.block_size, context)
         if s.kv_cache and (cache is None or cache.start != window):  # (re-)encode the window's clean tokens
             cache = model.new_cache(s.num_samples, context, start=window)
@@ -217,14 +223,19 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
         def block_logits(block: Tensor) -> Tensor:
             stats.forwards += 1
             if cache:
-                return model.cache_logits(cache, block)
-            history = torch.cat([tokens[:, window:begin], block], 1)  # clean context in both halves, noisy in x_t
-            return model.logits(history, history)[:, begin - window:]
+                logits = model.cache_logits(cache, block)
+            else:
+                history = torch.cat([tokens[:, window:begin], block], 1)  # clean context in both halves, noisy in x_t
+                logits = model.logits(history, history)[:, begin - window:]
+            early = torch.arange(begin, end, device=device) < len(prompt) + s.min_new_tokens
+            logits[:, early, cfg.eot_id] = float("-inf")
+            return logits
 
         show = (lambda block: on_step(index, block)) if on_step else None
         tokens[:, begin:end], row_forwards = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id,
                                                            cfg.schedule, generator, show)
         stats.row_forwards += int(row_forwards)
+        bar.update()
         ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
         if end == total or ended:
             tokens = tokens[:, :end]
@@ -232,6 +243,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
         if cache and window_start(end, cfg.block_size, context) == window:
             model.cache_append(cache, tokens[:, begin:end])
             stats.cache_appends += 1
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     stats.new_tokens, stats.seconds = tokens.size(1) - len(prompt), time.perf_counter() - start_time
@@ -247,6 +259,15 @@ def completions(tokens: Tensor, prompt_length: int, eot: int, cut: bool = True) 
 # Command line
 
 
+def describe(row: int, generated: list[int], eot: int, s: Settings) -> tuple[str, list[int]]:
+    """A sample's header line (its length in tokens and why it ended) and its tokens, cut before its first
+    <|endoftext|> if s.stop_at_eot."""
+    if s.stop_at_eot and eot in generated:
+        completion = generated[: generated.index(eot)]
+        return f"---- sample {row}: {len(completion)} tokens, ended at <|endoftext|> ----", completion
+    return f"---- sample {row}: {len(generated)} tokens, stopped at --max_new_tokens={s.max_new_tokens} ----", generated
+
+
 def read_prompt(s: Settings) -> list[int]:
     """The token ids of --prompt or --prompt_file (which then replaces s.prompt)."""
     if s.prompt_file:
@@ -255,6 +276,40 @@ def read_prompt(s: Settings) -> list[int]:
         with open(s.prompt_file) as f:
             s.prompt = f.read()
     return get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
+
+
+class DenoisingDisplay:
+    """generate's on_step for the command line: how the first SHOWN_BLOCKS blocks of sample 0 fill in, one line
+    per step that changed its block (a block's first line is its state before any step), wrapped to WIDTH."""
+
+    def __init__(self, tokenizer, prompt: list[int], config):
+        self.tokenizer, self.prompt, self.config, self.shown = tokenizer, prompt, config, -1
+        self.first_begin = len(prompt) - len(prompt) % config.block_size
+
+    def __call__(self, index: int, block: Tensor) -> None:
+        if index >= SHOWN_BLOCKS:
+            return
+        if index != self.shown:
+            if index == 0:
+                tqdm.write(f"---- sample 0 denoised block by block ({MASK_GLYPH} = [MASK]), its first "
+                           f"{SHOWN_BLOCKS} blocks ----")
+            begin = self.first_begin + index * self.config.block_size
+            before = [self.prompt[i] if i < len(self.prompt) else self.config.mask_id
+                      for i in range(begin, begin + block.size(1))]
+            self.shown, self.step = index, 0
+            self.write(before)
+        if block[0].tolist() != self.last:  # the step may have changed only the other samples
+            self.step += 1
+            self.write(block[0].tolist())
+
+    def write(self, ids: list[int]) -> None:
+        self.last = ids
+        text = "".join(MASK_GLYPH if i == self.config.mask_id else self.tokenizer.decode([i]) for i in ids)
+        text = text.replace("\n", "⏎").replace("\t", " ")
+        label = f"block {self.shown} step {self.step:2d} | "
+        width = WIDTH - len(label)
+        lines = [text[i:i + width] for i in range(0, len(text), width)] or [""]
+        tqdm.write("\n".join(f"{label if n == 0 else ' ' * len(label)}{line}" for n, line in enumerate(lines)))
 
 
 def main(argv: list[str]) -> None:
@@ -276,16 +331,12 @@ def main(argv: list[str]) -> None:
         common.fail(str(error), status=2)
 
     tokenizer = get_tokenizer()
-
-    def show(index: int, block: Tensor) -> None:
-        for row, ids in enumerate(block.tolist()):
-            text = "".join(MASK_GLYPH if i == model.config.mask_id else tokenizer.decode([i]) for i in ids)
-            print(f"block {index} sample {row}: {text!r}")
-
-    tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed),
-                             on_step=show if s.show_denoising else None, progress=not s.show_denoising)
-    for row, completion in enumerate(completions(tokens, len(prompt), model.config.eot_id, cut=s.stop_at_eot)):
-        print(f"---- sample {row} ----\n{s.prompt}{tokenizer.decode(completion)}")
+    display = DenoisingDisplay(tokenizer, prompt, model.config) if s.show_denoising else None
+    tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed), on_step=display,
+                             progress=True)
+    for row, generated in enumerate(tokens[:, len(prompt):].tolist()):
+        header, completion = describe(row, generated, model.config.eot_id, s)
+        print(f"{header}\n{s.prompt}{tokenizer.decode(completion)}")
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
           f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} (one sample at a time "

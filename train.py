@@ -110,12 +110,13 @@ PRESETS = {
     # ~39 GiB per GPU (unmeasured), and ~11 GiB for record_24gb's 1 x 8K
     "record": {},
     "record_24gb": dict(micro_batch=1),  # RTX 3090/4090: 8K tokens per forward; on one GPU 32 of them a step
-    # sized for 2 idle CPU cores: a few minutes; bf16 autocast (on CPUs with bf16 kernels) doubles throughput
+    # sized for 2 idle CPU cores, under 5 minutes with sampling; bf16 autocast (on CPUs with bf16 kernels) doubles
+    # throughput. More steps of fewer sequences learn more per second here (docs/training.md, the demo on CPU).
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
-        seq_len=256, batch_size=8, micro_batch=1, steps=120, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=40,
-        val_every=60, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
+        seq_len=256, batch_size=4, micro_batch=1, steps=160, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
+        val_every=80, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
     ),
 }
 
@@ -609,7 +610,8 @@ class Run:
         self.model.eval()
         with self.autocast:
             val_loss, val_count = common.val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len,
-                                                   common.VAL_NOISE_SEED, self.rank, self.world_size)
+                                                   common.VAL_NOISE_SEED, self.rank, self.world_size,
+                                                   progress=self.rank == 0 and sys.stderr.isatty())
         self.model.train()
         self.log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
                  f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")

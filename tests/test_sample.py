@@ -48,7 +48,7 @@ def model():
 
 
 def run(model, seed=0, **settings):
-    settings = Settings(**{"num_samples": 3, "max_new_tokens": 14, **settings})
+    settings = Settings(**{"num_samples": 3, "max_new_tokens": 14, "min_new_tokens": 0, **settings})
     return generate(model, PROMPT, settings, torch.Generator().manual_seed(seed))
 
 
@@ -196,6 +196,34 @@ def favour_end_of_text(head, inputs, logits):
     return logits + 2.0 * (torch.arange(logits.size(-1)) == EOT)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_min_new_tokens_keeps_end_of_text_out_of_the_first_tokens_only(sampler):
+    """With <|endoftext|> favoured, it comes early in every sample unless min_new_tokens holds it back; the hold
+    stops at exactly min_new_tokens new tokens, on the cached and the reference path alike."""
+    model = random_model(seed=int(torch.randint(0, 1000, ())))
+    model.head.register_forward_hook(lambda head, inputs, logits: logits / 4 + 4.0 * (torch.arange(logits.size(-1))
+                                                                                      == EOT))
+    minimum = int(torch.randint(6, 12, ()))
+    settings = dict(sampler=sampler, num_samples=6, max_new_tokens=40, stop_at_eot=False,
+                    **SAMPLER_SETTINGS[sampler])
+    free, _ = run(model, **settings)
+    assert (free[:, len(PROMPT):len(PROMPT) + minimum] == EOT).any()
+    for kv_cache in (True, False):
+        held, _ = run(model, min_new_tokens=minimum, kv_cache=kv_cache, **settings)
+        assert not (held[:, len(PROMPT):len(PROMPT) + minimum] == EOT).any()
+        assert (held[:, len(PROMPT) + minimum:] == EOT).any()  # from there on it is allowed again
+
+
+def test_each_header_gives_the_length_and_the_end():
+    s = Settings(max_new_tokens=6)
+    assert sample.describe(0, [5, 6, EOT, 7, EOT, 8], EOT, s) == (
+        "---- sample 0: 2 tokens, ended at <|endoftext|> ----", [5, 6])
+    assert sample.describe(2, [5, 6, 7, 7, 9, 8], EOT, s) == (
+        "---- sample 2: 6 tokens, stopped at --max_new_tokens=6 ----", [5, 6, 7, 7, 9, 8])
+    assert sample.describe(1, [EOT, 6, 7], EOT, replace(s, stop_at_eot=False))[0] == (
+        "---- sample 1: 3 tokens, stopped at --max_new_tokens=6 ----")
+
+
 def test_window_start_keeps_the_context_within_bounds():
     for context in (BLOCK, 2 * BLOCK, 3 * BLOCK, 8 * BLOCK):
         starts = [window_start(begin, BLOCK, context) for begin in range(0, 40 * BLOCK, BLOCK)]
@@ -216,8 +244,8 @@ def test_windowed_cache_gives_the_tokens_of_a_recompute_over_the_window(model, s
     the window at every step; rows go on past <|endoftext|> into new documents inside the window."""
     model = random_model(seed=1)
     model.head.register_forward_hook(favour_end_of_text)
-    settings = Settings(num_samples=3, max_new_tokens=12 * context + 3, context=context, stop_at_eot=False,
-                        sampler=sampler, **SAMPLER_SETTINGS[sampler])
+    settings = Settings(num_samples=3, max_new_tokens=12 * context + 3, min_new_tokens=0, context=context,
+                        stop_at_eot=False, sampler=sampler, **SAMPLER_SETTINGS[sampler])
     cached, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0))
     reference, _ = generate(model, PROMPT, replace(settings, kv_cache=False), torch.Generator().manual_seed(0))
     assert torch.equal(cached, reference)
@@ -319,11 +347,27 @@ def sample_cli(*flags):
 
 def test_cli_prints_samples_and_a_summary(checkpoint):
     result = sample_cli(f"--checkpoint={checkpoint}", "--prompt=The history of the world is",
-                        "--num_samples=2", "--max_new_tokens=9", "--show_denoising=True")
+                        "--num_samples=2", "--max_new_tokens=9", "--show_denoising=False")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("The history of the world is") == 2
-    assert "---- sample 1 ----" in result.stdout and "░" in result.stdout
+    assert "---- sample 1: 9 tokens, stopped at --max_new_tokens=9 ----" in result.stdout
+    assert "░" not in result.stdout
     assert "tokens/s, NFE/token" in result.stdout.splitlines()[-1]
+
+
+def test_cli_shows_sample_0_filling_in_from_mask_in_80_columns(checkpoint):
+    """By default (the README's demo command): the first blocks of sample 0, each from all [MASK] to its final
+    tokens one step a line, then the samples, the first of which ends with exactly those tokens' text."""
+    result = sample_cli(f"--checkpoint={checkpoint}", "--max_new_tokens=72", "--steps_per_block=4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("---- sample 0 denoised block by block")
+    assert max(len(line) for line in lines[:lines.index(next(line for line in lines if "sample 0:" in line))]) <= 80
+    firsts = [line for line in lines if " step  0 | " in line]
+    assert [line.split(" step")[0] for line in firsts] == [f"block {i}" for i in range(sample.SHOWN_BLOCKS)]
+    assert all(line.endswith("| " + "░" * BLOCK) for line in firsts)
+    assert "---- sample 2: 72 tokens, stopped at --max_new_tokens=72 ----" in lines
+    assert not any(line.startswith("block 4 ") for line in lines)
 
 
 def test_cli_help_lists_every_option():

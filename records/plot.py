@@ -1,0 +1,88 @@
+"""Plot the val NELBO of training runs from their logs: against train time and against training tokens.
+
+    python records/plot.py logs/RUN.txt [logs/OTHER.txt ...] --out=curve.png
+
+One curve per log, named by its file, with the record target drawn. Training tokens at a validation are the
+steps before it times batch_size x seq_len (the tokens skipped to start chunks at a document are not counted).
+Like check.py it reads logs only; it needs matplotlib (requirements-dev.txt).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from check import MalformedLog, parse_log
+
+TARGET = 3.44  # the record's val NELBO, records/README.md
+
+
+def read_curve(path: Path) -> tuple[list[float], list[int], list[float]]:
+    """(train time in minutes, training tokens, val NELBO) at each validation of the run logged in `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MalformedLog(f"cannot read {path} ({error})") from None
+    try:
+        log = parse_log(text)
+        config = json.loads(log.header["config"].group("json"))
+        tokens_per_step = config["batch_size"] * config["seq_len"]
+    except (MalformedLog, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise MalformedLog(f"{path} is not a train.py log ({error})") from None
+    if not log.val_lines:
+        raise MalformedLog(f"{path} has no val_loss line")
+    minutes = [int(line.group("ms")) / 60_000 for line in log.val_lines]
+    tokens = [int(line.group("step")) * tokens_per_step for line in log.val_lines]
+    return minutes, tokens, [float(line.group("loss")) for line in log.val_lines]
+
+
+def plot(curves: dict[str, tuple], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    figure, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, (minutes, tokens, losses) in curves.items():
+        by_time.plot(minutes, losses, marker="o", label=name)
+        by_tokens.plot(tokens, losses, marker="o", label=name)
+    for axes, label in ((by_time, "train time (minutes, validation excluded)"), (by_tokens, "training tokens")):
+        axes.axhline(TARGET, color="gray", linestyle="--", label=f"record target {TARGET}")
+        axes.set_xlabel(label)
+        axes.grid(alpha=0.3)
+    by_time.set_ylabel("val NELBO (nats/token)")
+    by_tokens.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Plot val NELBO curves from train.py logs.")
+    parser.add_argument("logs", type=Path, nargs="+", help="train.py logs (logs/<run_id>.txt)")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: records/plot.py needs matplotlib: pip install -r requirements-dev.txt", file=sys.stderr)
+        return 2
+    try:
+        names = [path.stem for path in args.logs]
+        if len(set(names)) < len(names):  # the same run id in two folders
+            names = [str(path) for path in args.logs]
+        curves = {name: read_curve(path) for name, path in zip(names, args.logs)}
+    except MalformedLog as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        plot(curves, args.out)
+    except OSError as error:
+        print(f"error: cannot write {args.out} ({error})", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {len(curves)} run{'s' * (len(curves) > 1)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
