@@ -359,12 +359,11 @@ def run_check(device: torch.device) -> int:
             print(f"\n## {name}: {verdict}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines),
                   flush=True)
             torch._dynamo.reset()
-    passed = [name for name, error in results.items() if error is None]
     failed = [name for name, error in results.items() if error is not None]
-    print(f"\ngpu_check: {'PASS' if not failed else 'FAIL'} {len(passed)}/{len(results)} passed"
-          f"{' (rehearsal on CPU)' if device.type != 'cuda' else ''}: {' '.join(f'{n}:ok' for n in passed)}"
-          f"{' ' if passed and failed else ''}{' '.join(f'{n}:failed' for n in failed)} "
-          f"seconds:{time.perf_counter() - started:.0f}", flush=True)
+    print(f"\ngpu_check: {'FAIL' if failed else 'PASS'} {len(results) - len(failed)}/{len(results)} passed"
+          f"{' (rehearsal on CPU)' if device.type != 'cuda' else ''}: "
+          + " ".join(f"{name}:{'failed' if error else 'ok'}" for name, error in results.items())
+          + f" seconds:{time.perf_counter() - started:.0f}", flush=True)
     return 1 if failed else 0
 
 
