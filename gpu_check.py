@@ -246,8 +246,10 @@ def record_step(target: Target, state: dict) -> list[str]:
              f"| compile (train.warm_up) | {compile_ms / 1000:.1f} s | 60-180 s |",
              f"| step | {1e3 * step_s:.1f} ms | {f'{estimate_ms:.1f} ms' if estimate_ms else '-'} |",
              f"| tokens/s | {tokens / step_s:,.0f} | {f'{tokens / estimate_ms * 1e3:,.0f}' if estimate_ms else '-'} |",
-             f"| model FLOP utilization (of the measured {peak / 1e12:.1f} TFLOP/s matmul peak) | "
-             f"{flops * tokens / step_s / peak:.1%} | - |",
+             f"| matmul peak, TFLOP/s | {peak / 1e12:.1f} (measured) | "
+             f"{f'{gpu.bf16_flops / 1e12:.0f} (datasheet)' if gpu else '-'} |",
+             f"| model FLOP utilization, of the matmul peak | {flops * tokens / step_s / peak:.1%} | "
+             f"{f'{flops * tokens / estimate_ms * 1e3 / gpu.bf16_flops:.1%}' if gpu else '-'} |",
              f"| peak memory | {peak_memory_gib(device):.2f} GiB | "
              f"{f'{estimate_gib:.2f} GiB' if estimate_gib else '-'} |",
              f"| train loss, first and last {half} steps | {first:.3f} -> {last:.3f} | falling |"]
