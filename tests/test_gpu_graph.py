@@ -160,3 +160,23 @@ def test_train_py_on_the_flex_graph_one_process_and_two_gloo_ranks(tmp_path, dem
               for run_id in ("one", "two")]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
     assert re.search(r"^compile_time:\d+ms$", read_log(tmp_path, "one"), re.M)
+
+
+def test_every_sort_of_the_block_mask_falls_back_to_eager():
+    """Inductor would compile an argsort to a Triton sort, with a compile-time cliff; annotated, it runs eagerly
+    (as in torch's own BlockMask code)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    sorts = []
+
+    def inspect_forward(graph_module, example_inputs):
+        sorts.extend(node.meta.get("custom") for node in graph_module.graph.nodes if "sort" in str(node.target))
+        return graph_module
+
+    def backend(graph_module, example_inputs):
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=inspect_forward)
+
+    block_mask = torch.compile(lambda tokens: model_module.block_diffusion_block_mask(tokens, 16, EOT).as_tuple(),
+                               backend=backend, fullgraph=True)
+    block_mask(torch.randint(0, VOCAB, (2, 256)))
+    assert sorts and all(custom == {"fallback_to_eager": True} for custom in sorts)
