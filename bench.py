@@ -6,6 +6,7 @@ costmodel.py's estimate of the record run on GPUs. One markdown report; nothing 
     python bench.py --quick=True         # fewer and smaller runs: about 6 minutes on a 2-core CPU
     python bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
     python bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
+    python bench.py --gpu_check=True     # the prepared check of a first GPU window (gpu_check.py); no GPU: a rehearsal
 
 Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
 train.py logs: model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
@@ -23,6 +24,7 @@ import torch
 
 import common
 import costmodel as cm
+import gpu_check
 from model import ModelConfig, Noise, block_diffusion_block_mask, block_diffusion_mask, setting, train_noise
 from model import model_flops_per_token as model_flops
 from sample import SAMPLERS, generate
@@ -37,6 +39,8 @@ class Settings:
     repeats: int = setting(5, "timed runs per figure (quick: 3)")
     checkpoint: str = setting("", "sample from this checkpoint (e.g. the demo's); empty: a demo-size random model")
     estimate_only: bool = setting(False, "print only the GPU estimates for the record config; times nothing")
+    gpu_check: bool = setting(False, "run gpu_check.py's parts instead, one summary line last (at most 8 minutes of a "
+                                     "GPU); without CUDA a rehearsal on the CPU")
 
 
 def preset(name: str) -> Hyperparameters:
@@ -271,6 +275,8 @@ def main(argv: list[str]) -> None:
         device = common.pick_device(bench.device)
     except common.ConfigError as error:
         common.fail(str(error), status=2)
+    if bench.gpu_check:
+        sys.exit(gpu_check.run_check(device))
     if bench.estimate_only:
         print(f"# bench.py --estimate_only=True, {time.strftime('%Y-%m-%d')}")
         estimate_tables()

@@ -86,11 +86,17 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device=cuda but this machine has no CUDA device")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
+    if not allocator_settings():  # the user's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF wins
+        # applied now, before the first CUDA allocation: torch may have read os.environ at import already
+        torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     return device
+
+
+def allocator_settings() -> str:
+    """The accelerator allocator's settings in effect (PYTORCH_ALLOC_CONF syntax); empty: torch's defaults."""
+    return torch._C._accelerator_getAllocatorSettings()
 
 
 def ranks() -> tuple[int, int]:

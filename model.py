@@ -45,7 +45,8 @@ class ModelConfig:
     mlp_hidden: int = setting(3056, "hidden width of the MLP")
     block_size: int = setting(16, "tokens per diffusion block (records: 16)")
     eot_id: int = setting(50256, "<|endoftext|>: ends a document")
-    attn_backend: str = setting("auto", "auto (flex on CUDA, sdpa elsewhere), flex or sdpa")
+    attn_backend: str = setting("auto", "auto (flex on CUDA, sdpa elsewhere), flex or sdpa; flex runs only in "
+                                "the compiled loss, every eager pass takes sdpa")
     rope_base: float = setting(10000.0, "rotary embedding base")
     logit_softcap: float = setting(15.0, "logits = c * tanh(logits / c); 0 turns it off")
     schedule: str = setting("linear", "masking schedule: linear (BD3-LM's), cosine or sqrt (see SCHEDULES)")
@@ -234,7 +235,9 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
     partial = any_allowed & ~all_allowed
 
     def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:  # [N, tiles, tiles] -> [N, 1, ...] for the heads
-        order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
+        # eager even when compiled, as torch's own BlockMask code does: Triton sorts have a compile-time cliff
+        with torch.fx.traceback.annotate({"fallback_to_eager": True}):
+            order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
         return selected.sum(-1, dtype=torch.int32)[:, None], order.int()[:, None]
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -246,13 +249,16 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
 
 
 def flex_kernel_options(device_properties) -> dict:
-    """FlexAttention options for a GPU (torch.cuda.get_device_properties). The default head_dim-128
-    backward stages about 130 KB, more than an RTX 3090/4090 has, where torch retries it unpipelined; these
-    smaller backward tiles (each dividing TILE) fit with margin. Larger GPUs (H100: 227 KB) keep the defaults."""
+    """FlexAttention options for a GPU (torch.cuda.get_device_properties). On an RTX 3090/4090 (101,376 bytes of
+    shared memory a block) torch 2.13's head_dim-128 bf16 defaults are A100 tiles: the forward's 128 x 64 in 3
+    stages and the backward's 64 x 64 in 3 stages stage more than that, and Inductor then retries them unpipelined.
+    These tiles (each dividing TILE) fit with margin; the forward's are FlashAttention-2's choice for these GPUs
+    on a causal-like mask. Larger GPUs (A100: 164 KB, H100: 227 KB) keep the defaults. Unmeasured on a GPU."""
     props = device_properties
     if getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block) > SMALL_GPU_SHARED_MEMORY:
         return {}
-    return {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+    return {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2,
+            "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
 
 
 def check_token_ids(tokens: Tensor, top: int) -> None:
@@ -469,8 +475,11 @@ class BD3LM(nn.Module):
         return hidden
 
     def _use_flex(self, device: torch.device) -> bool:
+        """Flex only inside a compiled graph: eager flex attention falls back to a path that materializes the fp32
+        scores [N, H, 2L, 2L] (24 GiB a row at seq_len 8192), so every eager pass takes SDPA and the dense mask."""
         backend = self.config.attn_backend
-        return backend == "flex" or (backend == "auto" and device.type == "cuda")
+        wanted = backend == "flex" or (backend == "auto" and device.type == "cuda")
+        return wanted and torch.compiler.is_compiling()
 
     def _check_tokens(self, tokens: Tensor, dims: tuple[int, ...], allow_mask: bool = False) -> None:
         if tokens.dim() not in dims or tokens.numel() == 0:

@@ -417,6 +417,7 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
             log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
     log(f"python:{platform.python_version()}", console=False)
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
+    log(f"allocator:{common.allocator_settings() or 'default'}", console=False)
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
     log(runtime_line(), console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
@@ -567,11 +568,11 @@ class Run:
         all_reduce_grads(list(self.model.parameters()))
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item()
-        if not math.isfinite(train_loss):
-            fail(f"train loss is {train_loss} at step {step + 1}; stopped before updating the weights "
-                 f"(last checkpoint: {self.last_checkpoint})")
         self.update_weights(step)
+        train_loss = loss_sum.item()  # the step's one wait for the device, once the optimizers' work is queued
+        if not math.isfinite(train_loss):
+            fail(f"train loss is {train_loss} at step {step + 1}; stopped before saving this step's weights "
+                 f"(last checkpoint: {self.last_checkpoint})")
         return train_loss
 
     def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, Noise]:

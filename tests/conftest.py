@@ -67,6 +67,20 @@ def peaked_model(block_size: int, seed: int, vocab_size: int) -> BD3LM:
     return model.eval()
 
 
+class CountingBackend:
+    """A torch.compile backend that counts the graphs Dynamo hands over (a recompile is one more) and runs them
+    with aot_eager."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.graphs += 1
+        return lookup_backend("aot_eager")(graph_module, example_inputs)
+
+
 def random_stream(length, gen, eot_id=EOT, vocab=VOCAB, mean_doc=20) -> torch.Tensor:
     """Random tokens in which an <|endoftext|> ends a document with probability 1 / mean_doc at every position,
     so documents of every length occur, shorter than a block and two in one block included."""

@@ -161,7 +161,7 @@ def test_only_its_test_imports_bench_and_no_function_is_long():
             if name.endswith(".py") and "/." not in path and not path.endswith("tests/test_bench.py"):
                 with open(path) as f:
                     assert not re.search(r"^\s*(import bench\b|from bench import)", f.read(), re.MULTILINE), path
-    for module in ("bench.py", "costmodel.py"):
+    for module in ("bench.py", "costmodel.py", "gpu_check.py"):
         with open(os.path.join(REPO, module)) as f:
             tree = ast.parse(f.read())
         lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
@@ -180,5 +180,5 @@ def test_bad_flag_is_one_line_and_exit_2(flag):
 def test_help_lists_every_flag():
     result = run_bench("--help")
     assert result.returncode == 0
-    for name in ("device", "quick", "repeats", "checkpoint", "estimate_only"):
+    for name in ("device", "quick", "repeats", "checkpoint", "estimate_only", "gpu_check"):
         assert f"--{name}=" in result.stdout

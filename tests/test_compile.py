@@ -16,8 +16,18 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import EOT, SMALL, VOCAB, load_final, naive_token_losses, read_log, run_train, tricky_streams, val_losses
-from torch._dynamo.backends.registry import lookup_backend
+from conftest import (
+    EOT,
+    SMALL,
+    VOCAB,
+    CountingBackend,
+    load_final,
+    naive_token_losses,
+    read_log,
+    run_train,
+    tricky_streams,
+    val_losses,
+)
 from torch._dynamo.utils import counters
 
 import train
@@ -32,18 +42,6 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs Dynamo hands over (a recompile is one more) and runs them
-    with aot_eager."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        return lookup_backend("aot_eager")(graph_module, example_inputs)
 
 
 def tiny_model(block_size: int = 4, attn_backend: str = "sdpa") -> BD3LM:

@@ -138,13 +138,13 @@ def test_flex_forward_equals_sdpa_forward(length, mean_doc):
     model = small_model(block_size=16)
     noise = eval_noise(length, 16, seed=3, offset=0)
     x_t = torch.where(noise.masked, model.config.mask_id, tokens)
-    model.config.attn_backend = "flex"
+    model.config.attn_backend = "flex"  # flex runs compiled only: every eager pass takes sdpa
     with torch.no_grad():
         dense = model._pass(x_t[None], tokens[None], dense=True)
-        flex = model._pass(x_t[None], tokens[None])
-        flex_losses = model.token_losses(tokens, noise)
-        model.config.attn_backend = "sdpa"
+        flex = torch.compile(model._pass, backend="aot_eager", fullgraph=True)(x_t[None], tokens[None])
         dense_losses = model.token_losses(tokens, noise)
+        model.compile_loss("aot_eager")
+        flex_losses = model.token_losses(tokens, noise)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex_losses, dense_losses, atol=1e-5, rtol=1e-5)
 
@@ -158,6 +158,8 @@ def test_losses_of_a_batch_are_the_losses_of_each_row(backend):
     batch_noise = type(noise[0])(*(torch.stack(parts) for parts in zip(*noise)))
     model = small_model(block_size=16)
     model.config.attn_backend = backend
+    if backend == "flex":  # flex runs compiled only
+        model.compile_loss("aot_eager")
     with torch.no_grad():
         batched = model.token_losses(rows, batch_noise)
         alone = torch.stack([model.token_losses(row, row_noise) for row, row_noise in zip(rows, noise)])
@@ -476,11 +478,10 @@ def test_compiled_flex_eval_matches_eager():
     tokens = random_stream(256, gen, mean_doc=40)
     model = small_model(block_size=16)
     model.config.attn_backend = "flex"
-    noise = eval_noise(len(tokens), 16, seed=0, offset=0)
+    x_t = torch.where(eval_noise(len(tokens), 16, seed=0, offset=0).masked, model.config.mask_id, tokens)[None]
     with torch.no_grad():
-        eager = model.token_losses(tokens, noise)
-        model.trunk.compile()
-        compiled = model.token_losses(tokens, noise)
+        eager = model._pass(x_t, tokens[None])  # sdpa: flex runs compiled only
+        compiled = torch.compile(model._pass, fullgraph=True)(x_t, tokens[None])  # the BlockMask and flex, Inductor
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -589,8 +590,9 @@ def test_flex_backward_tiles_are_chosen_from_the_gpus_shared_memory(monkeypatch)
                            shared_memory_per_block_optin=232_448)
     for props in (rtx_3090, rtx_4090):
         options = model_module.flex_kernel_options(props)
-        assert set(options) == {"bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"}
-        assert all(TILE % size == 0 for size in options.values())
+        tiles = {"fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"}
+        assert set(options) == tiles | {"fwd_num_stages"}
+        assert all(TILE % options[name] == 0 for name in tiles)
     assert model_module.flex_kernel_options(a100) == model_module.flex_kernel_options(h100) == {}
 
     seen, flex = [], model_module.flex_attention
@@ -603,6 +605,7 @@ def test_flex_backward_tiles_are_chosen_from_the_gpus_shared_memory(monkeypatch)
     model = small_model(block_size=16)
     model.config.attn_backend = "flex"
     model.set_flex_options(model_module.flex_kernel_options(rtx_3090))
+    model.compile_loss("aot_eager")  # flex runs compiled only
     with torch.no_grad():
         model(random_stream(128, torch.Generator().manual_seed(4)), eval_noise(128, 16, seed=0, offset=0))
     assert len(seen) == model.config.n_layer and all(options == model_module.flex_kernel_options(rtx_3090)

@@ -260,7 +260,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     result = run_train(tmp_path, *SMALL, "--run_id=nan", "--steps=3", "--save_every=1", f"--resume={poisoned}",
                        check=False)
     assert result.returncode == 1
-    assert result.stderr == (f"error: train loss is nan at step 2; stopped before updating the weights "
+    assert result.stderr == (f"error: train loss is nan at step 2; stopped before saving this step's weights "
                              f"(last checkpoint: {poisoned})\n")
     with open(poisoned, "rb") as f:
         assert f.read() == saved_bytes

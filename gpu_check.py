@@ -1,0 +1,381 @@
+"""
+The prepared GPU check, `python bench.py --gpu_check=True`: what a first, short GPU window must show, in at most
+8 minutes of one GPU, compile included. Five parts, each run even if an earlier one failed:
+
+- environment: the GPU, driver, torch, CUDA and Triton versions, the allocator setting in effect;
+- flex_equals_sdpa: the compiled FlexAttention loss against SDPA at the record's layer shapes (two of its layers,
+  seq_len 8192), loss and gradients in bf16, each measured against SDPA in fp32;
+- record_step: the record step at its preset's shapes (`record` on a GPU with 80 GB, `record_24gb` on less), with
+  train.py's own warm-up, Run.train_step and optimizers, one forward an optimizer step, for up to 30 steps on
+  FineWeb-Edu if its shards are here, else on the demo corpus: compile time, step ms, tokens/s, model FLOP
+  utilization and peak memory, next to costmodel.py's estimate, and the loss falling;
+- validation: eval.py's own code path (a checkpoint of that model, eval.main) on a few val chunks, eager;
+- sampling: cached sampling tokens/s, and the cached logits of a noisy block against a recompute of its context.
+
+It prints a markdown report part by part, then one line that begins with `gpu_check:` and names the parts that
+passed; the exit status is 1 if any failed. Without CUDA it is a rehearsal and its first line says so: every part
+runs on the CPU with a tiny config, the loss compiled under aot_eager with FlexAttention's one CPU guard (no
+backward) lifted, so this file has run end to end before a GPU is paid for (tests/test_gpu_check.py).
+"""
+
+import contextlib
+import glob
+import io
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
+
+import torch
+import torch.nn.attention.flex_attention as flex_module
+from torch._dynamo.utils import counters
+
+import common
+import costmodel as cm
+import eval as evaluate
+import train
+from data.demo import DEMO_DIR, prepare_demo
+from data.loader import TokenLoader, find_shards
+from model import BD3LM, Noise, flex_kernel_options, model_flops_per_token, train_noise
+from sample import Settings as SampleSettings
+from sample import generate
+
+# record_step stops after this many steps or seconds (compile included), on a GPU; the other parts are one
+# compiled loss, 4 val chunks and 1 + 8 samples of 256 tokens: about 2 minutes with their compile, estimated
+RECORD_STEPS, RECORD_SECONDS = 30, 240
+# the H200 is not in costmodel.GPUS: the H100 SXM's compute, its own memory (datasheet: 4.8 TB/s, 141 GB)
+H200 = cm.GPUS[0]._replace(name="H200", match="H200", memory_bandwidth=4.8e12, memory=141 * 10**9, count=1)
+TINY = dict(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, seq_len=256, micro_batch=2)
+
+
+@dataclass
+class Target:
+    """Where the check runs and what it runs: on a GPU the preset's settings and Inductor, on a CPU a tiny config
+    and aot_eager."""
+    device: torch.device
+    rehearsal: bool
+    hp: train.Hyperparameters  # one forward a step: batch_size = micro_batch
+    compile_backend: str
+    bf16: bool
+    steps: int
+    seconds: float  # record_step's cap
+
+    @property
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if not self.rehearsal else \
+            f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def target_for(device: torch.device) -> Target:
+    cuda = device.type == "cuda"
+    preset = "record" if cuda and torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30 \
+        else "record_24gb"
+    overrides = {} if cuda else dict(TINY, preset="demo", attn_backend="flex")
+    hp = train.Hyperparameters(**{**train.PRESETS[preset], "preset": preset, **overrides})
+    hp = replace(hp, batch_size=hp.micro_batch, **data_files(hp))
+    train.check_settings(hp, world_size=1)
+    return Target(device, not cuda, hp, "inductor" if cuda else "aot_eager", common.fast_bf16(device),
+                  RECORD_STEPS if cuda else 8, RECORD_SECONDS if cuda else RECORD_SECONDS / 2)
+
+
+def data_files(hp: train.Hyperparameters) -> dict:
+    """FineWeb-Edu if its shards are here (and on a GPU), else the demo corpus, prepared if missing."""
+    if hp.preset != "demo" and os.path.isfile(hp.val_file) and glob.glob(hp.train_files):
+        return {}
+    prepare_demo()
+    return dict(train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin")
+
+
+def estimate_gpu(target: Target):
+    """The costmodel spec of this GPU (the H100's for a rehearsal, so the estimate's code runs too)."""
+    return cm.GPUS[0] if target.rehearsal else cm.gpu_spec(target.name) or (H200 if "H200" in target.name else None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return common.peak_memory_mib(device) / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# -----------------------------------------------------------------------------
+# The parts: each returns its markdown lines and raises on failure
+
+
+def environment(target: Target, state: dict) -> list[str]:
+    lines = [f"- device: {target.name}", f"- python {platform.python_version()}, torch {torch.__version__}, "
+             f"CUDA {torch.version.cuda or 'none'}"]
+    try:
+        lines.append(f"- triton {metadata.version('triton')}")
+    except metadata.PackageNotFoundError:
+        lines.append("- triton: not installed" + ("" if target.rehearsal else " (Inductor needs it on a GPU)"))
+    allocator = common.allocator_settings()
+    lines.append(f"- allocator: {allocator or 'default'}")
+    if not target.rehearsal:
+        props = torch.cuda.get_device_properties(target.device)
+        lines += [f"- driver {driver_version()}, compute capability {props.major}."
+                  f"{props.minor}, {props.total_memory / 2**30:.1f} GiB, "
+                  f"{getattr(props, 'shared_memory_per_block_optin', 0):,} bytes of shared memory a block",
+                  f"- flex kernel options: {flex_kernel_options(props) or 'the defaults'}"]
+        if "expandable_segments:True" not in allocator:
+            raise RuntimeError(f"the allocator runs without expandable segments: {allocator or 'default'}")
+    lines.append(f"- preset {target.hp.preset}: {target.hp.micro_batch} x {target.hp.seq_len} tokens per forward, "
+                 f"data {target.hp.train_files}")
+    return lines
+
+
+def driver_version() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no nvidia-smi)"
+
+
+def random_model(config, device: torch.device) -> BD3LM:
+    """Every weight random and of unit-scale outputs: the record's zero-initialized head and projections would
+    make most gradients zero."""
+    torch.manual_seed(0)
+    model = BD3LM(config).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.size(-1) ** -0.5 if p.dim() > 1 else 0.1)
+    return model
+
+
+def loss_and_grads(model: BD3LM, tokens, noise, bf16: bool) -> torch.Tensor:
+    """The loss and every gradient, flattened into one fp32 vector (the loss first)."""
+    with common.autocast_context(tokens.device, bf16):
+        loss = model(tokens, noise)
+    loss.backward()
+    flat = torch.cat([loss.detach().float()[None], *(p.grad.float().flatten() for p in model.parameters())])
+    model.zero_grad(set_to_none=True)
+    return flat
+
+
+def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
+    """Compiled flex against eager SDPA on one row of seq_len, both in bf16, each against SDPA in fp32."""
+    hp, device = target.hp, target.device
+    config = replace(train.model_config(hp), n_layer=2, attn_backend="flex")
+    sdpa = random_model(config, device)
+    flex = random_model(config, device)
+    if device.type == "cuda":
+        flex.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
+    flex.compile_loss(target.compile_backend)
+    gen = torch.Generator().manual_seed(1)
+    tokens = cm.document_stream(hp.seq_len, cm.FINEWEB_MEAN_DOC, gen)[None]
+    noise = train_noise(hp.seq_len, config.block_size, hp.t_lo, hp.t_hi, gen)
+    tokens, noise = common.to_device(tokens, Noise(*(x[None] for x in noise)), device, config.vocab_size)
+    started = time.perf_counter()
+    flex_bf16 = loss_and_grads(flex, tokens, noise, bf16=True)
+    synchronize(device)
+    compile_seconds = time.perf_counter() - started
+    reference, sdpa_bf16 = (loss_and_grads(sdpa, tokens, noise, bf16) for bf16 in (False, True))
+
+    def error(x: torch.Tensor) -> tuple[float, float]:
+        return (float((x[0] - reference[0]).abs() / reference[0].abs()),
+                float((x[1:] - reference[1:]).norm() / reference[1:].norm()))
+    (flex_loss, flex_grads), (sdpa_loss, sdpa_grads) = error(flex_bf16), error(sdpa_bf16)
+    lines = [f"- {config.n_layer} layers of the record's shapes, 1 x {hp.seq_len} tokens, bf16; first call "
+             f"(compile) {compile_seconds:.1f} s", "",
+             "| relative error against SDPA in fp32 | loss | gradients |", "|---|---|---|",
+             f"| flex, compiled, bf16 | {flex_loss:.2e} | {flex_grads:.2e} |",
+             f"| SDPA, eager, bf16 | {sdpa_loss:.2e} | {sdpa_grads:.2e} |"]
+    if not (flex_loss <= 2 * sdpa_loss + 1e-3 and flex_grads <= 2 * sdpa_grads + 1e-3):
+        raise RuntimeError("flex in bf16 is further from fp32 than twice SDPA in bf16:\n" + "\n".join(lines))
+    return lines
+
+
+def record_step(target: Target, state: dict) -> list[str]:
+    """train.py's warm-up, then Run.train_step with its optimizers, one forward a step."""
+    hp, device = target.hp, target.device
+    reset_peak_memory(device)
+    counters.clear()
+    model = train.build_model(train.model_config(hp), hp.seed, device)
+    model.compile_loss(target.compile_backend)
+    state["model"] = model
+    autocast = common.autocast_context(device, target.bf16)
+    loader = TokenLoader(find_shards(hp.train_files), hp.seq_len, sequences=hp.micro_batch)
+    run = train.Run(hp, 0, 1, device, autocast, model, train.make_optimizers(model, hp, common.fast_bf16(device)),
+                    loader, log=lambda line, console=True: None, checkpoint_folder=state["folder"])
+    compile_ms = train.warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device)
+    losses, seconds, started = [], [], time.perf_counter()
+    for step in range(target.steps):
+        out_of_data = loader.position + 2 * hp.micro_batch * hp.seq_len > loader.end  # the demo corpus is small
+        out_of_time = step >= 3 and time.perf_counter() - started > target.seconds - compile_ms / 1000
+        if out_of_data or out_of_time:
+            break
+        step_start = run.sync_time()
+        try:
+            losses.append(run.train_step(step))
+        except SystemExit:
+            raise RuntimeError(f"train_step stopped at step {step + 1} (its error is on stderr)") from None
+        seconds.append(run.sync_time() - step_start)
+    timed = seconds[2:] or seconds  # the first steps allocate the optimizer states
+    step_s, tokens = statistics.median(timed), hp.micro_batch * hp.seq_len
+    flops = model_flops_per_token(model.config, hp.seq_len, train.training_masked_fraction(hp))
+    peak = matmul_peak(device, target.bf16)
+    gpu, config = estimate_gpu(target), model.config
+    estimate_ms = estimate_gib = None
+    if gpu:
+        parts = cm.step_parts(config, hp.seq_len, hp.micro_batch, 1, cm.fineweb_tile_fraction(hp.seq_len,
+                                                                                              config.block_size))
+        estimate_ms = 1e3 * sum(w.seconds(gpu) for w in parts.values())
+        estimate_gib = sum(cm.peak_memory(config, tokens).values()) / 2**30
+    half = max(1, len(losses) // 3)
+    first, last = statistics.fmean(losses[:half]), statistics.fmean(losses[-half:])
+    graphs = counters["stats"]["unique_graphs"]
+    est = f"est. {gpu.name}" if gpu else "no estimate for this GPU"
+    lines = [f"- {model.num_params() / 1e6:.1f}M parameters, {hp.micro_batch} x {hp.seq_len} tokens a step, "
+             f"{len(losses)} steps, {graphs} compiled graphs", "",
+             f"| figure | measured | {est} |", "|---|---|---|",
+             f"| compile (train.warm_up) | {compile_ms / 1000:.1f} s | 60-180 s |",
+             f"| step | {1e3 * step_s:.1f} ms | {f'{estimate_ms:.1f} ms' if estimate_ms else '-'} |",
+             f"| tokens/s | {tokens / step_s:,.0f} | {f'{tokens / estimate_ms * 1e3:,.0f}' if estimate_ms else '-'} |",
+             f"| matmul peak, TFLOP/s | {peak / 1e12:.1f} (measured) | "
+             f"{f'{gpu.bf16_flops / 1e12:.0f} (datasheet)' if gpu else '-'} |",
+             f"| model FLOP utilization, of the matmul peak | {flops * tokens / step_s / peak:.1%} | "
+             f"{f'{flops * tokens / estimate_ms * 1e3 / gpu.bf16_flops:.1%}' if gpu else '-'} |",
+             f"| peak memory | {peak_memory_gib(device):.2f} GiB | "
+             f"{f'{estimate_gib:.2f} GiB' if estimate_gib else '-'} |",
+             f"| train loss, first and last {half} steps | {first:.3f} -> {last:.3f} | falling |"]
+    if len(losses) < 2 or not all(map(math.isfinite, losses)) or not last < first:
+        raise RuntimeError("the train loss did not fall:\n" + "\n".join(lines))
+    return lines
+
+
+def matmul_peak(device: torch.device, bf16: bool) -> float:
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+    a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    synchronize(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - started)
+
+
+def trained_or_random(target: Target, state: dict) -> BD3LM:
+    """The record step's model if it ran, else the preset's model with random weights."""
+    return state.get("model") or random_model(train.model_config(target.hp), target.device)
+
+
+def validation(target: Target, state: dict) -> list[str]:
+    """eval.main on a checkpoint of the model, 4 val chunks, eager as eval.py runs."""
+    hp, model = target.hp, trained_or_random(target, state)
+    path = os.path.join(state["folder"], "gpu_check.pt")
+    torch.save(dict(format=common.CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
+                    hparams=asdict(hp), step=0, optimizers=[], loader={}, rng={}), path)
+    reset_peak_memory(target.device)
+    output, started = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stdout(output):
+        evaluate.main([f"--checkpoint={path}", f"--files={hp.val_file}", f"--val_tokens={4 * hp.seq_len}",
+                       f"--device={target.device.type}"])
+    seconds = time.perf_counter() - started
+    result = output.getvalue().strip().splitlines()[-1]
+    nelbo = float(re.search(r"val_nelbo:(\S+)", result).group(1))
+    lines = [f"- `{result}`", f"- {seconds:.1f} s, peak memory {peak_memory_gib(target.device):.2f} GiB "
+             f"(the eager pass takes SDPA: flex runs only compiled)"]
+    if not math.isfinite(nelbo):
+        raise RuntimeError(f"val NELBO is {nelbo}")
+    return lines
+
+
+def sampling(target: Target, state: dict) -> list[str]:
+    """Cached generation speed; then one noisy block's cached logits against model.logits over its context."""
+    model, device = trained_or_random(target, state).eval(), target.device
+    config = model.config
+    new_tokens = 256 if device.type == "cuda" else 64
+    lines = ["| samples | new tokens | tokens/s | forwards per token |", "|---|---|---|---|"]
+    for samples in (1, 8):
+        settings = SampleSettings(sampler="ddpm", max_new_tokens=new_tokens, stop_at_eot=False, num_samples=samples)
+        tokens, stats = generate(model, [], settings, torch.Generator(device=device).manual_seed(0))
+        lines.append(f"| {samples} | {stats.new_tokens} | {samples * stats.new_tokens / stats.seconds:,.0f} | "
+                     f"{stats.forwards / stats.new_tokens:.2f} |")
+    lines.append("")
+    context = tokens[:, : new_tokens - config.block_size]
+    noisy = torch.where(torch.rand(tokens.size(0), config.block_size, device=device) < 0.5, config.mask_id,
+                        tokens[:, context.size(1):])
+    with torch.no_grad():
+        cache = model.new_cache(tokens.size(0), new_tokens)
+        model.cache_append(cache, context)
+        cached = model.cache_logits(cache, noisy)
+        history = torch.cat([context, noisy], 1)
+        recomputed = model.logits(history, history)[:, context.size(1):]
+    difference = float((cached - recomputed).abs().max())
+    lines.append(f"- cached against recomputed logits of a noisy block after {context.size(1)} tokens, 8 samples: "
+                 f"max difference {difference:.1e}")
+    if not difference < 1e-3:
+        raise RuntimeError(f"cached logits differ from a recompute by {difference}")
+    return lines
+
+
+PARTS = {"environment": environment, "flex_equals_sdpa": flex_equals_sdpa, "record_step": record_step,
+         "validation": validation, "sampling": sampling}
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+def run_check(device: torch.device) -> int:
+    """Every part, its section printed as it ends; the summary line last. Returns the exit status."""
+    started = time.perf_counter()
+    if device.type == "cuda":
+        print(f"# gpu_check on {torch.cuda.get_device_name(device)}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    else:
+        print(f"# gpu_check REHEARSAL on the CPU (no CUDA device): a tiny config, aot_eager, FlexAttention's CPU "
+              f"guard lifted; no figure here is a GPU's. {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
+        if device.type != "cuda":
+            stack.enter_context(lift_cpu_flex_guard())
+        state = {"folder": folder}
+        try:
+            target = target_for(device)
+        except Exception as error:  # no part can run; the summary line still comes
+            target, results["setup"] = None, f"{type(error).__name__}: {error}"
+        for name, part in PARTS.items() if target else ():
+            part_start = time.perf_counter()
+            try:
+                lines, results[name] = part(target, state), None
+            except (Exception, SystemExit) as error:  # reported; the next part runs
+                lines, results[name] = [f"```\n{traceback.format_exc(limit=-3).rstrip()}\n```"], \
+                    f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            verdict = "passed" if results[name] is None else f"FAILED ({results[name]})"
+            print(f"\n## {name}: {verdict}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines),
+                  flush=True)
+            torch._dynamo.reset()
+    failed = [name for name, error in results.items() if error is not None]
+    print(f"\ngpu_check: {'FAIL' if failed else 'PASS'} {len(results) - len(failed)}/{len(results)} passed"
+          f"{' (rehearsal on CPU)' if device.type != 'cuda' else ''}: "
+          + " ".join(f"{name}:{'failed' if error else 'ok'}" for name, error in results.items())
+          + f" seconds:{time.perf_counter() - started:.0f}", flush=True)
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def lift_cpu_flex_guard():
+    """FlexAttention's only refusal of a CPU backward; lifted, the compiled graph is the one a GPU runs."""
+    guard = flex_module._validate_device
+    flex_module._validate_device = lambda *tensors: None
+    try:
+        yield
+    finally:
+        flex_module._validate_device = guard
