@@ -188,9 +188,9 @@ def _block_sizes(length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
     return start, (length - start).clamp(max=block_size)
 
 
-def _count_range(sizes: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
-    """The smallest and largest masked count k >= 1 with lo <= k / n <= hi, for blocks of n = `sizes` tokens."""
-    k_lo = torch.ceil(lo * sizes - 1e-6).clamp(min=1)
+def _count_range(sizes: Tensor, lo: float, hi: float, least: int) -> tuple[Tensor, Tensor]:
+    """The smallest and largest masked count k >= least with lo <= k / n <= hi, for blocks of n = `sizes` tokens."""
+    k_lo = torch.ceil(lo * sizes - 1e-6).clamp(min=least)
     k_hi = torch.floor(hi * sizes + 1e-6)
     if (k_hi < k_lo).any():
         n = int(sizes[(k_hi < k_lo).nonzero()[0]])
@@ -212,15 +212,15 @@ def _noise(estimator: str, levels: Tensor, uniforms: Tensor, block_size: int, lo
     rule = ESTIMATORS[estimator]
     start, sizes = _block_sizes(len(uniforms), block_size, uniforms.device)
     if rule.counts_masks:
-        k_lo, k_hi = _count_range(sizes.double(), lo, hi)
+        k_lo, k_hi = _count_range(sizes.double(), lo, hi, least=1)
         k = torch.minimum(k_lo + torch.floor(levels.double() * (k_hi - k_lo + 1)), k_hi)
         masked = _masked_ranks(uniforms, block_size) < k
         return Noise(torch.where(masked, sizes / k, 0.0).float(), masked)
     s = SCHEDULES[schedule]
     t = s.times(lo, hi, levels)
     masked = uniforms < s.mask_prob(t)
-    if rule.resample:
-        k_lo, k_hi = _count_range(sizes.double(), lo, hi)
+    if rule.resample:  # on [0, 1] nothing is redrawn: the unclipped NELBO keeps its masks of no token
+        k_lo, k_hi = _count_range(sizes.double(), lo, hi, least=0)
         while True:
             counts = torch.zeros(len(masked), device=masked.device).index_add_(0, start, masked.float())[start]
             outside = (counts < k_lo) | (counts > k_hi)
