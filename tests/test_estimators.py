@@ -214,7 +214,7 @@ def test_gradient_noise_against_the_per_draw_gradients():
             n = train_noise(32, 4, 0.2, 0.9, g, estimator="stratified", levels=stratified_levels(4, draw, index, 3, 8))
             loss = model(tokens[None], Noise(*(x[None] for x in n))) / 3
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grads.append(torch.cat([p.grad.flatten().double() for p in model.parameters()]))
         losses.append(total)
     grads = torch.stack(grads)
