@@ -73,7 +73,7 @@ class Hyperparameters(ModelConfig):
     warmup_steps: int = setting(0, "steps of linear LR warm-up from 0")
     cooldown_frac: float = setting(0.45, "fraction of the steps at the end over which the LR decays to 0")
     t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (time uniform "
-                          "under the schedule; validation: t ~ U(0, 1))")
+                          "under the schedule; validation never clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
     estimator: str = setting("iid", "training noise (model.ESTIMATORS): iid (t per block), stratified (t stratified "
                              "over the step's blocks), resample (iid, masks redrawn until k / 16 is in [t_lo, t_hi]), "
