@@ -75,9 +75,11 @@ class Hyperparameters(ModelConfig):
     t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (time uniform "
                           "under the schedule; validation never clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
-    estimator: str = setting("iid", "training noise (model.ESTIMATORS): iid (t per block), stratified (t stratified "
-                             "over the step's blocks), resample (iid, masks redrawn until k / 16 is in [t_lo, t_hi]), "
-                             "exact_k (k masked tokens, k uniform in the interval, weight 16 / k) or stratified_k")
+    estimator: str = setting("stratified_k", "training noise (model.ESTIMATORS): stratified_k (exact_k with the k "
+                             "of a step's blocks stratified; the least gradient variance measured), exact_k (k masked "
+                             "tokens, k / 16 uniform in [t_lo, t_hi], weight 16 / k), iid (t per block), stratified "
+                             "(t stratified over the step's blocks) or resample (iid, masks redrawn until k / 16 is in "
+                             "[t_lo, t_hi])")
     # optimizers
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     muon_momentum: float = setting(0.95, "Muon momentum after its warm-up")
