@@ -1,6 +1,7 @@
 """The estimators of the training and validation noise (model.ESTIMATORS, eval_noise): the Monte-Carlo mean of each
 equals the expectation it claims, computed exactly on a tiny case; the stratified draws do not depend on how a step
-is cut over ranks and micro-steps; the gradient noise that bench.py --grad_variance reports. A few seconds on CPU.
+is cut over ranks and micro-steps; the gradient noise that bench.py --grad_variance reports (its table is tested in
+test_bench.py). A few seconds on CPU.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_estimators.py
 """
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import train
 from model import BD3LM, ESTIMATORS, ModelConfig, Noise, eval_noise, stratified_levels, train_noise
 
@@ -222,16 +222,3 @@ def test_gradient_noise_against_the_per_draw_gradients():
     assert noise.variance == pytest.approx(variance, rel=1e-6)
     assert noise.signal == pytest.approx(float(grads.mean(0).square().sum()) - variance / 5, rel=1e-6)
     assert noise.loss_variance == pytest.approx(float(np.var(losses, ddof=1)), rel=1e-6)
-
-
-def test_estimator_noise_has_a_row_per_estimator():
-    model, gen = tiny_model(), torch.Generator().manual_seed(2)
-    chunks = list(enumerate(torch.randint(0, 63, (2, 32), generator=gen)))
-    noise = bench.estimator_noise(model, chunks, 0.3, 0.8, 3)
-    assert list(noise) == list(ESTIMATORS)
-    assert all(n.variance > 0 and math.isfinite(n.loss) for n in noise.values())
-    # exact_k sums the CE of exactly k tokens at weight n / k: at uniform predictions its loss does not vary
-    for p in model.head.parameters():
-        torch.nn.init.zeros_(p)
-    flat = bench.estimator_noise(model, chunks, 0.3, 0.8, 3)
-    assert flat["exact_k"].loss_variance < 1e-9 < flat["iid"].loss_variance
