@@ -128,8 +128,31 @@ SCHEDULES = {
 
 
 class Noise(NamedTuple):
-    t: Tensor  # float [L]: the time of each token's block
+    weight: Tensor  # float [L]: a masked token's loss weight (its block's p'(t) / p(t), or n / k); 0 where unmasked
     masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
+
+
+class Estimator(NamedTuple):
+    """How a block of n tokens is noised, from its level u in [0, 1) and one uniform per token. Every estimator is
+    unbiased for the NELBO on the interval [0, 1]; on a clipped [lo, hi] each estimates its own weighted sum of the
+    L_k (L_k: the expected summed CE of k masked tokens, chosen uniformly at random), stated in its line."""
+    counts_masks: bool  # the level picks k, the number of masked tokens, and a masked token weighs n / k
+    stratified: bool  # the levels of a step's blocks are stratified (stratified_levels), not independent
+    resample: bool  # a mask whose masked fraction k / n falls outside [lo, hi] is redrawn, at the same t
+
+
+ESTIMATORS = {
+    # E over t ~ U(time_of(lo), time_of(hi)) of p'(t)/p(t) sum_k Binomial(k; n, p(t)) L_k
+    "iid": Estimator(counts_masks=False, stratified=False, resample=False),
+    # the same expectation: each block's t has the same marginal, the t of a step's blocks cover the interval evenly
+    "stratified": Estimator(counts_masks=False, stratified=True, resample=False),
+    # iid's, with Binomial(k; n, p(t)) conditioned on lo <= k / n <= hi (bd3lms's training.resample)
+    "resample": Estimator(counts_masks=False, stratified=False, resample=True),
+    # mean over the K integers k in [max(1, lo n), hi n] of (n / k) L_k; the NELBO itself on [0, 1] (LLaDA's form)
+    "exact_k": Estimator(counts_masks=True, stratified=False, resample=False),
+    # exact_k's expectation, with the k of a step's blocks stratified over the K integers
+    "stratified_k": Estimator(counts_masks=True, stratified=True, resample=False),
+}
 
 
 def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
@@ -149,23 +172,99 @@ def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
     return ((x >> 8).double() + 0.5) / 2**24
 
 
+def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int) -> Tensor:
+    """The levels of the `blocks` blocks of chunk `chunk` (0 <= chunk < chunks) of optimizer step `step`:
+    (offset + (b * chunks + chunk) / (blocks * chunks)) mod 1 for block b, one offset per step from `seed`. Over a
+    step the levels hit each of the blocks * chunks equal strata of [0, 1) once (bd3lms's antithetic sampling), each
+    level is uniform on its own, and a chunk's blocks spread over the whole range. They depend on the chunk's place
+    in the step only, never on which rank or micro-step draws it."""
+    offset = _hash_uniform(seed, torch.tensor(step))
+    return ((offset + (torch.arange(blocks) * chunks + chunk) / (blocks * chunks)) % 1).float()
+
+
+def _block_sizes(length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
+    """Per token: the index of its block's first token, and its block's size (the last block may be short)."""
+    index = torch.arange(length, device=device)
+    start = index - index % block_size
+    return start, (length - start).clamp(max=block_size)
+
+
+def _count_range(sizes: Tensor, lo: float, hi: float, least: int) -> tuple[Tensor, Tensor]:
+    """The smallest and largest masked count k >= least with lo <= k / n <= hi, for blocks of n = `sizes` tokens."""
+    k_lo = torch.ceil(lo * sizes - 1e-6).clamp(min=least)
+    k_hi = torch.floor(hi * sizes + 1e-6)
+    if (k_hi < k_lo).any():
+        n = int(sizes[(k_hi < k_lo).nonzero()[0]])
+        raise ValueError(f"no masked count k of a {n}-token block has k / {n} in [{lo:g}, {hi:g}]: widen the interval")
+    return k_lo, k_hi
+
+
+def _masked_ranks(uniforms: Tensor, block_size: int) -> Tensor:
+    """Each token's rank among its block's uniforms (0 for the smallest): masking the k smallest is a uniformly
+    random k-subset."""
+    padded = F.pad(uniforms, (0, -len(uniforms) % block_size), value=2.0).view(-1, block_size)
+    return padded.argsort(1).argsort(1).flatten()[: len(uniforms)]
+
+
+def _noise(estimator: str, levels: Tensor, uniforms: Tensor, block_size: int, lo: float, hi: float,
+           schedule: str, redraw: Callable[[int], Tensor] | None = None) -> Noise:
+    """The noise of a sequence from per-token levels (equal within a block) and per-token uniforms. `redraw(m)`
+    gives m fresh uniforms for estimators that resample."""
+    rule = ESTIMATORS[estimator]
+    start, sizes = _block_sizes(len(uniforms), block_size, uniforms.device)
+    if rule.counts_masks:
+        k_lo, k_hi = _count_range(sizes.double(), lo, hi, least=1)
+        k = torch.minimum(k_lo + torch.floor(levels.double() * (k_hi - k_lo + 1)), k_hi)
+        masked = _masked_ranks(uniforms, block_size) < k
+        return Noise(torch.where(masked, sizes / k, 0.0).float(), masked)
+    s = SCHEDULES[schedule]
+    t = s.times(lo, hi, levels)
+    masked = uniforms < s.mask_prob(t)
+    if rule.resample:  # on [0, 1] nothing is redrawn: the unclipped NELBO keeps its masks of no token
+        k_lo, k_hi = _count_range(sizes.double(), lo, hi, least=0)
+        while True:
+            counts = torch.zeros(len(masked), device=masked.device).index_add_(0, start, masked.float())[start]
+            outside = (counts < k_lo) | (counts > k_hi)
+            if not outside.any():
+                break
+            fresh = uniforms.clone()
+            fresh[outside] = redraw(int(outside.sum()))
+            masked = torch.where(outside, fresh < s.mask_prob(t), masked)
+    return Noise(torch.where(masked, s.weight(t), 0.0).float(), masked)
+
+
 def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
-                schedule: str = "linear") -> Noise:
-    """Per block, a time whose masking probability lies in [lo, hi]; then each token is masked with that
-    probability. All draws come from the caller's generator."""
+                schedule: str = "linear", estimator: str = "iid", levels: Tensor | None = None) -> Noise:
+    """The training noise of a sequence under `estimator` (see ESTIMATORS), its masking probability or masked
+    fraction in [lo, hi]. `levels`: one per block, from stratified_levels; the stratified estimators need them,
+    the others draw independent ones. All draws come from the caller's generator, so iid's are today's draws."""
     draws = torch.rand(2, length, generator=generator, device=generator.device)
-    index = torch.arange(length, device=generator.device)
-    t = SCHEDULES[schedule].times(lo, hi, draws[0, index - index % block_size])
-    return Noise(t, draws[1] < SCHEDULES[schedule].mask_prob(t))
+    start, _ = _block_sizes(length, block_size, generator.device)
+    if ESTIMATORS[estimator].stratified:
+        if levels is None:
+            raise ValueError(f"the {estimator} estimator needs each block's level from stratified_levels")
+        per_token = levels.to(generator.device)[start // block_size]
+    else:
+        per_token = draws[0, start]
+    return _noise(estimator, per_token, draws[1], block_size, lo, hi, schedule,
+                  lambda m: torch.rand(m, generator=generator, device=generator.device))
 
 
-def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear") -> Noise:
-    """t ~ U(0, 1) per block, independently, and the masks, derived from `seed` and each token's global position
-    (`offset` is the position of the sequence's first token in the whole val stream), so the val loss does
-    not depend on how the stream is split over ranks or steps."""
+VAL_ESTIMATORS = ("iid", "exact_k")  # the ones whose noise can come from positions alone
+
+
+def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear",
+               estimator: str = "exact_k") -> Noise:
+    """The NELBO's noise on [0, 1] under `estimator` (iid: t ~ U(0, 1) per block; exact_k: k uniform on 1..n),
+    derived from `seed` and each token's global position (`offset` is the position of the sequence's first token
+    in the whole val stream), so the val loss does not depend on how the stream is split over ranks or steps."""
+    if estimator not in VAL_ESTIMATORS:
+        raise ValueError(f"the val noise comes from positions alone: estimator {' or '.join(VAL_ESTIMATORS)}, "
+                         f"not {estimator!r}")
     index = torch.arange(length)
-    t = _hash_uniform(2 * seed, offset + index - index % block_size).float()
-    return Noise(t, _hash_uniform(2 * seed + 1, offset + index).float() < SCHEDULES[schedule].mask_prob(t))
+    levels = _hash_uniform(2 * seed, offset + index - index % block_size).float()
+    return _noise(estimator, levels, _hash_uniform(2 * seed + 1, offset + index).float(), block_size, 0.0, 1.0,
+                  schedule)
 
 
 # -----------------------------------------------------------------------------
@@ -419,25 +518,24 @@ class BD3LM(nn.Module):
         return self.token_losses(tokens, noise).sum() / tokens.numel()
 
     def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE times the schedule's
-        weight (1 / t when linear) where masked, 0 elsewhere (SUBS: unmasked tokens are copied through). Eager, the
-        head runs only on the masked positions of the noisy half; compiled (see compile_loss), on all of them with
-        weight 0 where unmasked, so every shape is fixed and nothing waits for the device to count masked tokens."""
+        """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE times the noise's
+        weight where masked (1 / t for a t-estimator under the linear schedule, n / k for exact_k), 0 elsewhere
+        (SUBS: unmasked tokens are copied through). Eager, the head runs only on the masked positions of the noisy
+        half; compiled (see compile_loss), on all of them with weight 0 where unmasked, so every shape is fixed and
+        nothing waits for the device to count masked tokens."""
         self._check_tokens(tokens, (1, 2))
-        if noise.masked.shape != tokens.shape or noise.t.shape != tokens.shape:
+        if noise.masked.shape != tokens.shape or noise.weight.shape != tokens.shape:
             raise ValueError(f"noise of shape {tuple(noise.masked.shape)} for tokens of shape {tuple(tokens.shape)}")
         x_0 = tokens.reshape(-1, tokens.size(-1))
         x_t = torch.where(noise.masked, self.config.mask_id, tokens).reshape_as(x_0)
         hidden = self._pass(x_t, x_0)[:, : x_0.size(1)].flatten(0, 1)
-        targets, masked, t = x_0.flatten(), noise.masked.flatten(), noise.t.flatten()
+        targets, masked, weight = x_0.flatten(), noise.masked.flatten(), noise.weight.flatten()
         if torch.compiler.is_compiling():
             rows = torch.arange(targets.numel(), device=tokens.device)
         else:
             rows = masked.nonzero().squeeze(1)
         ce = F.cross_entropy(self._padded_logits(hidden[rows]), targets[rows], reduction="none")
-        # where, not a product with masked: an unmasked block's t may be 0, where the weight is infinite
-        weight = torch.where(masked[rows], SCHEDULES[self.config.schedule].weight(t[rows]), 0.0)
-        return torch.zeros(targets.numel(), device=tokens.device).index_put((rows,), ce * weight).view_as(tokens)
+        return torch.zeros(targets.numel(), device=tokens.device).index_put((rows,), ce * weight[rows]).view_as(tokens)
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
         """Full-vocabulary logits [N, L, vocab_size] of every noisy position of [x_t ; x_0] (rows

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import site
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,7 @@ from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baselin
 from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
+    ESTIMATORS,
     SCHEDULES,
     ModelConfig,
     Noise,
@@ -47,6 +50,7 @@ from model import (
     flex_kernel_options,
     model_flops_per_token,
     setting,
+    stratified_levels,
     train_noise,
 )
 
@@ -74,8 +78,13 @@ class Hyperparameters(ModelConfig):
     warmup_steps: int = setting(0, "steps of linear LR warm-up from 0")
     cooldown_frac: float = setting(0.45, "fraction of the steps at the end over which the LR decays to 0")
     t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (time uniform "
-                          "under the schedule; validation: t ~ U(0, 1))")
+                          "under the schedule; validation never clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
+    estimator: str = setting("stratified_k", "training noise (model.ESTIMATORS): stratified_k (exact_k with the k "
+                             "of a step's blocks stratified; the least gradient variance measured), exact_k (k masked "
+                             "tokens, k / 16 uniform in [t_lo, t_hi], weight 16 / k), iid (t per block), stratified "
+                             "(t stratified over the step's blocks) or resample (iid, masks redrawn until k / 16 is in "
+                             "[t_lo, t_hi])")
     # optimizers
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     muon_momentum: float = setting(0.95, "Muon momentum after its warm-up")
@@ -98,11 +107,13 @@ class Hyperparameters(ModelConfig):
     dry_run: bool = setting(False, "build the model, check the config, print it and exit without data")
     # extras (see the last section)
     clip_search: bool = setting(False, "at each validation but the last, choose the candidate interval whose "
-                                "per-block loss varies least on held-out train tokens and train with it from then on "
-                                "(BD3-LM's data-driven clipped schedule); t_lo/t_hi until the first search")
+                                "gradient is least noisy (variance over ||mean||^2) on held-out train tokens and "
+                                "train with it from then on (BD3-LM's data-driven clipped schedule); t_lo/t_hi "
+                                "until the first search")
     clip_search_widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
     clip_search_step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
     clip_search_tokens: int = setting(65_536, "tokens at the end of the train stream held out for the search")
+    clip_search_draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
 
 
 PRESETS = {
@@ -165,6 +176,7 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
     if not 0 <= hp.seed < 2**31:
         raise ConfigError(f"--seed must lie in [0, 2**31), got {hp.seed}")
     common.check_choice("autocast", hp.autocast, ("auto", "bf16", "fp32"))
+    common.check_choice("estimator", hp.estimator, tuple(ESTIMATORS))
     if hp.resume and not os.path.isfile(hp.resume):
         raise ConfigError(f"--resume={hp.resume} is not a file")
     if hp.clip_search:
@@ -587,12 +599,15 @@ class Run:
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
         """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
         place in the global batch, not from which rank or forward draws it."""
-        config, noises = self.model.config, []
+        config, noises, hp = self.model.config, [], self.hp
+        blocks = -(-length // config.block_size)
         for row in range(rows):
-            chunk = step * self.hp.batch_size + (micro_step * self.world_size + self.rank) * rows + row
-            self.noise_generator.manual_seed((self.hp.seed << 32) + chunk)
+            chunk = (micro_step * self.world_size + self.rank) * rows + row  # its place in the step's batch
+            self.noise_generator.manual_seed((hp.seed << 32) + step * hp.batch_size + chunk)
+            levels = stratified_levels(hp.seed, step, chunk, hp.batch_size, blocks) \
+                if ESTIMATORS[hp.estimator].stratified else None
             noises.append(train_noise(length, config.block_size, *self.noise_interval, self.noise_generator,
-                                      config.schedule))
+                                      config.schedule, hp.estimator, levels))
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
@@ -702,6 +717,8 @@ def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
 
 def check_clip_search(hp: Hyperparameters) -> None:
     clip_candidates(hp.clip_search_widths, hp.clip_search_step)
+    if hp.clip_search_draws < 2:
+        raise ConfigError(f"--clip_search_draws must be at least 2 (a variance), got {hp.clip_search_draws}")
     if hp.clip_search_tokens < hp.seq_len or hp.clip_search_tokens % hp.seq_len:
         raise ConfigError(f"--clip_search_tokens={hp.clip_search_tokens} is not a positive multiple of "
                           f"--seq_len={hp.seq_len}")
@@ -718,44 +735,70 @@ def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tup
             for index, start in enumerate(starts) if index % world_size == rank]
 
 
-@torch.no_grad()
-def block_loss_variance(model: BD3LM, chunks, t_lo: float, t_hi: float, seed: int, world_size: int = 1) -> float:
-    """Sample variance, over every block of `chunks` on all ranks, of the per-block training loss (the mean over
-    the block's tokens of the weighted CE where masked) under the interval [t_lo, t_hi]. A chunk's noise comes from
-    train_noise seeded by `seed` and the chunk's index, so every interval reuses the same uniforms (a fair
-    comparison) on any number of ranks. `chunks` are this rank's (index, tokens), as held_out_chunks gives them."""
-    device, config = model.head.weight.device, model.config
-    moments = torch.zeros(3, dtype=torch.float64, device=device)  # blocks, sum, sum of squares
-    generator = torch.Generator()
-    for index, tokens in chunks:
-        generator.manual_seed((seed << 32) + index)
-        noise = train_noise(tokens.numel(), config.block_size, t_lo, t_hi, generator, config.schedule)
-        losses = model.token_losses(*to_device(tokens, noise, device, config.vocab_size))
-        block_losses = losses.double().view(-1, config.block_size).mean(1)
-        moments[0] += block_losses.numel()
-        moments[1] += block_losses.sum()
-        moments[2] += block_losses.square().sum()
-    if world_size > 1:
-        dist.all_reduce(moments)
-    count, total, squares = moments.tolist()
-    return (squares - total**2 / count) / (count - 1)
+class GradientNoise(NamedTuple):
+    relative: float  # variance / signal: the noise-to-signal ratio of one draw's gradient
+    variance: float  # total variance of the gradient: E ||g - E g||^2, unbiased over the draws
+    signal: float  # ||E g||^2, unbiased: ||mean g||^2 - variance / draws
+    loss_variance: float  # the variance of the loss itself over the draws
+    loss: float  # the mean loss over the draws
+
+
+def gradient_noise(model: BD3LM, chunks, total_chunks: int, lo: float, hi: float, estimator: str, draws: int,
+                   seed: int, world_size: int = 1) -> GradientNoise:
+    """The gradient of the mean training loss over the same tokens, `chunks` (this rank's (index, tokens) of
+    `total_chunks` on all ranks, one optimizer step's worth), under `draws` noise draws of `estimator` on [lo, hi]:
+    its total variance and that of the loss. Draw d of chunk i is seeded by `seed`, d and i, as train.py seeds a
+    step, so every interval reuses the same uniforms on any number of ranks; each draw costs one forward and backward
+    of the chunks whatever the estimator (equal compute). The gradients are dropped at the end."""
+    device, config, params = model.head.weight.device, model.config, list(model.parameters())
+    blocks = -(-chunks[0][1].numel() // config.block_size) if chunks else 0
+    grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
+    squares, losses, generator = 0.0, [], torch.Generator()
+    for draw in range(draws):
+        model.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for index, tokens in chunks:
+            generator.manual_seed((seed << 32) + draw * total_chunks + index)
+            levels = stratified_levels(seed, draw, index, total_chunks, blocks) \
+                if ESTIMATORS[estimator].stratified else None
+            noise = train_noise(tokens.numel(), config.block_size, lo, hi, generator, config.schedule, estimator,
+                                levels)
+            tokens, noise = to_device(tokens[None], Noise(*(x[None] for x in noise)), device, config.vocab_size)
+            loss = model(tokens, noise) / total_chunks
+            loss.backward()
+            loss_sum += loss.detach().double()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double() for p in params])
+        if world_size > 1:
+            dist.all_reduce(grad)
+            dist.all_reduce(loss_sum)
+        grad_sum += grad
+        squares += float(grad.square().sum())
+        losses.append(float(loss_sum))
+    model.zero_grad(set_to_none=True)
+    mean_square = float((grad_sum / draws).square().sum())
+    variance = (squares / draws - mean_square) * draws / (draws - 1)
+    signal = mean_square - variance / draws
+    return GradientNoise(variance / signal if signal > 0 else math.inf, variance, signal,
+                         statistics.variance(losses), statistics.fmean(losses))
 
 
 class ClipSearch:
-    """BD3-LM's data-driven clipped schedule: at a validation, the candidate interval under which the per-block
-    training loss varies least on train tokens held out at the end of the stream (the loader never reads them)."""
+    """BD3-LM's data-driven clipped schedule: at a validation, the candidate interval under which the gradient of the
+    training loss is least noisy (GradientNoise.relative, over --clip_search_draws draws of the run's estimator) on
+    train tokens held out at the end of the stream (the loader never reads them)."""
 
     def __init__(self, hp: Hyperparameters, loader: TokenLoader, rank: int, world_size: int):
         self.candidates = clip_candidates(hp.clip_search_widths, hp.clip_search_step)
         self.chunks, self.world_size = held_out_chunks(loader, rank, world_size), world_size
+        self.total_chunks, self.estimator, self.draws = hp.clip_search_tokens // hp.seq_len, hp.estimator, \
+            hp.clip_search_draws
 
     def __call__(self, model: BD3LM, autocast, step: int, log: RunLog) -> tuple[float, float]:
         started = time.perf_counter()
-        model.eval()
         with autocast:
-            variances = {interval: block_loss_variance(model, self.chunks, *interval, CLIP_SEARCH_NOISE_SEED,
-                                                       self.world_size) for interval in self.candidates}
-        model.train()
+            variances = {interval: gradient_noise(model, self.chunks, self.total_chunks, *interval, self.estimator,
+                                                  self.draws, CLIP_SEARCH_NOISE_SEED, self.world_size).relative
+                         for interval in self.candidates}
         chosen = min(variances, key=variances.get)
         listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
         log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "

@@ -102,10 +102,10 @@ def tricky_streams(length, block_size, gen):
     return streams + [edges]
 
 
-def naive_token_losses(model, tokens, noise, weight=lambda t: 1 / t):
+def naive_token_losses(model, tokens, noise):
     """For each block: the clean tokens of the document it starts in, then the noisy block, run as one
     ordinary sequence with a block-causal mask over the fixed slots. A masked token's cross-entropy is
-    multiplied by weight(t) (the linear schedule's 1 / t unless given)."""
+    multiplied by its weight in the noise."""
     cfg, length = model.config, len(tokens)
     losses = torch.zeros(length)
     x_t = torch.where(noise.masked, cfg.mask_id, tokens)
@@ -122,9 +122,7 @@ def naive_token_losses(model, tokens, noise, weight=lambda t: 1 / t):
         hidden, _ = model.trunk(sequence[None], pos[None], mask)
         logits = model.logits_of(hidden[0, start - doc_start:]).float()
         ce = F.cross_entropy(logits, tokens[start:end], reduction="none")
-        block_weight = torch.tensor([weight(float(t)) if m else 0.0 for t, m in
-                                     zip(noise.t[start:end], noise.masked[start:end])])
-        losses[start:end] = ce * block_weight
+        losses[start:end] = torch.where(noise.masked[start:end], ce * noise.weight[start:end], 0.0)
     return losses
 
 

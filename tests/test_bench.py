@@ -182,3 +182,21 @@ def test_help_lists_every_flag():
     assert result.returncode == 0
     for name in ("device", "quick", "repeats", "checkpoint", "estimate_only", "gpu_check"):
         assert f"--{name}=" in result.stdout
+
+
+def test_grad_variance_has_a_row_per_estimator():
+    """bench.estimator_noise: every estimator on the same chunks; at uniform predictions exact_k's loss (k tokens at
+    weight n / k) does not vary while iid's does."""
+    torch.manual_seed(0)
+    model, gen = BD3LM(TINY), torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    chunks = list(enumerate(torch.randint(0, 255, (2, 32), generator=gen)))
+    noise = bench.estimator_noise(model, chunks, 0.3, 0.8, 3)
+    assert list(noise) == ["iid", "stratified", "resample", "exact_k", "stratified_k"]
+    assert all(n.variance > 0 and n.loss > 0 for n in noise.values())
+    with torch.no_grad():
+        model.head.weight.zero_()
+    flat = bench.estimator_noise(model, chunks, 0.3, 0.8, 3)
+    assert flat["exact_k"].loss_variance < 1e-9 < flat["iid"].loss_variance

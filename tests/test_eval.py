@@ -66,18 +66,15 @@ def test_two_ranks_give_the_one_process_result_on_other_files(run):
     assert one.group(8).endswith("demo_train_000000.bin")
 
 
-def test_another_schedules_val_noise_estimates_the_same_nelbo(run):
-    """--schedule=linear is the run's own estimator (the same number); cosine and sqrt draw other noise, whose
-    estimates of the same NELBO differ from it by about their noise (a few standard errors at most)."""
+def test_the_val_nelbo_does_not_depend_on_the_schedule(run):
+    """The val noise counts masked tokens (exact_k: k uniform on 1..16, weight 16 / k), where no schedule enters: every
+    --schedule gives the run's own number."""
     checkpoint, logged = run
     flags = [f"--checkpoint={checkpoint}", "--autocast=fp32", "--seeds=3"]
-    own, default = result_of(evaluate(*flags, "--schedule=linear")), result_of(evaluate(*flags))
-    assert own.group(7) == "linear" and own.group(1, 2) == default.group(1, 2)
+    own = result_of(evaluate(*flags))
     for schedule in ("cosine", "sqrt"):
         other = result_of(evaluate(*flags, f"--schedule={schedule}"))
-        assert other.group(7) == schedule and other.group(1) != own.group(1)
-        spread = 4 * (float(own.group(2)) ** 2 + float(other.group(2)) ** 2) ** 0.5 + 0.05
-        assert abs(float(other.group(1)) - float(own.group(1))) < spread
+        assert other.group(7) == schedule and other.group(1, 2) == own.group(1, 2)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -175,7 +175,7 @@ def test_a_row_does_not_see_the_other_rows():
     model = small_model(block_size=4)
     rows = torch.stack([random_stream(64, gen) for _ in range(3)])
     noise = train_noise(3 * 64, 4, 0.0, 1.0, gen)
-    noise = type(noise)(noise.t.view(3, 64), noise.masked.view(3, 64))
+    noise = type(noise)(*(x.view(3, 64) for x in noise))
     with torch.no_grad():
         before = model.token_losses(rows, noise)[0]
         rows[1:] = torch.stack([random_stream(64, gen, mean_doc=3) for _ in range(2)])
@@ -403,8 +403,8 @@ def test_uniform_logits_average_log_vocab(schedule):
     weights = []
     for i in range(chunks):
         tokens = stream[i * chunk:(i + 1) * chunk]
-        noise = eval_noise(chunk, cfg.block_size, seed=0, offset=i * chunk, schedule=schedule)
-        weights.append(torch.where(noise.masked, SCHEDULES[schedule].weight(noise.t), 0).sum().item() / chunk)
+        noise = eval_noise(chunk, cfg.block_size, seed=0, offset=i * chunk, schedule=schedule, estimator="iid")
+        weights.append(noise.weight.sum().item() / chunk)
         if i < 3:
             with torch.no_grad():
                 loss = model(tokens, noise).item()
@@ -419,13 +419,17 @@ def test_training_and_val_losses_equal_the_per_token_reference_of_the_schedule(s
     gen = torch.Generator().manual_seed(21)
     model = small_model(block_size=4, schedule=schedule)
     for tokens in tricky_streams(64, 4, gen):
-        for noise in (train_noise(64, 4, 0.2, 0.9, gen, schedule), eval_noise(64, 4, 3, 64, schedule)):
+        for noise in (train_noise(64, 4, 0.2, 0.9, gen, schedule), eval_noise(64, 4, 3, 64, schedule, "iid"),
+                      eval_noise(64, 4, 3, 64, schedule, "exact_k")):
             with torch.no_grad():
-                torch.testing.assert_close(model.token_losses(tokens, noise),
-                                           naive_token_losses(model, tokens, noise, reference_weight(schedule)),
+                torch.testing.assert_close(model.token_losses(tokens, noise), naive_token_losses(model, tokens, noise),
                                            rtol=1e-4, atol=1e-4)
-    noise = train_noise(400_000, 16, 0.3, 0.8, gen, schedule)
-    mask_prob = torch.tensor([1 - ALPHA[schedule](t) for t in noise.t[::16].tolist()])
+    noise = train_noise(400_000, 16, 0.3, 0.8, torch.Generator().manual_seed(8), schedule)
+    level = torch.rand(2, 400_000, generator=torch.Generator().manual_seed(8))[0, ::16]  # iid's draw of each block
+    t = SCHEDULES[schedule].times(0.3, 0.8, level)
+    expected = torch.tensor([reference_weight(schedule)(x) for x in t.tolist()]).repeat_interleave(16)
+    torch.testing.assert_close(noise.weight[noise.masked], expected[noise.masked].float(), rtol=1e-4, atol=0)
+    mask_prob = torch.tensor([1 - ALPHA[schedule](x) for x in t.tolist()])
     assert 0.3 - 1e-6 <= mask_prob.min() and mask_prob.max() <= 0.8 + 1e-6  # t_lo, t_hi bound the masking probability
     assert abs(noise.masked.view(-1, 16).float().mean(1).mean() - mask_prob.mean()) < 0.003
     assert abs(mask_prob.mean() - SCHEDULES[schedule].mean_mask_prob(0.3, 0.8)) < 0.003
@@ -502,24 +506,32 @@ def test_bf16_autocast_matches_fp32():
 # noise and input checks
 
 
-def test_eval_noise_depends_only_on_global_position():
-    whole = eval_noise(512, 16, seed=4, offset=1024)
+@pytest.mark.parametrize("estimator", ["iid", "exact_k"])
+def test_eval_noise_depends_only_on_global_position(estimator):
+    whole = eval_noise(512, 16, seed=4, offset=1024, estimator=estimator)
     for lo, hi in ((0, 160), (160, 512)):
-        part = eval_noise(hi - lo, 16, seed=4, offset=1024 + lo)
-        assert torch.equal(part.t, whole.t[lo:hi]) and torch.equal(part.masked, whole.masked[lo:hi])
-    assert not torch.equal(eval_noise(512, 16, seed=5, offset=1024).masked, whole.masked)
-    assert not torch.equal(eval_noise(512, 16, seed=4, offset=1536).masked, whole.masked)
+        part = eval_noise(hi - lo, 16, seed=4, offset=1024 + lo, estimator=estimator)
+        assert torch.equal(part.weight, whole.weight[lo:hi]) and torch.equal(part.masked, whole.masked[lo:hi])
+    assert not torch.equal(eval_noise(512, 16, seed=5, offset=1024, estimator=estimator).masked, whole.masked)
+    assert not torch.equal(eval_noise(512, 16, seed=4, offset=1536, estimator=estimator).masked, whole.masked)
 
 
 def test_noise_is_constant_per_block_and_in_range():
+    """A masked token weighs 1 / t of its block, t in [lo, hi], the same for the whole block, and the masked
+    fraction is the mean t; under exact_k (the val default) a block of k masked tokens weighs 16 / k."""
     gen = torch.Generator().manual_seed(14)
-    block = torch.arange(4000) // 16
     for noise, lo, hi in ((train_noise(4000, 16, 0.3, 0.8, gen), 0.3, 0.8),
-                          (eval_noise(4000, 16, seed=1, offset=0), 0.0, 1.0)):
-        assert noise.t.min() >= lo and noise.t.max() <= hi
-        same_block = block[1:] == block[:-1]
-        assert torch.equal(noise.t[1:][same_block], noise.t[:-1][same_block])
-        assert abs(noise.masked.float().mean() - noise.t.mean()) < 0.03
+                          (eval_noise(4000, 16, seed=1, offset=0, estimator="iid"), 0.0, 1.0)):
+        assert (noise.weight[~noise.masked] == 0).all()
+        for masked, weight in zip(noise.masked[:3968].view(-1, 16), noise.weight[:3968].view(-1, 16)):
+            if masked.any():
+                first = weight[masked][0]
+                assert (weight[masked] == first).all() and 1 / hi - 1e-6 <= first <= 1 / max(lo, 1e-9) + 1e-3
+        assert abs(noise.masked.float().mean() - (lo + hi) / 2) < 0.03
+    noise = eval_noise(4000, 16, seed=1, offset=0)
+    masked, weight = noise.masked[:3968].view(-1, 16), noise.weight[:3968].view(-1, 16)
+    k = masked.sum(1)
+    assert k.min() >= 1 and torch.equal(weight, torch.where(masked, 16 / k[:, None].float(), 0.0))
 
 
 def test_bad_input_raises_value_error():
