@@ -130,7 +130,7 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
     problems, summary = [], {}
     if config["block_size"] != args.block_size:
         problems.append(f"block_size {config['block_size']} != {args.block_size}")
-    if config["schedule"] != "linear":  # the val noise's margin below the target is the linear one's
+    if config["schedule"] != "linear":
         problems.append(f"schedule {config['schedule']}: a record trains and validates with the linear schedule")
     params = int(log.header["params"].group("count"))
     summary["params"] = f"{params:,}"
