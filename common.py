@@ -88,7 +88,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device=cuda but this machine has no CUDA device")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    if not allocator_settings():  # the user's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF wins
+    user_set = "PYTORCH_ALLOC_CONF" in os.environ or "PYTORCH_CUDA_ALLOC_CONF" in os.environ
+    if not user_set and not allocator_settings():  # the user's setting wins
         # applied now, before the first CUDA allocation: torch may have read os.environ at import already
         torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
