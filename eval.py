@@ -3,6 +3,7 @@ What a checkpoint is worth: the validation NELBO on data, or the quality of its 
 
     python eval.py --checkpoint=checkpoints/demo/final.pt                      # what the run's last val line says
     python eval.py --checkpoint=PATH --seeds=8                                 # mean and standard error over noise
+    python eval.py --checkpoint=PATH --seeds=8 --estimator=iid                 # the same NELBO, noisier
     python eval.py --checkpoint=PATH --files='data/mine/mine_val_*.bin' --val_tokens=0
     torchrun --standalone --nproc_per_node=8 eval.py --checkpoint=PATH         # the same number, faster
     python eval.py --checkpoint=PATH --judge=checkpoints/ar/final.pt --sampler=confidence --threshold=0.7
@@ -33,7 +34,7 @@ import common
 import sample
 from common import VAL_NOISE_SEED, ConfigError, load_model
 from data.loader import find_shards, val_batches
-from model import BD3LM, SCHEDULES, setting
+from model import BD3LM, SCHEDULES, VAL_ESTIMATORS, setting
 
 GPT2_VOCAB = 50257
 
@@ -45,8 +46,10 @@ class Settings(sample.Settings):
     val_tokens: int = setting(-1, "NELBO: tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
     seq_len: int = setting(0, "NELBO: tokens per chunk; 0: the run's seq_len")
     seeds: int = setting(1, "NELBO: noise seeds; with more than one, the mean and its standard error")
-    schedule: str = setting("", "NELBO: the val noise's schedule; empty: the run's (every schedule estimates the "
-                                "same NELBO, with its own variance)")
+    estimator: str = setting(common.VAL_ESTIMATOR, "NELBO: the val noise, exact_k (k masked tokens a block, k "
+                             "uniform on 1..16, weight 16 / k; training's validation) or iid (t ~ U(0, 1) a block "
+                             "under --schedule, weight 1 / t); both estimate the same NELBO, with their own variance")
+    schedule: str = setting("", "NELBO with --estimator=iid: the schedule of t; empty: the run's")
     autocast: str = setting("auto", "NELBO: auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32 "
                                     "(samples are generated in fp32, as sample.py generates them)")
     judge: str = setting("", "score samples instead of data: a checkpoint trained with --block_size=1, or a Hugging "
@@ -74,8 +77,12 @@ def parse_settings(argv: list[str]) -> Settings:
     sample.check_settings(s)
     if s.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
+    common.check_choice("estimator", s.estimator, VAL_ESTIMATORS)
     if s.schedule:
         common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
+        if s.estimator != "iid":
+            raise ConfigError(f"--schedule applies to --estimator=iid only: {s.estimator} masks a number of "
+                              f"tokens, no schedule enters")
     if s.val_tokens < -1 or s.seq_len < 0:
         raise ConfigError(f"--val_tokens must be -1, 0 or positive and --seq_len 0 or positive, got "
                             f"{s.val_tokens} and {s.seq_len}")
@@ -249,7 +256,7 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
     with common.autocast_context(device, bf16):
         for k in range(s.seeds):
             loss, tokens = common.val_nelbo(model, files, num_tokens, seq_len, VAL_NOISE_SEED + k, rank, world_size,
-                                            progress=rank == 0)
+                                            progress=rank == 0, estimator=s.estimator)
             results.append(loss)
             if rank == 0 and s.seeds > 1:
                 print(f"seed:{VAL_NOISE_SEED + k} val_nelbo:{loss:.4f}", flush=True)
@@ -260,7 +267,8 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
         stderr = statistics.stdev(results) / math.sqrt(len(results)) if len(results) > 1 else float("nan")
         print(f"val_nelbo:{mean:.4f} stderr:{stderr:.4f} ppl_bound:{math.exp(min(mean, 700)):.2f} seeds:{s.seeds} "
               f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} "
-              f"schedule:{model.config.schedule} files:{','.join(files)}")
+              f"estimator:{s.estimator} schedule:{model.config.schedule if s.estimator == 'iid' else 'none'} "
+              f"files:{','.join(files)}")
 
 
 if __name__ == "__main__":

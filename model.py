@@ -155,6 +155,15 @@ ESTIMATORS = {
 }
 
 
+def mean_masked_fraction(estimator: str, schedule: str, lo: float, hi: float, block_size: int) -> float:
+    """The expected share of masked tokens in a full block of training noise on [lo, hi] (resample: before its
+    redraws)."""
+    if ESTIMATORS[estimator].counts_masks:
+        k_lo, k_hi = _count_range(torch.tensor([float(block_size)]), lo, hi, least=1)
+        return float(k_lo + k_hi) / 2 / block_size
+    return SCHEDULES[schedule].mean_mask_prob(lo, hi)
+
+
 def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
     """A uniform number in (0, 1) for every (seed, position): integer hashing, identical on any device.
     Multipliers stay below 2**31 so no int64 product overflows."""
@@ -521,8 +530,8 @@ class BD3LM(nn.Module):
         """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE times the noise's
         weight where masked (1 / t for a t-estimator under the linear schedule, n / k for exact_k), 0 elsewhere
         (SUBS: unmasked tokens are copied through). Eager, the head runs only on the masked positions of the noisy
-        half; compiled (see compile_loss), on all of them with weight 0 where unmasked, so every shape is fixed and
-        nothing waits for the device to count masked tokens."""
+        half, over the real vocabulary; compiled (see compile_loss), on all of them with weight 0 where unmasked,
+        over the padded head, so every shape is fixed and nothing waits for the device to count masked tokens."""
         self._check_tokens(tokens, (1, 2))
         if noise.masked.shape != tokens.shape or noise.weight.shape != tokens.shape:
             raise ValueError(f"noise of shape {tuple(noise.masked.shape)} for tokens of shape {tuple(tokens.shape)}")
@@ -532,9 +541,11 @@ class BD3LM(nn.Module):
         targets, masked, weight = x_0.flatten(), noise.masked.flatten(), noise.weight.flatten()
         if torch.compiler.is_compiling():
             rows = torch.arange(targets.numel(), device=tokens.device)
+            logits = self._padded_logits(hidden)
         else:
             rows = masked.nonzero().squeeze(1)
-        ce = F.cross_entropy(self._padded_logits(hidden[rows]), targets[rows], reduction="none")
+            logits = self.logits_of(hidden[rows])
+        ce = F.cross_entropy(logits, targets[rows], reduction="none")
         return torch.zeros(targets.numel(), device=tokens.device).index_put((rows,), ce * weight[rows]).view_as(tokens)
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:

@@ -43,11 +43,11 @@ from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
     ESTIMATORS,
-    SCHEDULES,
     ModelConfig,
     Noise,
     eval_noise,
     flex_kernel_options,
+    mean_masked_fraction,
     model_flops_per_token,
     setting,
     stratified_levels,
@@ -126,8 +126,8 @@ PRESETS = {
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
-        seq_len=256, batch_size=4, micro_batch=1, steps=160, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
-        val_every=80, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
+        seq_len=256, batch_size=4, micro_batch=1, steps=200, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
+        val_every=100, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
     ),
 }
 
@@ -190,7 +190,7 @@ def grad_accum(hp: Hyperparameters, world_size: int) -> int:
 
 
 def training_masked_fraction(hp: Hyperparameters) -> float:
-    return SCHEDULES[hp.schedule].mean_mask_prob(hp.t_lo, hp.t_hi)
+    return mean_masked_fraction(hp.estimator, hp.schedule, hp.t_lo, hp.t_hi, hp.block_size)
 
 
 # -----------------------------------------------------------------------------

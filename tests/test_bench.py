@@ -52,9 +52,21 @@ def test_flops_agree_with_model_flops_per_token():
     assert part(parts, "head").flops == 6 * RECORD.model_dim * RECORD.padded_vocab * seq_len
 
 
-def test_masked_fraction_comes_from_the_schedule():
-    assert training_masked_fraction(Hyperparameters()) == pytest.approx(0.55)  # linear: the middle of [0.3, 0.8]
-    assert training_masked_fraction(Hyperparameters(schedule="cosine")) != pytest.approx(0.55)
+def test_masked_fraction_comes_from_the_estimator_and_the_schedule():
+    # stratified_k: k from 5 to 12 of 16 on [0.3, 0.8]; iid: t uniform there under the linear schedule
+    assert training_masked_fraction(Hyperparameters()) == pytest.approx(8.5 / 16)
+    assert training_masked_fraction(Hyperparameters(schedule="cosine")) == pytest.approx(8.5 / 16)
+    assert training_masked_fraction(Hyperparameters(estimator="iid")) == pytest.approx(0.55)
+    assert training_masked_fraction(Hyperparameters(estimator="iid", schedule="cosine")) != pytest.approx(0.55)
+
+
+def test_masked_fraction_is_the_mean_of_drawn_training_noise():
+    generator = torch.Generator().manual_seed(0)
+    for estimator in ("stratified_k", "iid"):
+        hp = Hyperparameters(estimator=estimator, t_lo=0.2, t_hi=0.7)
+        masked = torch.stack([train_noise(4096, 16, 0.2, 0.7, generator, "linear", estimator,
+                                          torch.rand(256, generator=generator)).masked for _ in range(64)])
+        assert masked.float().mean().item() == pytest.approx(training_masked_fraction(hp), abs=0.006)  # 4 standard errors
 
 
 def test_memory_formula_matches_a_real_model_and_its_optimizers():

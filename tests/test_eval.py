@@ -15,7 +15,7 @@ from conftest import ONE_THREAD, REPO, SMALL, read_log, run_train
 from data.demo import DEMO_DIR
 
 RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tokens:(\d+) seq_len:(\d+) "
-                    r"autocast:(bf16|fp32) schedule:(\w+) files:(\S+)")
+                    r"autocast:(bf16|fp32) estimator:(\w+) schedule:(\w+) files:(\S+)")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_reproduces_the_runs_last_val_line(run):
     checkpoint, logged = run
     result = result_of(evaluate(f"--checkpoint={checkpoint}", "--autocast=fp32"))
     assert result.group(1) == logged
-    assert result.group(3, 4, 5, 6, 7) == ("1", "1024", "128", "fp32", "linear")
-    assert result.group(8).endswith("demo_val_000000.bin")
+    assert result.group(3, 4, 5, 6, 7, 8) == ("1", "1024", "128", "fp32", "exact_k", "none")
+    assert result.group(9).endswith("demo_val_000000.bin")
 
 
 def test_several_seeds_give_mean_and_standard_error(run):
@@ -63,18 +63,22 @@ def test_two_ranks_give_the_one_process_result_on_other_files(run):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py")
     two = result_of(evaluate(*flags, launcher=torchrun))
     assert one.group(1) == two.group(1) and one.group(4) == two.group(4) == "3072"
-    assert one.group(8).endswith("demo_train_000000.bin")
+    assert one.group(9).endswith("demo_train_000000.bin")
 
 
-def test_the_val_nelbo_does_not_depend_on_the_schedule(run):
-    """The val noise counts masked tokens (exact_k: k uniform on 1..16, weight 16 / k), where no schedule enters: every
-    --schedule gives the run's own number."""
-    checkpoint, logged = run
-    flags = [f"--checkpoint={checkpoint}", "--autocast=fp32", "--seeds=3"]
-    own = result_of(evaluate(*flags))
-    for schedule in ("cosine", "sqrt"):
-        other = result_of(evaluate(*flags, f"--schedule={schedule}"))
-        assert other.group(7) == schedule and other.group(1, 2) == own.group(1, 2)
+def test_iid_noise_under_each_schedule_estimates_the_same_nelbo(run):
+    """--estimator=iid draws t per block under --schedule: other noise, so other numbers, whose means over seeds
+    agree with exact_k's within their standard errors (iid's is the larger: weights up to 1 / t)."""
+    checkpoint, _ = run
+    flags = [f"--checkpoint={checkpoint}", "--autocast=fp32", "--seeds=4"]
+    exact = result_of(evaluate(*flags))
+    results = {schedule: result_of(evaluate(*flags, "--estimator=iid", f"--schedule={schedule}"))
+               for schedule in ("linear", "cosine")}
+    for schedule, result in results.items():
+        assert result.group(7, 8) == ("iid", schedule)
+        difference = abs(float(result.group(1)) - float(exact.group(1)))
+        assert difference < 4 * (float(result.group(2)) ** 2 + float(exact.group(2)) ** 2) ** 0.5
+    assert results["linear"].group(1) != results["cosine"].group(1) != exact.group(1)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -84,7 +88,9 @@ def test_the_val_nelbo_does_not_depend_on_the_schedule(run):
     (["--checkpoint={ckpt}", "--seeds=0"], "--seeds must be at least 1"),
     (["--checkpoint={ckpt}", "--seeds=many"], "--seeds takes a value of type int"),
     (["--checkpoint={ckpt}", "--folds=2"], "unknown flag --folds"),
-    (["--checkpoint={ckpt}", "--schedule=cubic"], "--schedule must be linear, cosine or sqrt"),
+    (["--checkpoint={ckpt}", "--estimator=iid", "--schedule=cubic"], "--schedule must be linear, cosine or sqrt"),
+    (["--checkpoint={ckpt}", "--schedule=cosine"], "--schedule applies to --estimator=iid only"),
+    (["--checkpoint={ckpt}", "--estimator=stratified"], "--estimator must be iid or exact_k"),
 ])
 def test_bad_input_gives_one_line_and_status_2(run, flags, message):
     completed = evaluate(*(flag.format(ckpt=run[0]) for flag in flags))
