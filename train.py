@@ -126,8 +126,8 @@ PRESETS = {
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
-        seq_len=256, batch_size=4, micro_batch=1, steps=200, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
-        val_every=100, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
+        seq_len=256, batch_size=4, micro_batch=1, steps=220, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
+        val_every=110, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
     ),
 }
 
