@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 import common
 from common import ConfigError, fail, to_device
-from data.demo import DEMO_DIR, prepare_demo
-from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
+from data.loader import DEMO_DIR, DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
 from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
@@ -449,7 +448,9 @@ def nvidia_smi() -> str:
 def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> TokenLoader:
     """The train loader, after a check of the val shard. The demo corpus is prepared on first use."""
     if rank == 0 and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
-        prepare_demo()
+        # a subprocess, not an import: the corpus builder is a tool, and a log carries only what the run imported
+        builder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "demo_corpus.py")
+        subprocess.run([sys.executable, builder], check=True)
     if world_size > 1:
         dist.barrier()
     try:

@@ -19,9 +19,9 @@ import os
 import numpy as np
 import torch
 
-from data.shards import VOCAB_SIZE, read_shard
-from data.tokenizer import EOT
+from data.shards import EOT, VOCAB_SIZE, read_shard
 
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")  # tools/demo_corpus.py writes it
 MISSING_DATA_HINT = ("download FineWeb-Edu with `python data/cached_finewebedu10B.py 10` (10 train shards, 1B "
                      "tokens), or train on the built-in demo corpus with `python train.py --preset=demo`")
 

@@ -17,6 +17,7 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 VOCAB_SIZE = 50257  # GPT-2; every token id in a shard must be below this
+EOT = 50256  # <|endoftext|>: stored before each document; the model reads it as the end of the one before
 
 
 class ShardError(ValueError):

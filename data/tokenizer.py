@@ -16,7 +16,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
-EOT = 50256  # <|endoftext|>: shards store it before each document; the model reads it as the end of the one before
+from data.shards import EOT
+
 _BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 GPT2_FILES = {  # file name -> sha256, as in tiktoken_ext.openai_public.gpt2
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

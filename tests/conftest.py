@@ -17,8 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from common import CHECKPOINT_FORMAT  # noqa: E402
-from data.demo import prepare_demo  # noqa: E402
 from model import BD3LM, ModelConfig  # noqa: E402
+from tools.demo_corpus import prepare_demo  # noqa: E402
 from train import Hyperparameters  # noqa: E402
 
 VOCAB, EOT = 97, 96  # a tiny vocabulary for random models; <|endoftext|> is its last id

@@ -13,9 +13,9 @@ import torch
 from conftest import SMALL, load_final, read_log, run_train, val_losses
 
 import train
-from data.demo import prepare_demo
 from data.loader import DataExhausted, TokenLoader
 from data.shards import write_shard
+from tools.demo_corpus import prepare_demo
 
 # four candidates, none of them the default (0.3, 0.8): a run that ignored the choice would train differently
 WIDTHS, STEP = "0.5,1", 0.25

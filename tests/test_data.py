@@ -18,9 +18,9 @@ import tiktoken
 import torch
 
 from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
-from data.prepare import iter_documents, write_token_shards
-from data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, shard_num_tokens, write_shard
-from data.tokenizer import EOT, GPT2_FILES, get_tokenizer, gpt2_from_files, package_files
+from data.shards import EOT, HEADER_BYTES, MAGIC, ShardError, read_shard, shard_num_tokens, write_shard
+from data.tokenizer import GPT2_FILES, get_tokenizer, gpt2_from_files, package_files
+from tools.prepare_text import iter_documents, write_token_shards
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rng = np.random.default_rng()
@@ -340,7 +340,7 @@ def test_prepare_script_reads_txt_and_jsonl(tmp_path):
     (tmp_path / "in" / "sub" / "b.txt").write_text(texts[1])
     lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts[2:])]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    command = [sys.executable, "data/prepare.py", str(tmp_path / "in"), str(tmp_path / "c.jsonl"),
+    command = [sys.executable, "tools/prepare_text.py", str(tmp_path / "in"), str(tmp_path / "c.jsonl"),
                f"--out_dir={tmp_path / 'out'}", "--name=mine", "--val_tokens=1", "--workers=2"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -360,7 +360,7 @@ def test_iter_documents_errors_name_the_line(tmp_path):
 
 
 def test_demo_corpus(tmp_path, monkeypatch, capsys):
-    import data.demo as demo
+    import tools.demo_corpus as demo
 
     monkeypatch.setattr(demo, "DEMO_DIR", str(tmp_path))
     train_path, val_path = demo.prepare_demo()
@@ -377,7 +377,8 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
     assert len(documents) == len(set(documents)) == sum(counts.values())
     assert len(split_documents(np.concatenate([val, train]))) == len(documents)
     # the same corpus in a plain process as here under pytest, which replaces sys.unraisablehook
-    fresh = subprocess.run([sys.executable, "-c", "import hashlib, json; from data.demo import collect_documents; "
+    fresh = subprocess.run([sys.executable, "-c", "import hashlib, json; "
+                            "from tools.demo_corpus import collect_documents; "
                             "print(hashlib.sha256(json.dumps(collect_documents()[0]).encode()).hexdigest())"],
                            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert fresh.stdout.strip().splitlines()[-1] == hashlib.sha256(json.dumps(documents).encode()).hexdigest()
@@ -391,7 +392,7 @@ def windows(tokens, n: int) -> set[bytes]:
 
 def test_demo_val_shares_no_long_span_with_train(demo_corpus):
     """The real demo corpus: no val document has a run of 50 tokens that a train document has."""
-    import data.demo as demo
+    import tools.demo_corpus as demo
 
     train, val = (np.asarray(read_shard(path)) for path in demo_corpus)
     train_spans = set().union(*(windows(doc, demo.SPAN_TOKENS) for doc in split_documents(train)))
@@ -402,7 +403,7 @@ def test_demo_val_shares_no_long_span_with_train(demo_corpus):
 def test_near_duplicate_groups_match_a_slow_reference():
     """Random documents with spans copied between them (chains included) are grouped as the slow way groups them:
     documents linked when they share a run of SPAN_TOKENS tokens, groups the connected sets."""
-    import data.demo as demo
+    import tools.demo_corpus as demo
 
     n = demo.SPAN_TOKENS
     docs = [rng.integers(0, 50257, size=int(rng.integers(10, 400))).astype(np.uint16) for _ in range(60)]

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ONE_THREAD, REPO, SMALL, read_log, run_train
 
-from data.demo import DEMO_DIR
+from data.loader import DEMO_DIR
 
 RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tokens:(\d+) seq_len:(\d+) "
                     r"autocast:(bf16|fp32) estimator:(\w+) schedule:(\w+) files:(\S+)")

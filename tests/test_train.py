@@ -22,9 +22,9 @@ from conftest import ONE_THREAD, REPO, SMALL, load_final, read_log, run_train, v
 
 import common
 import train
-from data.demo import prepare_demo
 from data.shards import read_shard, write_shard
 from records.check import parse_log
+from tools.demo_corpus import prepare_demo
 
 pytestmark = pytest.mark.usefixtures("demo_corpus")
 
@@ -35,8 +35,8 @@ def test_demo_run_end_to_end(tmp_path):
                     "--val_tokens=4096", "--warmup_steps=2", "--muon_momentum_warmup=6", "--batch_size=4")
     text = read_log(tmp_path, "demo")
     parsed = parse_log(text)  # the records checker must be able to read what train.py writes
-    assert set(parsed.files) == {"train.py", "model.py", "common.py", "data/__init__.py", "data/demo.py",
-                                 "data/loader.py", "data/prepare.py", "data/shards.py", "data/tokenizer.py"}
+    assert set(parsed.files) == {"train.py", "model.py", "common.py", "data/__init__.py", "data/loader.py",
+                                 "data/shards.py"}
     for name, body in parsed.files.items():  # every repository module the run imported, as it is on disk
         with open(os.path.join(REPO, name)) as f:
             assert body == f.read(), name

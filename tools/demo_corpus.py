@@ -9,9 +9,10 @@ run of 50 tokens, directly or through others, form a group, and a group goes who
 val document shares a 50-token span with train. The result depends only on the Python and package versions
 installed.
 
-    python data/demo.py     # writes data/demo/demo_{train,val}_000000.bin unless they are already there
+    python tools/demo_corpus.py     # writes data/demo/demo_{train,val}_000000.bin unless they are already there
 
-This file chooses the text; tokenizing and the shard format belong to prepare.py, tokenizer.py, shards.py.
+This file chooses the text; tokenizing and the shard format belong to prepare_text.py, data/tokenizer.py and
+data/shards.py.
 """
 
 import importlib
@@ -25,13 +26,11 @@ import warnings
 
 import numpy as np
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.prepare import encode_document
-from data.shards import ShardError, read_shard, write_shard
-from data.tokenizer import EOT
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from data.loader import DEMO_DIR
+from data.shards import EOT, ShardError, read_shard, write_shard
+from tools.prepare_text import encode_document
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 DEMO_VAL_TOKENS = 131_072
 MIN_CHARS = 200
 SPAN_TOKENS = 50  # documents sharing a run of this many tokens are near duplicates

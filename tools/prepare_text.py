@@ -1,6 +1,6 @@
 """Tokenize your own text into GPT-2 token shards that train.py can read.
 
-    python data/prepare.py books/ notes.txt corpus.jsonl --out_dir=data/mytext --name=mytext
+    python tools/prepare_text.py books/ notes.txt corpus.jsonl --out_dir=data/mytext --name=mytext
 
 Inputs: `.txt` files (one document each), JSONL files (one document per line) and Parquet files (needs
 pyarrow), with the text in `--text_field`; directories are searched recursively, in sorted order. Each document
@@ -24,10 +24,9 @@ from contextlib import nullcontext
 import numpy as np
 from tqdm import tqdm
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.shards import write_shard
-from data.tokenizer import EOT, get_tokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from data.shards import EOT, write_shard
+from data.tokenizer import get_tokenizer
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 

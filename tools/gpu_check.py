@@ -27,6 +27,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -37,15 +38,16 @@ import torch
 import torch.nn.attention.flex_attention as flex_module
 from torch._dynamo.utils import counters
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
-import costmodel as cm
 import eval as evaluate
 import train
-from data.demo import DEMO_DIR, prepare_demo
-from data.loader import TokenLoader, find_shards
+from data.loader import DEMO_DIR, TokenLoader, find_shards
 from model import BD3LM, Noise, flex_kernel_options, model_flops_per_token, train_noise
 from sample import Settings as SampleSettings
 from sample import generate
+from tools import costmodel as cm
+from tools.demo_corpus import prepare_demo
 
 # record_step stops after this many steps or seconds (compile included), on a GPU; the other parts are one
 # compiled loss, 4 val chunks and 1 + 8 samples of 256 tokens: about 2 minutes with their compile, estimated

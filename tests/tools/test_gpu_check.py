@@ -1,7 +1,7 @@
 """The prepared GPU check, `python bench.py --gpu_check=True`, rehearsed on the CPU as CI runs it: every part of it
 has run before a GPU window is spent on it.
 
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_check.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/tools/test_gpu_check.py
 """
 
 import os
@@ -12,12 +12,12 @@ import time
 
 from conftest import ONE_THREAD, REPO
 
-import gpu_check
+from tools import gpu_check
 
 
 def test_the_rehearsal_runs_every_part_and_passes(demo_corpus):
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "bench.py", "--gpu_check=True"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "tools/bench.py", "--gpu_check=True"], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env={**os.environ, **ONE_THREAD})
     seconds = time.perf_counter() - started
     lines = result.stdout.splitlines()
