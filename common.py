@@ -114,15 +114,11 @@ def init_process_group(device: torch.device) -> None:
                                 device_id=device if device.type == "cuda" else None)
 
 
-def cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 matmul kernels for this CPU: x86 with AVX-512 (in hardware with AVX512-BF16 or AMX,
-    converted otherwise) or ARM with bf16. Without them (AVX2-only CPUs) bf16 matmuls run hundreds of times
-    slower than fp32."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def fast_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" or cpu_has_bf16_kernels()
+    """Whether bf16 matmuls are fast here: on CUDA, and on CPUs for which oneDNN has bf16 kernels (x86 with
+    AVX-512, ARM with bf16); on AVX2-only CPUs they are far slower than fp32."""
+    return device.type == "cuda" or (torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def uses_bf16(autocast: str, device: torch.device) -> bool:

@@ -250,20 +250,19 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
     return tokens, stats
 
 
-def completions(tokens: Tensor, prompt_length: int, eot: int, cut: bool = True) -> list[list[int]]:
-    """Each row's generated tokens, cut before its first <|endoftext|> (if `cut`)."""
-    rows = tokens[:, prompt_length:].tolist()
-    return [row[: row.index(eot)] if cut and eot in row else row for row in rows]
+def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]:
+    """Each row's generated tokens as a reader gets them: cut before its first <|endoftext|>."""
+    return [row[: row.index(eot)] if eot in row else row for row in tokens[:, prompt_length:].tolist()]
+
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
-def describe(row: int, generated: list[int], eot: int, s: Settings) -> tuple[str, list[int]]:
-    """A sample's header line (its length in tokens and why it ended) and its tokens, cut before its first
-    <|endoftext|> if s.stop_at_eot."""
-    if s.stop_at_eot and eot in generated:
-        completion = generated[: generated.index(eot)]
+def describe(row: int, generated: list[int], completion: list[int], s: Settings) -> tuple[str, list[int]]:
+    """A sample's header line (its length in tokens and why it ended) and the tokens to print: its completion
+    (cut before its first <|endoftext|>) if s.stop_at_eot, else everything generated."""
+    if s.stop_at_eot and len(completion) < len(generated):
         return f"---- sample {row}: {len(completion)} tokens, ended at <|endoftext|> ----", completion
     return f"---- sample {row}: {len(generated)} tokens, stopped at --max_new_tokens={s.max_new_tokens} ----", generated
 
@@ -334,9 +333,10 @@ def main(argv: list[str]) -> None:
     display = DenoisingDisplay(tokenizer, prompt, model.config) if s.show_denoising else None
     tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed), on_step=display,
                              progress=True)
-    for row, generated in enumerate(tokens[:, len(prompt):].tolist()):
-        header, completion = describe(row, generated, model.config.eot_id, s)
-        print(f"{header}\n{s.prompt}{tokenizer.decode(completion)}")
+    documents = completions(tokens, len(prompt), model.config.eot_id)
+    for row, (generated, completion) in enumerate(zip(tokens[:, len(prompt):].tolist(), documents)):
+        header, shown = describe(row, generated, completion, s)
+        print(f"{header}\n{s.prompt}{tokenizer.decode(shown)}")
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
           f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} (one sample at a time "

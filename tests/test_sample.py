@@ -216,12 +216,13 @@ def test_min_new_tokens_keeps_end_of_text_out_of_the_first_tokens_only(sampler):
 
 def test_each_header_gives_the_length_and_the_end():
     s = Settings(max_new_tokens=6)
-    assert sample.describe(0, [5, 6, EOT, 7, EOT, 8], EOT, s) == (
-        "---- sample 0: 2 tokens, ended at <|endoftext|> ----", [5, 6])
-    assert sample.describe(2, [5, 6, 7, 7, 9, 8], EOT, s) == (
+    rows = torch.tensor([[5, 6, EOT, 7, EOT, 8], [EOT, 6, 7, 7, 9, 8], [5, 6, 7, 7, 9, 8]])
+    first, second, third = zip(rows.tolist(), completions(rows, 0, EOT))
+    assert sample.describe(0, *first, s) == ("---- sample 0: 2 tokens, ended at <|endoftext|> ----", [5, 6])
+    assert sample.describe(2, *third, s) == (
         "---- sample 2: 6 tokens, stopped at --max_new_tokens=6 ----", [5, 6, 7, 7, 9, 8])
-    assert sample.describe(1, [EOT, 6, 7], EOT, replace(s, stop_at_eot=False))[0] == (
-        "---- sample 1: 3 tokens, stopped at --max_new_tokens=6 ----")
+    assert sample.describe(1, *second, replace(s, stop_at_eot=False)) == (
+        "---- sample 1: 6 tokens, stopped at --max_new_tokens=6 ----", [EOT, 6, 7, 7, 9, 8])
 
 
 def test_window_start_keeps_the_context_within_bounds():
