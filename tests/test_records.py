@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SMALL, read_log, run_train
 
+import train
 from model import BD3LM, ModelConfig
 
 CHECK = Path(REPO) / "records" / "check.py"
@@ -291,6 +292,15 @@ def test_expected_params_is_the_models_count():
         assert expected_params(config) == BD3LM(ModelConfig(**config, eot_id=0)).num_params(), config
     record = ModelConfig()
     assert expected_params(vars(record)) == 161_871_377 == BD3LM(record).num_params()
+
+
+def test_the_record_preset_meets_the_rules():
+    sys.path.insert(0, str(CHECK.parent))
+    import check
+
+    record = train.parse_args([])
+    assert (record.block_size, record.val_tokens) == (check.BLOCK_SIZE, check.VAL_TOKENS)
+    assert check.expected_params(vars(record)) <= check.MAX_PARAMS
 
 
 # -----------------------------------------------------------------------------
