@@ -5,6 +5,7 @@ peak memory, and the val NELBO (the protocol of train.py's validation and of eva
 train.py, sample.py, eval.py and bench.py import this file; it imports only model.py and data/, never a script.
 """
 
+import contextlib
 import os
 import resource
 import sys
@@ -62,6 +63,26 @@ def parse_flags(argv: list[str], settings_class) -> dict:
             raise ConfigError(f"unknown flag --{name} (see --help)")
         flags[name] = parse_value(name, kinds[name], text)
     return flags
+
+
+def command_line(argv: list[str], settings_class, command: str, more_help: str = ""):
+    """A script's settings from its --name=value flags; --help prints them and exits, a bad flag is one line
+    and exit status 2."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(command, settings_class) + more_help)
+        sys.exit(0)
+    with user_errors():
+        return settings_class(**parse_flags(argv, settings_class))
+
+
+@contextlib.contextmanager
+def user_errors():
+    """What the user gave and the script cannot use (a ConfigError, a ShardError or another ValueError, a missing
+    file) ends the script with one line and exit status 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error), status=2)
 
 
 def fail(message: str, status: int = 1):

@@ -42,8 +42,7 @@ class Settings:
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
 
-def parse_settings(argv: list[str]) -> Settings:
-    s = Settings(**common.parse_flags(argv, Settings))
+def check_settings(s: Settings) -> None:
     if s.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
     common.check_choice("estimator", s.estimator, VAL_ESTIMATORS)
@@ -56,7 +55,6 @@ def parse_settings(argv: list[str]) -> Settings:
         raise ConfigError(f"--val_tokens must be -1, 0 or positive and --seq_len 0 or positive, got "
                             f"{s.val_tokens} and {s.seq_len}")
     common.check_choice("autocast", s.autocast, ("auto", "bf16", "fp32"))
-    return s
 
 
 # -----------------------------------------------------------------------------
@@ -64,12 +62,10 @@ def parse_settings(argv: list[str]) -> Settings:
 
 
 def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(common.usage("python eval.py --checkpoint=PATH [--name=value ...]", Settings))
-        return
+    s = common.command_line(argv, Settings, "python eval.py --checkpoint=PATH [--name=value ...]")
     rank, world_size = common.ranks()
-    try:
-        s = parse_settings(argv)
+    with common.user_errors():
+        check_settings(s)
         device = common.pick_device(s.device)
         model, hparams = load_model(s.checkpoint, device)
         if not s.files and not os.path.isfile(hparams["val_file"]):
@@ -79,8 +75,6 @@ def main(argv: list[str]) -> None:
         seq_len = s.seq_len or hparams["seq_len"]
         num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
         val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
-    except (ValueError, FileNotFoundError) as error:  # ConfigError and ShardError are ValueErrors
-        common.fail(str(error), status=2)
     report_nelbo(model, files, num_tokens, seq_len, s, device, rank, world_size)
 
 

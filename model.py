@@ -41,7 +41,7 @@ class ModelConfig:
     n_head: int = setting(6, "attention heads")
     head_dim: int = setting(128, "dimension of one head")
     model_dim: int = setting(768, "width of the residual stream")
-    # 4 * 768 would put the record model at 162.17M parameters, over the 162M cap
+    # not 4 * 768: that would put the record model over the 162M-parameter cap
     mlp_hidden: int = setting(3056, "hidden width of the MLP")
     block_size: int = setting(16, "tokens per diffusion block (records: 16)")
     eot_id: int = setting(50256, "<|endoftext|>: ends a document")
@@ -357,11 +357,9 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
 
 
 def flex_kernel_options(device_properties) -> dict:
-    """FlexAttention options for a GPU (torch.cuda.get_device_properties). On an RTX 3090/4090 (101,376 bytes of
-    shared memory a block) torch 2.13's head_dim-128 bf16 defaults are A100 tiles: the forward's 128 x 64 in 3
-    stages and the backward's 64 x 64 in 3 stages stage more than that, and Inductor then retries them unpipelined.
-    These tiles (each dividing TILE) fit with margin; the forward's are FlashAttention-2's choice for these GPUs
-    on a causal-like mask. Larger GPUs (A100: 164 KB, H100: 227 KB) keep the defaults. Unmeasured on a GPU."""
+    """FlexAttention options for a GPU (torch.cuda.get_device_properties): smaller tiles, each dividing TILE, where
+    the default tiles need more shared memory than a block has (RTX 3090/4090); larger GPUs keep the defaults.
+    docs/performance.md gives the sizes."""
     props = device_properties
     if getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block) > SMALL_GPU_SHARED_MEMORY:
         return {}
@@ -387,8 +385,8 @@ def norm(x: Tensor) -> Tensor:
 def rotary_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos and sin [N, S, 1, head_dim / 2] of the angles pos * base^(-2i/head_dim), once per pass."""
     half = head_dim // 2
-    # float64: at position 10^5 a float32 angle is off by ~0.01 rad, and a sliding-window cache (positions far
-    # from 0) must agree with a recompute of the same window (positions from 0): only position differences count
+    # float64: far from position 0 a float32 angle drifts, and a sliding-window cache (positions far from 0) must
+    # agree with a recompute of the same window (positions from 0), where only position differences count
     inv_freq = base ** -(torch.arange(half, device=pos.device, dtype=torch.float64) / half)
     angle = pos[..., None, None].double() * inv_freq
     return angle.cos().float(), angle.sin().float()
@@ -585,7 +583,7 @@ class BD3LM(nn.Module):
 
     def _use_flex(self, device: torch.device) -> bool:
         """Flex only inside a compiled graph: eager flex attention falls back to a path that materializes the fp32
-        scores [N, H, 2L, 2L] (24 GiB a row at seq_len 8192), so every eager pass takes SDPA and the dense mask."""
+        scores [N, H, 2L, 2L], so every eager pass takes SDPA and the dense mask."""
         backend = self.config.attn_backend
         wanted = backend == "flex" or (backend == "auto" and device.type == "cuda")
         return wanted and torch.compiler.is_compiling()

@@ -312,11 +312,8 @@ class DenoisingDisplay:
 
 
 def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(common.usage("python sample.py --checkpoint=PATH [--name=value ...]", Settings))
-        return
-    try:
-        s = Settings(**common.parse_flags(argv, Settings))
+    s = common.command_line(argv, Settings, "python sample.py --checkpoint=PATH [--name=value ...]")
+    with common.user_errors():
         check_settings(s)
         device = common.pick_device(s.device)
         model, hparams = common.load_model(s.checkpoint, device)
@@ -326,9 +323,6 @@ def main(argv: list[str]) -> None:
         if s.context > hparams["seq_len"]:
             print(f"warning: --context={s.context} is longer than the {hparams['seq_len']} tokens this model was "
                   f"trained on; predictions that look further back may degrade", file=sys.stderr)
-    except ConfigError as error:
-        common.fail(str(error), status=2)
-
     tokenizer = get_tokenizer()
     display = DenoisingDisplay(tokenizer, prompt, model.config) if s.show_denoising else None
     tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed), on_step=display,

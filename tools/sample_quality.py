@@ -155,15 +155,11 @@ def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(common.usage("python tools/sample_quality.py --checkpoint=PATH --judge=JUDGE [--name=value ...]",
-                           Settings))
-        return
-    try:
-        flags = common.parse_flags(argv, Settings)
-        if "show_denoising" in flags:
+    s = common.command_line(argv, Settings, "python tools/sample_quality.py --checkpoint=PATH --judge=JUDGE "
+                            "[--name=value ...]")
+    with common.user_errors():
+        if any(arg.startswith("--show_denoising") for arg in argv):
             raise ConfigError("--show_denoising is sample.py's: this tool prints no samples")
-        s = Settings(**flags)
         sample.check_settings(s)
         if not s.judge:
             raise ConfigError("--judge=JUDGE is required (see --help)")
@@ -173,8 +169,6 @@ def main(argv: list[str]) -> None:
         sample.check_context(s.context, model.config.block_size)
         prompt = sample.read_prompt(s)
         judge = load_judge(s.judge, model, device)
-    except (ValueError, FileNotFoundError) as error:
-        common.fail(str(error), status=2)
     report_sample_quality(model, judge, prompt, s)
 
 
