@@ -116,12 +116,9 @@ class Hyperparameters(ModelConfig):
 
 
 PRESETS = {
-    # 8 x 80 GB: each rank one forward of 4 x 8K tokens a step; `python bench.py --estimate_only=True` estimates
-    # ~39 GiB per GPU (unmeasured), and ~11 GiB for record_24gb's 1 x 8K
-    "record": {},
-    "record_24gb": dict(micro_batch=1),  # RTX 3090/4090: 8K tokens per forward; on one GPU 32 of them a step
-    # sized for 2 idle CPU cores, under 5 minutes with sampling; bf16 autocast (on CPUs with bf16 kernels) doubles
-    # throughput. More steps of fewer sequences learn more per second here (docs/training.md, the demo on CPU).
+    "record": {},  # 8 x 80 GB GPUs, each rank one forward of 4 x 8K tokens a step
+    "record_24gb": dict(micro_batch=1),  # the same run on 24 GB GPUs (RTX 3090/4090), 8K tokens per forward
+    # 2 CPU cores in under 5 minutes with sampling: many steps of few short sequences (docs/training.md)
     "demo": dict(
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
