@@ -152,6 +152,12 @@ def autocast_context(device: torch.device, bf16: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a clock read next counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory_mib(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() // 2**20

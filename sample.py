@@ -244,8 +244,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
             model.cache_append(cache, tokens[:, begin:end])
             stats.cache_appends += 1
     bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    common.synchronize(device)
     stats.new_tokens, stats.seconds = tokens.size(1) - len(prompt), time.perf_counter() - start_time
     return tokens, stats
 
