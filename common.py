@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data.loader import val_batches
 from model import BD3LM, ModelConfig, Noise, check_token_ids, eval_noise
 
-CHECKPOINT_FORMAT = "bd3lm-speedrun-v2"  # v2: <|endoftext|> ends a document, fixed block slots
+CHECKPOINT_FORMAT = "bd3lm-speedrun-v3"
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
 # k masked tokens per block, k uniform on 1..16, weight 16 / k: the NELBO, at a fraction of iid t's standard error
 VAL_ESTIMATOR = "exact_k"
@@ -211,16 +211,17 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
 
 @torch.no_grad()
 def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
-              world_size: int = 1, progress: bool = False, estimator: str = VAL_ESTIMATOR) -> tuple[float, int]:
-    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into
-    fixed chunks of seq_len, under eval_noise(seed, estimator): the same chunks and noise whatever the world size.
-    Returns (NELBO, tokens) summed over all ranks."""
+              world_size: int = 1, progress: bool = False, estimator: str = VAL_ESTIMATOR,
+              schedule: str = "linear") -> tuple[float, int]:
+    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into fixed
+    chunks of seq_len, under eval_noise(seed, estimator, schedule): the same chunks and noise whatever the world
+    size. Returns (NELBO, tokens) summed over all ranks."""
     device, config = model.head.weight.device, model.config
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     token_count = torch.zeros((), dtype=torch.float64, device=device)
     chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
     for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
-        noise = eval_noise(tokens.numel(), config.block_size, seed, offset, config.schedule, estimator)
+        noise = eval_noise(tokens.numel(), config.block_size, seed, offset, schedule, estimator)
         loss = model(*to_device(tokens, noise, device, config.vocab_size))
         loss_sum += loss.double() * tokens.numel()
         token_count += tokens.numel()

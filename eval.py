@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import common
 from common import VAL_NOISE_SEED, ConfigError, load_model
-from data.loader import find_shards, val_batches
+from data.loader import find_shards, train_val_paths, val_batches
 from model import BD3LM, SCHEDULES, VAL_ESTIMATORS, setting
 
 
@@ -37,7 +37,7 @@ class Settings:
     estimator: str = setting(common.VAL_ESTIMATOR, "the val noise, exact_k (k masked tokens a block, k "
                              "uniform on 1..16, weight 16 / k; training's validation) or iid (t ~ U(0, 1) a block "
                              "under --schedule, weight 1 / t); both estimate the same NELBO, with their own variance")
-    schedule: str = setting("", "with --estimator=iid: the schedule of t; empty: the run's")
+    schedule: str = setting("linear", "with --estimator=iid: the schedule of t (model.SCHEDULES)")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
@@ -46,11 +46,10 @@ def check_settings(s: Settings) -> None:
     if s.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
     common.check_choice("estimator", s.estimator, VAL_ESTIMATORS)
-    if s.schedule:
-        common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
-        if s.estimator != "iid":
-            raise ConfigError(f"--schedule applies to --estimator=iid only: {s.estimator} masks a number of "
-                              f"tokens, no schedule enters")
+    common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
+    if s.schedule != "linear" and s.estimator != "iid":
+        raise ConfigError(f"--schedule applies to --estimator=iid only: {s.estimator} masks a number of tokens, "
+                          f"no schedule enters")
     if s.val_tokens < -1 or s.seq_len < 0:
         raise ConfigError(f"--val_tokens must be -1, 0 or positive and --seq_len 0 or positive, got "
                             f"{s.val_tokens} and {s.seq_len}")
@@ -68,10 +67,10 @@ def main(argv: list[str]) -> None:
         check_settings(s)
         device = common.pick_device(s.device)
         model, hparams = load_model(s.checkpoint, device)
-        if not s.files and not os.path.isfile(hparams["val_file"]):
-            raise ConfigError(f"the run's val shard {hparams['val_file']} is not here; give --files=GLOB")
-        files = find_shards(s.files) if s.files else [hparams["val_file"]]
-        model.config.schedule = s.schedule or model.config.schedule
+        val_file = train_val_paths(hparams["data"])[1]
+        if not s.files and not os.path.isfile(val_file):
+            raise ConfigError(f"the run's val shard {val_file} is not here; give --files=GLOB")
+        files = find_shards(s.files) if s.files else [val_file]
         seq_len = s.seq_len or hparams["seq_len"]
         num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
         val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
@@ -85,7 +84,7 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
     with common.autocast_context(device, bf16):
         for k in range(s.seeds):
             loss, tokens = common.val_nelbo(model, files, num_tokens, seq_len, VAL_NOISE_SEED + k, rank, world_size,
-                                            progress=rank == 0, estimator=s.estimator)
+                                            progress=rank == 0, estimator=s.estimator, schedule=s.schedule)
             results.append(loss)
             if rank == 0 and s.seeds > 1:
                 print(f"seed:{VAL_NOISE_SEED + k} val_nelbo:{loss:.4f}", flush=True)
@@ -96,7 +95,7 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
         stderr = statistics.stdev(results) / math.sqrt(len(results)) if len(results) > 1 else float("nan")
         print(f"val_nelbo:{mean:.4f} stderr:{stderr:.4f} ppl_bound:{math.exp(min(mean, 700)):.2f} seeds:{s.seeds} "
               f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} "
-              f"estimator:{s.estimator} schedule:{model.config.schedule if s.estimator == 'iid' else 'none'} "
+              f"estimator:{s.estimator} schedule:{s.schedule if s.estimator == 'iid' else 'none'} "
               f"files:{','.join(files)}")
 
 

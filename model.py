@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 TILE = 128  # FlexAttention's tile size: a BlockMask says which TILE x TILE tiles of scores to compute
+ROPE_BASE = 10_000.0
+LOGIT_SOFTCAP = 15.0  # logits = c * tanh(logits / c)
 SMALL_GPU_SHARED_MEMORY = 101_376  # bytes of shared memory per block on sm_86 and sm_89 (RTX 3090, RTX 4090)
 
 
@@ -44,12 +46,11 @@ class ModelConfig:
     # not 4 * 768: that would put the record model over the 162M-parameter cap
     mlp_hidden: int = setting(3056, "hidden width of the MLP")
     block_size: int = setting(16, "tokens per diffusion block (records: 16)")
-    eot_id: int = setting(50256, "<|endoftext|>: ends a document")
-    attn_backend: str = setting("auto", "auto (flex on CUDA, sdpa elsewhere), flex or sdpa; flex runs only in "
-                                "the compiled loss, every eager pass takes sdpa")
-    rope_base: float = setting(10000.0, "rotary embedding base")
-    logit_softcap: float = setting(15.0, "logits = c * tanh(logits / c); 0 turns it off")
-    schedule: str = setting("linear", "masking schedule: linear (BD3-LM's), cosine or sqrt (see SCHEDULES)")
+
+    @property
+    def eot_id(self) -> int:
+        """<|endoftext|>, which ends a document: the last real token, as in GPT-2."""
+        return self.vocab_size - 1
 
     @property
     def mask_id(self) -> int:
@@ -67,12 +68,6 @@ class ModelConfig:
             raise ValueError(f"n_layer must be even for the U-net skip connections, got {self.n_layer}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not 0 <= self.eot_id < self.vocab_size:
-            raise ValueError(f"eot_id {self.eot_id} is not a token id of a {self.vocab_size}-token vocabulary")
-        if self.attn_backend not in ("auto", "flex", "sdpa"):
-            raise ValueError(f"attn_backend must be auto, flex or sdpa, got {self.attn_backend!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -478,12 +473,12 @@ class Trunk(nn.Module):
         self.embed = nn.Embedding(config.vocab_size + 1, config.model_dim)
         self.blocks = nn.ModuleList(Block(config, i == 0) for i in range(config.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
-        self.head_dim, self.rope_base = config.head_dim, config.rope_base
+        self.head_dim = config.head_dim
 
     def forward(self, idx: Tensor, pos: Tensor, mask, past=None):
         """Returns the normed hidden states [N, S, dim] and each layer's new (k, v)."""
         x = norm(self.embed(idx))
-        rope = rotary_tables(pos, self.head_dim, self.rope_base)
+        rope = rotary_tables(pos, self.head_dim, ROPE_BASE)
         skips, new_kvs, first_values = [], [], None
         half = len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
@@ -515,6 +510,7 @@ class BD3LM(nn.Module):
         self.config = config
         self.trunk = Trunk(config)
         self.head = init_linear(config.model_dim, config.padded_vocab, zero=True)
+        self.flex = False  # compile_loss chooses
 
     # --- training and evaluation
 
@@ -568,25 +564,17 @@ class BD3LM(nn.Module):
 
     def _softcap(self, logits: Tensor) -> Tensor:
         logits = logits.float()  # softcap and softmax in fp32 under bf16
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     def _pass(self, x_t: Tensor, x_0: Tensor, dense: bool = False) -> Tensor:
         cfg = self.config
-        if not dense and self._use_flex(x_0.device):
+        if not dense and self.flex and torch.compiler.is_compiling():
             mask = block_diffusion_block_mask(x_0, cfg.block_size, cfg.eot_id)
         else:
             mask = block_diffusion_mask(x_0, cfg.block_size, cfg.eot_id)[:, None]
         pos = torch.arange(x_0.size(1), device=x_0.device)
         hidden, _ = self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos])[None], mask)
         return hidden
-
-    def _use_flex(self, device: torch.device) -> bool:
-        """Flex only inside a compiled graph: eager flex attention falls back to a path that materializes the fp32
-        scores [N, H, 2L, 2L], so every eager pass takes SDPA and the dense mask."""
-        backend = self.config.attn_backend
-        wanted = backend == "flex" or (backend == "auto" and device.type == "cuda")
-        return wanted and torch.compiler.is_compiling()
 
     def _check_tokens(self, tokens: Tensor, dims: tuple[int, ...], allow_mask: bool = False) -> None:
         if tokens.dim() not in dims or tokens.numel() == 0:
@@ -654,10 +642,13 @@ class BD3LM(nn.Module):
 
     # --- helpers for the scripts around the model
 
-    def compile_loss(self, backend="inductor") -> None:
+    def compile_loss(self, backend="inductor", flex: bool | None = None) -> None:
         """Compile token_losses, which forward calls, as one full graph with static shapes: one graph for
         training (with its backward) and one for evaluation, whatever the documents and masks. The compiled
-        loss does not check token ids; its callers do, on the CPU. `backend`: any torch.compile backend."""
+        loss does not check token ids; its callers do, on the CPU. `backend`: any torch.compile backend; `flex`:
+        attention by FlexAttention and a BlockMask (default: on a GPU), else SDPA and the dense mask. Flex runs
+        only compiled: eager flex falls back to a path that materializes the fp32 scores [N, H, 2L, 2L]."""
+        self.flex = self.head.weight.is_cuda if flex is None else flex
         self.token_losses = torch.compile(self.token_losses, fullgraph=True, dynamic=False, backend=backend)
 
     def set_flex_options(self, options: dict) -> None:

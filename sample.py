@@ -54,6 +54,7 @@ class Settings:
     stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: go on into new documents, "
                                       "exactly max_new_tokens")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence (SAMPLERS)")
+    schedule: str = setting("linear", "ddpm: the masking schedule of its steps (model.SCHEDULES)")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
     threshold: float = setting(0.9, "confidence: commit every token whose top probability reaches this (>= 1 per step)")
     temperature: float = setting(1.0, "divides the logits before drawing; 0 takes the most likely token")
@@ -66,8 +67,10 @@ class Settings:
 
 
 def check_settings(s: Settings) -> None:
-    if s.sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+    common.check_choice("sampler", s.sampler, tuple(SAMPLERS))
+    common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
+    if s.schedule != "linear" and s.sampler != "ddpm":
+        raise ConfigError(f"--schedule applies to --sampler=ddpm only: {s.sampler} takes no steps of a schedule")
     for name, valid, rule in [("num_samples", s.num_samples >= 1, "be at least 1"),
                               ("max_new_tokens", s.max_new_tokens >= 1, "be at least 1"),
                               ("min_new_tokens", s.min_new_tokens >= 0, "not be negative"),
@@ -233,7 +236,7 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
 
         show = (lambda block: on_step(index, block)) if on_step else None
         tokens[:, begin:end], row_forwards = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id,
-                                                           cfg.schedule, generator, show)
+                                                           s.schedule, generator, show)
         stats.row_forwards += int(row_forwards)
         bar.update()
         ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()

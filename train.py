@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import site
-import statistics
 import subprocess
 import sys
 import time
@@ -30,14 +29,21 @@ import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 import common
 from common import ConfigError, fail, to_device
-from data.loader import DEMO_DIR, DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
+from data.loader import (
+    DEMO_DIR,
+    DataExhausted,
+    TokenLoader,
+    find_shards,
+    train_val_paths,
+    unigram_baseline,
+    val_batches,
+)
 from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
@@ -47,7 +53,6 @@ from model import (
     eval_noise,
     flex_kernel_options,
     mean_masked_fraction,
-    model_flops_per_token,
     setting,
     stratified_levels,
     train_noise,
@@ -61,70 +66,54 @@ from model import (
 class Hyperparameters(ModelConfig):
     preset: str = setting("record", "record (FineWeb-Edu speedrun, 80 GB GPUs), record_24gb (the same run on 24 GB "
                           "GPUs) or demo (CPU, built-in corpus)")
-    run_id: str = setting("", "name of the log and checkpoint folder; empty: date, time and a random suffix")
-    # data
-    train_files: str = setting("data/finewebedu10B/finewebedu_train_*.bin", "glob of train shards")
-    val_file: str = setting("data/finewebedu10B/finewebedu_val_000000.bin", "val shard")
+    run_id: str = setting("", "names logs/<run_id>.txt and checkpoints/<run_id>/; empty: date, time, a random suffix")
+    data: str = setting("data/finewebedu10B/finewebedu", "shards DATA_train_*.bin and DATA_val_000000.bin")
     val_tokens: int = setting(10_485_760, "val tokens per evaluation, a multiple of seq_len")
-    log_dir: str = setting("logs", "folder of the log files")
-    checkpoint_dir: str = setting("checkpoints", "checkpoints go to checkpoint_dir/run_id/")
-    # batch and schedule: 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B)
+    # 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B)
     seq_len: int = setting(8 * 1024, "tokens per sequence, a chunk of the stream that starts at a document")
     batch_size: int = setting(32, "sequences per optimizer step, all ranks together")
     micro_batch: int = setting(4, "sequences each rank stacks into one forward (documents never cross rows); "
                                "batch_size must be a multiple of micro_batch x ranks; the rest is accumulated")
     steps: int = setting(3500, "optimizer steps")
-    warmup_steps: int = setting(0, "steps of linear LR warm-up from 0")
-    cooldown_frac: float = setting(0.45, "fraction of the steps at the end over which the LR decays to 0")
-    t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (time uniform "
-                          "under the schedule; validation never clips)")
+    t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (validation never "
+                          "clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
     estimator: str = setting("stratified_k", "training noise (model.ESTIMATORS): stratified_k (exact_k with the k "
                              "of a step's blocks stratified; the least gradient variance measured), exact_k (k masked "
                              "tokens, k / 16 uniform in [t_lo, t_hi], weight 16 / k), iid (t per block), stratified "
                              "(t stratified over the step's blocks) or resample (iid, masks redrawn until k / 16 is in "
                              "[t_lo, t_hi])")
-    # optimizers
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
-    muon_momentum: float = setting(0.95, "Muon momentum after its warm-up")
-    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0")
-    muon_momentum_warmup: int = setting(300, "steps over which the Muon momentum rises")
     embed_lr: float = setting(0.3, "Adam LR of the token embedding")
     head_lr: float = setting(0.004, "Adam LR of the output head")
     scalar_lr: float = setting(0.02, "Adam LR of the scalar parameters")
-    weight_decay: float = setting(0.0, "decoupled weight decay of every parameter")
-    # run
+    val_every: int = setting(250, "validate and write checkpoints/<run_id>/latest.pt every this many steps (0: "
+                             "only at the start and the end)")
+    resume: str = setting("", "continue from this checkpoint; all other settings must match that run")
     seed: int = setting(0, "seed of the initial weights and of the training noise")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32")
-    compile: bool = setting(True, "compile the loss on CUDA, one full graph with static shapes (CPU runs stay eager)")
-    warm_up: bool = setting(True, "run the training and val passes once before the clock starts (compile_time)")
-    val_every: int = setting(250, "validate every this many steps (0: only at the start and the end)")
-    save_every: int = setting(0, "write checkpoint_dir/run_id/latest.pt every this many steps (0: never)")
-    save_final: bool = setting(False, "write checkpoint_dir/run_id/final.pt at the end")
-    resume: str = setting("", "continue from this checkpoint; all other settings must match that run")
-    unigram_baseline: bool = setting(False, "log the val NELBO of a unigram model of the train data")
-    dry_run: bool = setting(False, "build the model, check the config, print it and exit without data")
-    # extras (see the last section)
-    clip_search: bool = setting(False, "at each validation but the last, choose the candidate interval whose "
-                                "gradient is least noisy (variance over ||mean||^2) on held-out train tokens and "
-                                "train with it from then on (BD3-LM's data-driven clipped schedule); t_lo/t_hi "
-                                "until the first search")
-    clip_search_widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
-    clip_search_step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
-    clip_search_tokens: int = setting(65_536, "tokens at the end of the train stream held out for the search")
-    clip_search_draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
+
+    @property
+    def train_files(self) -> str:
+        return train_val_paths(self.data)[0]
+
+    @property
+    def val_file(self) -> str:
+        return train_val_paths(self.data)[1]
+
+
+LOG_DIR, CHECKPOINT_DIR = "logs", "checkpoints"
+COOLDOWN_FRAC = 0.45  # the LR decays linearly to 0 over this last fraction of the steps
+MUON_MOMENTUM = (0.85, 0.95)  # at step 0 and after MUON_MOMENTUM_WARMUP steps
+MUON_MOMENTUM_WARMUP = 300  # steps, a quarter of the run if that is shorter
 
 
 PRESETS = {
     "record": {},  # 8 x 80 GB GPUs, each rank one forward of 4 x 8K tokens a step
     "record_24gb": dict(micro_batch=1),  # the same run on 24 GB GPUs (RTX 3090/4090), 8K tokens per forward
     # 2 CPU cores in under 5 minutes with sampling: many steps of few short sequences (docs/training.md)
-    "demo": dict(
-        train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
-        val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
-        seq_len=256, batch_size=4, micro_batch=1, steps=220, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
-        val_every=110, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
-    ),
+    "demo": dict(data=f"{DEMO_DIR}/demo", val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256,
+                 mlp_hidden=1024, seq_len=256, batch_size=4, micro_batch=1, steps=220, val_every=110),
 }
 
 
@@ -149,12 +138,10 @@ def model_config(hp: Hyperparameters) -> ModelConfig:
 
 
 def check_settings(hp: Hyperparameters, world_size: int) -> None:
-    for name in ("steps", "seq_len", "batch_size", "micro_batch", "val_tokens", "vocab_size", "n_layer", "n_head",
-                 "head_dim", "model_dim", "mlp_hidden", "block_size"):
+    for name in ("steps", "seq_len", "batch_size", "micro_batch", "val_tokens"):
         if getattr(hp, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(hp, name)}")
-    for name in ("warmup_steps", "val_every", "save_every", "muon_momentum_warmup", "muon_lr", "embed_lr",
-                 "head_lr", "scalar_lr", "weight_decay"):
+    for name in ("val_every", "muon_lr", "embed_lr", "head_lr", "scalar_lr"):
         if getattr(hp, name) < 0:
             raise ConfigError(f"--{name} must not be negative, got {getattr(hp, name)}")
     if hp.batch_size % (world_size * hp.micro_batch):
@@ -164,19 +151,12 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--val_tokens={hp.val_tokens} is not a multiple of --seq_len={hp.seq_len}")
     if not 0 <= hp.t_lo < hp.t_hi <= 1:
         raise ConfigError(f"need 0 <= t_lo < t_hi <= 1, got t_lo={hp.t_lo} t_hi={hp.t_hi}")
-    if not 0 <= hp.cooldown_frac <= 1:
-        raise ConfigError(f"--cooldown_frac must lie in [0, 1], got {hp.cooldown_frac}")
-    if hp.warmup_steps + round(hp.cooldown_frac * hp.steps) > hp.steps:
-        raise ConfigError(f"warm-up ({hp.warmup_steps}) and cool-down ({hp.cooldown_frac} x {hp.steps}) "
-                          f"steps overlap; lower one of them")
     if not 0 <= hp.seed < 2**31:
         raise ConfigError(f"--seed must lie in [0, 2**31), got {hp.seed}")
     common.check_choice("autocast", hp.autocast, ("auto", "bf16", "fp32"))
     common.check_choice("estimator", hp.estimator, tuple(ESTIMATORS))
     if hp.resume and not os.path.isfile(hp.resume):
         raise ConfigError(f"--resume={hp.resume} is not a file")
-    if hp.clip_search:
-        check_clip_search(hp)
     model_config(hp).validate()
 
 
@@ -186,7 +166,7 @@ def grad_accum(hp: Hyperparameters, world_size: int) -> int:
 
 
 def training_masked_fraction(hp: Hyperparameters) -> float:
-    return mean_masked_fraction(hp.estimator, hp.schedule, hp.t_lo, hp.t_hi, hp.block_size)
+    return mean_masked_fraction(hp.estimator, "linear", hp.t_lo, hp.t_hi, hp.block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -288,25 +268,22 @@ def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[
     groups = model.param_groups()
     if sum(p.numel() for group in groups.values() for p in group) != model.num_params():
         raise RuntimeError("model.param_groups() does not cover every parameter exactly once")
-    muon = Muon(groups["hidden_matrices"], lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.weight_decay,
+    muon = Muon(groups["hidden_matrices"], lr=hp.muon_lr, momentum=MUON_MOMENTUM[1], weight_decay=0.0,
                 ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     adam_groups = [dict(params=groups[name], lr=lr) for name, lr in
                    (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
-    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=hp.weight_decay, fused=True)
+    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)
     return [muon, adam]
 
 
 def lr_multiplier(hp: Hyperparameters, step: int) -> float:
-    """Linear warm-up, constant, then a linear cool-down to 0 over the last cooldown_frac of the steps."""
-    if step < hp.warmup_steps:
-        return (step + 1) / hp.warmup_steps
-    cooldown_steps = hp.cooldown_frac * hp.steps
-    return min(1.0, (hp.steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
+    """Constant, then a linear cool-down to 0 over the last COOLDOWN_FRAC of the steps."""
+    return min(1.0, (hp.steps - step) / (COOLDOWN_FRAC * hp.steps))
 
 
 def muon_momentum(hp: Hyperparameters, step: int) -> float:
-    frac = min(step / hp.muon_momentum_warmup, 1.0) if hp.muon_momentum_warmup else 1.0
-    return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
+    frac = min(step / min(MUON_MOMENTUM_WARMUP, max(1, hp.steps // 4)), 1.0)
+    return (1 - frac) * MUON_MOMENTUM[0] + frac * MUON_MOMENTUM[1]
 
 
 # -----------------------------------------------------------------------------
@@ -327,29 +304,20 @@ def main(argv: list[str]) -> None:
     common.init_process_group(device)
     bf16 = common.uses_bf16(hp.autocast, device)
     model = build_model(model_config(hp), hp.seed, device)
-    if hp.dry_run:
-        flops = model_flops_per_token(model.config, hp.seq_len, training_masked_fraction(hp))
-        if rank == 0:
-            print(f"config:{json.dumps(asdict(hp), sort_keys=True)}\nparams:{model.num_params()}\n"
-                  f"flops_per_token:{flops:.4g}")
-        return
-
     run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
-    log = RunLog(hp.log_dir, run_id, rank)
+    log = RunLog(LOG_DIR, run_id, rank)
     write_header(log, hp, world_size, bf16, model)
     loader = load_data(hp, rank, world_size, log)
     log(f"params:{model.num_params()}")
-    if hp.unigram_baseline:
+    if rank == 0:
         log(f"unigram_baseline:{unigram_baseline(loader.stream.files, [hp.val_file]):.4f}")
-    if device.type == "cuda" and hp.compile:
-        model.compile_loss()
     autocast = common.autocast_context(device, bf16)
     run = Run(hp, rank, world_size, device, autocast, model, make_optimizers(model, hp, common.fast_bf16(device)),
-              loader, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id),
-              clip_search=ClipSearch(hp, loader, rank, world_size) if hp.clip_search else None)
+              loader, log, checkpoint_folder=os.path.join(CHECKPOINT_DIR, run_id))
     start_step = run.resume() if hp.resume else 0
     try:
-        if hp.warm_up:
+        if device.type == "cuda":  # the loss compiled, and compiled before the clock starts
+            model.compile_loss()
             log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device):.0f}ms")
         run.train(start_step)
     except torch.OutOfMemoryError:
@@ -452,8 +420,7 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         dist.barrier()
     try:
         train_files = find_shards(hp.train_files)
-        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch,
-                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
+        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch)
         val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
     except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
         fail(str(error))
@@ -461,8 +428,6 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
     if rank == 0:
         log_shards(log, train_files, hp.val_file)
-    if hp.clip_search:
-        log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
     return loader
 
 
@@ -495,7 +460,7 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
     the loss is compiled."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
-    noise = eval_noise(seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0, model.config.schedule)
+    noise = eval_noise(seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0)
     tokens, noise = to_device(tokens, noise, device, model.config.vocab_size)
     with autocast:
         # repeat, not expand: the compiled graph is specialized to the strides of real batches too
@@ -505,8 +470,7 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
             model(tokens, noise)
         model.train()
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    common.synchronize(device)
     if dist.is_initialized():
         dist.barrier()  # every rank starts its clock together, so no first step waits for a slower compile
     return 1000 * (time.perf_counter() - started)
@@ -530,13 +494,10 @@ class Run:
     loader: TokenLoader
     log: RunLog
     checkpoint_folder: str
-    clip_search: "ClipSearch | None" = None
-    noise_interval: tuple[float, float] = field(init=False)  # training masking probability; clip_search moves it
     last_checkpoint: str = field(init=False)
     noise_generator: torch.Generator = field(init=False, default_factory=torch.Generator)
 
     def __post_init__(self):
-        self.noise_interval = (self.hp.t_lo, self.hp.t_hi)
         self.last_checkpoint = self.hp.resume or "none"
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
@@ -552,12 +513,10 @@ class Run:
             if not resumed_here and (last_step or (hp.val_every and step % hp.val_every == 0) or step == 0):
                 train_time_ms += 1000 * (self.sync_time() - step_start)
                 self.validate(step, train_time_ms)
+                if 0 < step < hp.steps:
+                    self.last_checkpoint = self.save("latest.pt", step)
+                    self.log(f"saved:{self.last_checkpoint} step:{step}")
                 step_start = self.sync_time()
-                if self.clip_search and not last_step:  # in the train time: it steers training
-                    self.noise_interval = self.clip_search(self.model, self.autocast, step, self.log)
-            if not resumed_here and hp.save_every and step % hp.save_every == 0 and 0 < step < hp.steps:
-                self.last_checkpoint = self.save("latest.pt", step)
-                self.log(f"saved:{self.last_checkpoint} step:{step}")
             if last_step:
                 break
             train_loss = self.train_step(step)
@@ -604,8 +563,8 @@ class Run:
             self.noise_generator.manual_seed((hp.seed << 32) + step * hp.batch_size + chunk)
             levels = stratified_levels(hp.seed, step, chunk, hp.batch_size, blocks) \
                 if ESTIMATORS[hp.estimator].stratified else None
-            noises.append(train_noise(length, config.block_size, *self.noise_interval, self.noise_generator,
-                                      config.schedule, hp.estimator, levels))
+            noises.append(train_noise(length, config.block_size, hp.t_lo, hp.t_hi, self.noise_generator,
+                                      "linear", hp.estimator, levels))
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
@@ -640,7 +599,7 @@ class Run:
             state = dict(format=common.CHECKPOINT_FORMAT, model=self.model.state_dict(),
                          model_config=asdict(self.model.config), hparams=asdict(self.hp), step=step,
                          optimizers=[opt.state_dict() for opt in self.optimizers], loader=self.loader.state_dict(),
-                         rng=rng, noise_interval=self.noise_interval)
+                         rng=rng)
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
         return path
@@ -668,7 +627,6 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
-        self.noise_interval = state.get("noise_interval") or self.noise_interval  # None before --clip_search
         self.log(f"resumed:{path} step:{state['step']}")
         return state["step"]
 
@@ -676,132 +634,17 @@ class Run:
         """The closing lines of the log and the final checkpoint."""
         self.log(f"train_tokens:{self.loader.tokens_consumed}")
         self.log(f"peak_memory:{common.peak_memory_mib(self.device)}MiB")
-        if self.hp.save_final:
-            path = self.save("final.pt", self.hp.steps)
-            self.log(f"checkpoint:{path}")
-            if self.rank == 0:
-                print(f"sample from it: python sample.py --checkpoint={path}")
+        path = self.save("final.pt", self.hp.steps)
+        self.log(f"checkpoint:{path}")
+        if self.rank == 0:
+            print(f"sample from it: python sample.py --checkpoint={path}")
         if self.world_size > 1:
             dist.destroy_process_group()
 
     def sync_time(self) -> float:
         """The clock, once the GPU has done the work queued so far."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        common.synchronize(self.device)
         return time.perf_counter()
-
-
-# -----------------------------------------------------------------------------
-# Extras: the noise interval from data (--clip_search)
-
-CLIP_SEARCH_NOISE_SEED = 1  # fixed: every search, candidate interval and world size draws the same uniforms
-
-
-def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
-    """The candidate noise intervals of --clip_search, built as bd3lms builds them: for each width w, the intervals
-    (lo, lo + w) for lo = 0, step, 2 step, ... while lo + w <= 1."""
-    try:
-        parsed = [float(width) for width in widths.split(",")]
-    except ValueError:
-        raise ConfigError(f"--clip_search_widths takes comma-separated numbers, got {widths!r}") from None
-    if not all(0 < width <= 1 for width in parsed):
-        raise ConfigError(f"--clip_search_widths must lie in (0, 1], got {widths!r}")
-    if not 0 < step <= 1:
-        raise ConfigError(f"--clip_search_step must lie in (0, 1], got {step}")
-    intervals = [(round(k * step, 6), round(k * step + width, 6))
-                 for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
-    return list(dict.fromkeys(intervals))
-
-
-def check_clip_search(hp: Hyperparameters) -> None:
-    clip_candidates(hp.clip_search_widths, hp.clip_search_step)
-    if hp.clip_search_draws < 2:
-        raise ConfigError(f"--clip_search_draws must be at least 2 (a variance), got {hp.clip_search_draws}")
-    if hp.clip_search_tokens < hp.seq_len or hp.clip_search_tokens % hp.seq_len:
-        raise ConfigError(f"--clip_search_tokens={hp.clip_search_tokens} is not a positive multiple of "
-                          f"--seq_len={hp.seq_len}")
-    if hp.seq_len % hp.block_size or hp.clip_search_tokens < 2 * hp.block_size:
-        raise ConfigError(f"--clip_search needs whole blocks, two at least: --seq_len={hp.seq_len} and "
-                          f"--clip_search_tokens={hp.clip_search_tokens} in blocks of {hp.block_size}")
-
-
-def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
-    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
-    chunks of seq_len: chunk i goes to rank i % world_size."""
-    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
-    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
-            for index, start in enumerate(starts) if index % world_size == rank]
-
-
-class GradientNoise(NamedTuple):
-    relative: float  # variance / signal: the noise-to-signal ratio of one draw's gradient
-    variance: float  # total variance of the gradient: E ||g - E g||^2, unbiased over the draws
-    signal: float  # ||E g||^2, unbiased: ||mean g||^2 - variance / draws
-    loss_variance: float  # the variance of the loss itself over the draws
-    loss: float  # the mean loss over the draws
-
-
-def gradient_noise(model: BD3LM, chunks, total_chunks: int, lo: float, hi: float, estimator: str, draws: int,
-                   seed: int, world_size: int = 1) -> GradientNoise:
-    """The gradient of the mean training loss over the same tokens, `chunks` (this rank's (index, tokens) of
-    `total_chunks` on all ranks, one optimizer step's worth), under `draws` noise draws of `estimator` on [lo, hi]:
-    its total variance and that of the loss. Draw d of chunk i is seeded by `seed`, d and i, as train.py seeds a
-    step, so every interval reuses the same uniforms on any number of ranks; each draw costs one forward and backward
-    of the chunks whatever the estimator (equal compute). The gradients are dropped at the end."""
-    device, config, params = model.head.weight.device, model.config, list(model.parameters())
-    blocks = -(-chunks[0][1].numel() // config.block_size) if chunks else 0
-    grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
-    squares, losses, generator = 0.0, [], torch.Generator()
-    for draw in range(draws):
-        model.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for index, tokens in chunks:
-            generator.manual_seed((seed << 32) + draw * total_chunks + index)
-            levels = stratified_levels(seed, draw, index, total_chunks, blocks) \
-                if ESTIMATORS[estimator].stratified else None
-            noise = train_noise(tokens.numel(), config.block_size, lo, hi, generator, config.schedule, estimator,
-                                levels)
-            tokens, noise = to_device(tokens[None], Noise(*(x[None] for x in noise)), device, config.vocab_size)
-            loss = model(tokens, noise) / total_chunks
-            loss.backward()
-            loss_sum += loss.detach().double()
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double() for p in params])
-        if world_size > 1:
-            dist.all_reduce(grad)
-            dist.all_reduce(loss_sum)
-        grad_sum += grad
-        squares += float(grad.square().sum())
-        losses.append(float(loss_sum))
-    model.zero_grad(set_to_none=True)
-    mean_square = float((grad_sum / draws).square().sum())
-    variance = (squares / draws - mean_square) * draws / (draws - 1)
-    signal = mean_square - variance / draws
-    return GradientNoise(variance / signal if signal > 0 else math.inf, variance, signal,
-                         statistics.variance(losses), statistics.fmean(losses))
-
-
-class ClipSearch:
-    """BD3-LM's data-driven clipped schedule: at a validation, the candidate interval under which the gradient of the
-    training loss is least noisy (GradientNoise.relative, over --clip_search_draws draws of the run's estimator) on
-    train tokens held out at the end of the stream (the loader never reads them)."""
-
-    def __init__(self, hp: Hyperparameters, loader: TokenLoader, rank: int, world_size: int):
-        self.candidates = clip_candidates(hp.clip_search_widths, hp.clip_search_step)
-        self.chunks, self.world_size = held_out_chunks(loader, rank, world_size), world_size
-        self.total_chunks, self.estimator, self.draws = hp.clip_search_tokens // hp.seq_len, hp.estimator, \
-            hp.clip_search_draws
-
-    def __call__(self, model: BD3LM, autocast, step: int, log: RunLog) -> tuple[float, float]:
-        started = time.perf_counter()
-        with autocast:
-            variances = {interval: gradient_noise(model, self.chunks, self.total_chunks, *interval, self.estimator,
-                                                  self.draws, CLIP_SEARCH_NOISE_SEED, self.world_size).relative
-                         for interval in self.candidates}
-        chosen = min(variances, key=variances.get)
-        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
-        log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
-            f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
-        return chosen
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ MISSING_DATA_HINT = ("download FineWeb-Edu with `python data/cached_finewebedu10
                      "tokens), or train on the built-in demo corpus with `python train.py --preset=demo`")
 
 
+def train_val_paths(data: str) -> tuple[str, str]:
+    """The train shards' glob and the val shard of a corpus prefix, as cached_finewebedu10B.py and
+    tools/prepare_text.py name them."""
+    return f"{data}_train_*.bin", f"{data}_val_000000.bin"
+
+
 class DataExhausted(RuntimeError):
     """The training shards have no room for another window; the loader never repeats data."""
 

@@ -91,7 +91,7 @@ def train_step(config: ModelConfig, seq_len: int, mean_doc: int, device: torch.d
         model.compile_loss()
     optimizers = make_optimizers(model, RECORD, fast_bf16=bf16)
     tokens = cm.document_stream(rows * seq_len, mean_doc, gen).view(rows, seq_len)
-    noise = train_noise(rows * seq_len, config.block_size, RECORD.t_lo, RECORD.t_hi, gen, config.schedule)
+    noise = train_noise(rows * seq_len, config.block_size, RECORD.t_lo, RECORD.t_hi, gen)
     tokens, noise = common.to_device(tokens, Noise(*(x.view(rows, seq_len) for x in noise)), device, config.vocab_size)
 
     def step() -> None:
