@@ -9,7 +9,7 @@ import contextlib
 import os
 import resource
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -176,6 +176,16 @@ def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_si
 
 # -----------------------------------------------------------------------------
 # Checkpoints
+
+
+def save_checkpoint(path: str, model: BD3LM, hparams: dict, **training_state) -> None:
+    """Write a checkpoint that load_model reads (and train.py's resume, given its training state), atomically: a
+    crash mid-write leaves the previous file intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
+                 hparams=hparams, **training_state)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def read_checkpoint(path: str, device) -> dict:

@@ -590,18 +590,14 @@ class Run:
                  f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")
 
     def save(self, name: str, step: int) -> str:
-        """Write checkpoint_folder/name from rank 0, atomically: a crash mid-write leaves the previous file intact."""
+        """Write checkpoint_folder/name from rank 0, with what a resume needs."""
         path = os.path.join(self.checkpoint_folder, name)
         if self.rank == 0:
-            os.makedirs(self.checkpoint_folder, exist_ok=True)
             rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()}
                                                       if torch.cuda.is_available() else {})}
-            state = dict(format=common.CHECKPOINT_FORMAT, model=self.model.state_dict(),
-                         model_config=asdict(self.model.config), hparams=asdict(self.hp), step=step,
-                         optimizers=[opt.state_dict() for opt in self.optimizers], loader=self.loader.state_dict(),
-                         rng=rng)
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            common.save_checkpoint(path, self.model, asdict(self.hp), step=step, rng=rng,
+                                   optimizers=[opt.state_dict() for opt in self.optimizers],
+                                   loader=self.loader.state_dict())
         return path
 
     def resume(self) -> int:
