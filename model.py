@@ -665,18 +665,3 @@ class BD3LM(nn.Module):
         scalars = [p for p in self.trunk.parameters() if p.dim() < 2]
         return {"hidden_matrices": hidden, "embed": [self.trunk.embed.weight], "head": [self.head.weight],
                 "scalars": scalars}
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float) -> float:
-    """Training FLOPs (forward + backward = 3x forward) per token of the clean stream.
-    Every token passes the trunk twice (noisy and clean half); the head counts on the masked fraction of the tokens
-    only (Schedule.mean_mask_prob), the work the objective needs: the compiled loss runs it on every noisy position,
-    so a GPU does more than this count. Attention is counted for one document of seq_len tokens, where a query sees
-    on average about seq_len / 2 + block_size keys in either half; it is lower for streams of short documents,
-    whose tiles the BlockMask skips."""
-    c = config
-    inner = c.n_head * c.head_dim
-    matmul_params = c.n_layer * (4 * c.model_dim * inner + 2 * c.model_dim * c.mlp_hidden)
-    trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
-    head = masked_fraction * 2 * c.model_dim * c.padded_vocab
-    return 3 * (trunk + head)

@@ -52,7 +52,6 @@ from model import (
     Noise,
     eval_noise,
     flex_kernel_options,
-    mean_masked_fraction,
     setting,
     stratified_levels,
     train_noise,
@@ -163,10 +162,6 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
 def grad_accum(hp: Hyperparameters, world_size: int) -> int:
     """Forwards (micro-steps) per optimizer step on each rank."""
     return hp.batch_size // (world_size * hp.micro_batch)
-
-
-def training_masked_fraction(hp: Hyperparameters) -> float:
-    return mean_masked_fraction(hp.estimator, "linear", hp.t_lo, hp.t_hi, hp.block_size)
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ costmodel.py's estimate of the record run on GPUs. One markdown report; nothing 
     python bench.py --grad_variance=True --checkpoint=checkpoints/demo/final.pt   # the noise of each estimator
 
 Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
-train.py logs: model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
+costmodel.model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
 Estimated, not measured: step time, record minutes and peak memory of 8x H100 and 1x RTX 3090 under their
 presets; on a GPU, next to the measured record step.
 """
@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from data.loader import val_batches
 from model import ESTIMATORS, ModelConfig, Noise, block_diffusion_block_mask, block_diffusion_mask, setting, train_noise
-from model import model_flops_per_token as model_flops
 from sample import SAMPLERS, generate
 from sample import Settings as SampleSettings
 from tools import costmodel as cm
@@ -41,7 +40,6 @@ from train import (
     gradient_noise,
     make_optimizers,
     model_config,
-    training_masked_fraction,
 )
 
 
@@ -132,14 +130,14 @@ def matmul_table(device: torch.device, bf16: bool, repeats: int) -> float:
 def train_table(cases, device: torch.device, bf16: bool, repeats: int, peak: float) -> dict[str, float]:
     """Step time, throughput and FLOP utilization of each case (name, config, seq_len, rows); returns the step
     seconds by name."""
-    masked, seconds = training_masked_fraction(RECORD), {}
+    masked, seconds = cm.training_masked_fraction(RECORD), {}
     table(f"## Training step (forward + backward + Muon/Adam, {'bf16' if bf16 else 'fp32'}, ~{cm.FINEWEB_MEAN_DOC}-"
           f"token documents, {masked:.0%} masked)", "config", "params", "tokens per forward", "step ms", "tokens/s",
           "GFLOP/token", "FLOP utilization")
     for name, config, seq_len, rows in cases:
         step, model = train_step(config, seq_len, cm.FINEWEB_MEAN_DOC, device, bf16, rows)
         seconds[name] = median_time(step, repeats, device)
-        flops, tokens = model_flops(config, seq_len, masked), rows * seq_len
+        flops, tokens = cm.model_flops_per_token(config, seq_len, masked), rows * seq_len
         row(name, f"{model.num_params() / 1e6:.1f}M", f"{rows} x {seq_len}", f"{seconds[name] * 1e3:.0f}",
             f"{tokens / seconds[name]:,.0f}", f"{flops / 1e9:.3f}", f"{flops * tokens / seconds[name] / peak:.1%}")
     return seconds

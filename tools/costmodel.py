@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask
-from train import turns
+import train
+from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask, mean_masked_fraction
 
 RECIPE = ("the head and loss in one compiled graph on every noisy row (static shapes, no host sync); the preset's "
           "micro_batch rows per forward (the FLOPs and bytes of one row at a time: rows change the memory and the "
@@ -139,6 +139,25 @@ def peak_memory(config: ModelConfig, tokens: int) -> dict[str, float]:
     }
 
 
+def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per token of the clean stream.
+    Every token passes the trunk twice (noisy and clean half); the head counts on the masked fraction of the tokens
+    only (Schedule.mean_mask_prob), the work the objective needs: the compiled loss runs it on every noisy position,
+    so a GPU does more than this count. Attention is counted for one document of seq_len tokens, where a query sees
+    on average about seq_len / 2 + block_size keys in either half; it is lower for streams of short documents,
+    whose tiles the BlockMask skips."""
+    c = config
+    inner = c.n_head * c.head_dim
+    matmul_params = c.n_layer * (4 * c.model_dim * inner + 2 * c.model_dim * c.mlp_hidden)
+    trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
+    head = masked_fraction * 2 * c.model_dim * c.padded_vocab
+    return 3 * (trunk + head)
+
+
+def training_masked_fraction(hp: train.Hyperparameters) -> float:
+    return mean_masked_fraction(hp.estimator, "linear", hp.t_lo, hp.t_hi, hp.block_size)
+
+
 def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: int, tiles: float) -> dict[str, Work]:
     """The work of each part of one optimizer step on one of `world_size` GPUs that runs `sequences` sequences of
     seq_len tokens; `tiles` is the BlockMask's computed share of the attention tiles."""
@@ -147,7 +166,7 @@ def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: in
     positions = sequences * 2 * seq_len  # [x_t ; x_0]; the head and loss run on the x_t half
     # scores and weighted values, 2 x 2 FLOPs per query, key and head dimension, on the computed share of the pairs
     attention = sequences * 4 * c.n_head * c.head_dim * tiles * (2 * seq_len) ** 2 * c.n_layer
-    mine = [turn[0] for turn in turns(hidden, world_size)]  # rank 0 orthogonalizes a matrix in every turn
+    mine = [turn[0] for turn in train.turns(hidden, world_size)]  # rank 0 orthogonalizes a matrix in every turn
     # 5 quintic Newton-Schulz iterations on an m x n matrix (m <= n): X X^T, B = bA + cA^2, B X
     newton_schulz = sum(5 * (4 * m * m * n + 2 * m**3) for m, n in (sorted(p.shape) for p in mine))
     # each all-gather of bf16 updates overlaps the next turn's Newton-Schulz but the last, which brings each rank

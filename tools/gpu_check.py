@@ -43,7 +43,7 @@ import common
 import eval as evaluate
 import train
 from data.loader import DEMO_DIR, TokenLoader, find_shards
-from model import BD3LM, Noise, flex_kernel_options, model_flops_per_token, train_noise
+from model import BD3LM, Noise, flex_kernel_options, train_noise
 from sample import Settings as SampleSettings
 from sample import generate
 from tools import costmodel as cm
@@ -230,7 +230,7 @@ def record_step(target: Target, state: dict) -> list[str]:
         seconds.append(run.sync_time() - step_start)
     timed = seconds[2:] or seconds  # the first steps allocate the optimizer states
     step_s, tokens = statistics.median(timed), hp.micro_batch * hp.seq_len
-    flops = model_flops_per_token(model.config, hp.seq_len, train.training_masked_fraction(hp))
+    flops = cm.model_flops_per_token(model.config, hp.seq_len, cm.training_masked_fraction(hp))
     peak = matmul_peak(device, target.bf16)
     gpu, config = estimate_gpu(target), model.config
     estimate_ms = estimate_gib = None
