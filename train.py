@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import site
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,6 @@ import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,6 +41,7 @@ from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
     ESTIMATORS,
+    TRAIN_ESTIMATOR,
     ModelConfig,
     Noise,
     eval_noise,
@@ -50,8 +49,7 @@ from model import (
     mean_masked_fraction,
     model_flops_per_token,
     setting,
-    stratified_levels,
-    train_noise,
+    step_noise,
 )
 
 # -----------------------------------------------------------------------------
@@ -80,11 +78,9 @@ class Hyperparameters(ModelConfig):
     t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (time uniform "
                           "under the schedule; validation never clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
-    estimator: str = setting("stratified_k", "training noise (model.ESTIMATORS): stratified_k (exact_k with the k "
-                             "of a step's blocks stratified; the least gradient variance measured), exact_k (k masked "
-                             "tokens, k / 16 uniform in [t_lo, t_hi], weight 16 / k), iid (t per block), stratified "
-                             "(t stratified over the step's blocks) or resample (iid, masks redrawn until k / 16 is in "
-                             "[t_lo, t_hi])")
+    estimator: str = setting(TRAIN_ESTIMATOR, "training noise (model.ESTIMATORS), each unbiased for iid's clipped "
+                             "loss: proposal (k masked tokens from a proposal, weight c_k / q_k; linear schedule "
+                             "only), iid (t per block) or stratified (t stratified over the step's blocks)")
     # optimizers
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     muon_momentum: float = setting(0.95, "Muon momentum after its warm-up")
@@ -105,16 +101,6 @@ class Hyperparameters(ModelConfig):
     resume: str = setting("", "continue from this checkpoint; all other settings must match that run")
     unigram_baseline: bool = setting(False, "log the val NELBO of a unigram model of the train data")
     dry_run: bool = setting(False, "build the model, check the config, print it and exit without data")
-    # extras (see the last section)
-    clip_search: bool = setting(False, "at each validation but the last, choose the candidate interval whose "
-                                "gradient is least noisy (variance over ||mean||^2) on held-out train tokens and "
-                                "train with it from then on (BD3-LM's data-driven clipped schedule); t_lo/t_hi "
-                                "until the first search")
-    clip_search_widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
-    clip_search_step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
-    clip_search_tokens: int = setting(65_536, "tokens at the end of the train stream held out for the search")
-    clip_search_draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
-
 
 PRESETS = {
     # 8 x 80 GB: each rank one forward of 4 x 8K tokens a step; `python bench.py --estimate_only=True` estimates
@@ -127,7 +113,7 @@ PRESETS = {
         train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin",
         val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256, mlp_hidden=1024,
         seq_len=256, batch_size=4, micro_batch=1, steps=220, warmup_steps=5, cooldown_frac=0.5, muon_momentum_warmup=53,
-        val_every=110, save_final=True, unigram_baseline=True, clip_search_tokens=4096,
+        val_every=110, save_final=True, unigram_baseline=True,
     ),
 }
 
@@ -177,10 +163,11 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--seed must lie in [0, 2**31), got {hp.seed}")
     common.check_choice("autocast", hp.autocast, ("auto", "bf16", "fp32"))
     common.check_choice("estimator", hp.estimator, tuple(ESTIMATORS))
+    if ESTIMATORS[hp.estimator].count_table is not None and hp.schedule != "linear":
+        raise ConfigError(f"--estimator={hp.estimator} draws the linear schedule's masked counts: --schedule="
+                          f"{hp.schedule} needs --estimator=iid or stratified")
     if hp.resume and not os.path.isfile(hp.resume):
         raise ConfigError(f"--resume={hp.resume} is not a file")
-    if hp.clip_search:
-        check_clip_search(hp)
     model_config(hp).validate()
 
 
@@ -349,8 +336,7 @@ def main(argv: list[str]) -> None:
         model.compile_loss()
     autocast = common.autocast_context(device, bf16)
     run = Run(hp, rank, world_size, device, autocast, model, make_optimizers(model, hp, common.fast_bf16(device)),
-              loader, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id),
-              clip_search=ClipSearch(hp, loader, rank, world_size) if hp.clip_search else None)
+              loader, log, checkpoint_folder=os.path.join(hp.checkpoint_dir, run_id))
     start_step = run.resume() if hp.resume else 0
     try:
         if hp.warm_up:
@@ -454,8 +440,7 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         dist.barrier()
     try:
         train_files = find_shards(hp.train_files)
-        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch,
-                             held_out_tokens=hp.clip_search_tokens if hp.clip_search else 0)
+        loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch)
         val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
     except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
         fail(str(error))
@@ -463,8 +448,6 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
     if rank == 0:
         log_shards(log, train_files, hp.val_file)
-    if hp.clip_search:
-        log(f"clip_search_data:tokens {loader.end}-{loader.num_tokens} of the train stream, never trained on")
     return loader
 
 
@@ -532,13 +515,9 @@ class Run:
     loader: TokenLoader
     log: RunLog
     checkpoint_folder: str
-    clip_search: "ClipSearch | None" = None
-    noise_interval: tuple[float, float] = field(init=False)  # training masking probability; clip_search moves it
     last_checkpoint: str = field(init=False)
-    noise_generator: torch.Generator = field(init=False, default_factory=torch.Generator)
 
     def __post_init__(self):
-        self.noise_interval = (self.hp.t_lo, self.hp.t_hi)
         self.last_checkpoint = self.hp.resume or "none"
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
@@ -555,8 +534,6 @@ class Run:
                 train_time_ms += 1000 * (self.sync_time() - step_start)
                 self.validate(step, train_time_ms)
                 step_start = self.sync_time()
-                if self.clip_search and not last_step:  # in the train time: it steers training
-                    self.noise_interval = self.clip_search(self.model, self.autocast, step, self.log)
             if not resumed_here and hp.save_every and step % hp.save_every == 0 and 0 < step < hp.steps:
                 self.last_checkpoint = self.save("latest.pt", step)
                 self.log(f"saved:{self.last_checkpoint} step:{step}")
@@ -599,15 +576,10 @@ class Run:
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
         """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
         place in the global batch, not from which rank or forward draws it."""
-        config, noises, hp = self.model.config, [], self.hp
-        blocks = -(-length // config.block_size)
-        for row in range(rows):
-            chunk = (micro_step * self.world_size + self.rank) * rows + row  # its place in the step's batch
-            self.noise_generator.manual_seed((hp.seed << 32) + step * hp.batch_size + chunk)
-            levels = stratified_levels(hp.seed, step, chunk, hp.batch_size, blocks) \
-                if ESTIMATORS[hp.estimator].stratified else None
-            noises.append(train_noise(length, config.block_size, *self.noise_interval, self.noise_generator,
-                                      config.schedule, hp.estimator, levels))
+        config, hp = self.model.config, self.hp
+        chunks = [(micro_step * self.world_size + self.rank) * rows + row for row in range(rows)]  # places in the batch
+        noises = [step_noise(length, config.block_size, hp.t_lo, hp.t_hi, hp.seed, step, chunk, hp.batch_size,
+                             config.schedule, hp.estimator) for chunk in chunks]
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
@@ -642,14 +614,13 @@ class Run:
             state = dict(format=common.CHECKPOINT_FORMAT, model=self.model.state_dict(),
                          model_config=asdict(self.model.config), hparams=asdict(self.hp), step=step,
                          optimizers=[opt.state_dict() for opt in self.optimizers], loader=self.loader.state_dict(),
-                         rng=rng, noise_interval=self.noise_interval)
+                         rng=rng)
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
         return path
 
     def resume(self) -> int:
-        """Restore weights, optimizer states, data position, RNG and noise interval from hp.resume; returns its
-        step."""
+        """Restore weights, optimizer states, data position and RNG from hp.resume; returns its step."""
         path, config = self.hp.resume, asdict(self.model.config)
         try:
             state = common.read_checkpoint(path, self.device)
@@ -670,7 +641,6 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
-        self.noise_interval = state.get("noise_interval") or self.noise_interval  # None before --clip_search
         self.log(f"resumed:{path} step:{state['step']}")
         return state["step"]
 
@@ -691,119 +661,6 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
-
-
-# -----------------------------------------------------------------------------
-# Extras: the noise interval from data (--clip_search)
-
-CLIP_SEARCH_NOISE_SEED = 1  # fixed: every search, candidate interval and world size draws the same uniforms
-
-
-def clip_candidates(widths: str, step: float) -> list[tuple[float, float]]:
-    """The candidate noise intervals of --clip_search, built as bd3lms builds them: for each width w, the intervals
-    (lo, lo + w) for lo = 0, step, 2 step, ... while lo + w <= 1."""
-    try:
-        parsed = [float(width) for width in widths.split(",")]
-    except ValueError:
-        raise ConfigError(f"--clip_search_widths takes comma-separated numbers, got {widths!r}") from None
-    if not all(0 < width <= 1 for width in parsed):
-        raise ConfigError(f"--clip_search_widths must lie in (0, 1], got {widths!r}")
-    if not 0 < step <= 1:
-        raise ConfigError(f"--clip_search_step must lie in (0, 1], got {step}")
-    intervals = [(round(k * step, 6), round(k * step + width, 6))
-                 for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
-    return list(dict.fromkeys(intervals))
-
-
-def check_clip_search(hp: Hyperparameters) -> None:
-    clip_candidates(hp.clip_search_widths, hp.clip_search_step)
-    if hp.clip_search_draws < 2:
-        raise ConfigError(f"--clip_search_draws must be at least 2 (a variance), got {hp.clip_search_draws}")
-    if hp.clip_search_tokens < hp.seq_len or hp.clip_search_tokens % hp.seq_len:
-        raise ConfigError(f"--clip_search_tokens={hp.clip_search_tokens} is not a positive multiple of "
-                          f"--seq_len={hp.seq_len}")
-    if hp.seq_len % hp.block_size or hp.clip_search_tokens < 2 * hp.block_size:
-        raise ConfigError(f"--clip_search needs whole blocks, two at least: --seq_len={hp.seq_len} and "
-                          f"--clip_search_tokens={hp.clip_search_tokens} in blocks of {hp.block_size}")
-
-
-def held_out_chunks(loader: TokenLoader, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
-    """This rank's (index, int64 tokens) of the tail of the train stream that the loader never reads, cut into
-    chunks of seq_len: chunk i goes to rank i % world_size."""
-    starts = range(loader.end, loader.num_tokens - loader.seq_len + 1, loader.seq_len)
-    return [(index, torch.from_numpy(loader.stream.read(start, start + loader.seq_len).astype("int64")))
-            for index, start in enumerate(starts) if index % world_size == rank]
-
-
-class GradientNoise(NamedTuple):
-    relative: float  # variance / signal: the noise-to-signal ratio of one draw's gradient
-    variance: float  # total variance of the gradient: E ||g - E g||^2, unbiased over the draws
-    signal: float  # ||E g||^2, unbiased: ||mean g||^2 - variance / draws
-    loss_variance: float  # the variance of the loss itself over the draws
-    loss: float  # the mean loss over the draws
-
-
-def gradient_noise(model: BD3LM, chunks, total_chunks: int, lo: float, hi: float, estimator: str, draws: int,
-                   seed: int, world_size: int = 1) -> GradientNoise:
-    """The gradient of the mean training loss over the same tokens, `chunks` (this rank's (index, tokens) of
-    `total_chunks` on all ranks, one optimizer step's worth), under `draws` noise draws of `estimator` on [lo, hi]:
-    its total variance and that of the loss. Draw d of chunk i is seeded by `seed`, d and i, as train.py seeds a
-    step, so every interval reuses the same uniforms on any number of ranks; each draw costs one forward and backward
-    of the chunks whatever the estimator (equal compute). The gradients are dropped at the end."""
-    device, config, params = model.head.weight.device, model.config, list(model.parameters())
-    blocks = -(-chunks[0][1].numel() // config.block_size) if chunks else 0
-    grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
-    squares, losses, generator = 0.0, [], torch.Generator()
-    for draw in range(draws):
-        model.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for index, tokens in chunks:
-            generator.manual_seed((seed << 32) + draw * total_chunks + index)
-            levels = stratified_levels(seed, draw, index, total_chunks, blocks) \
-                if ESTIMATORS[estimator].stratified else None
-            noise = train_noise(tokens.numel(), config.block_size, lo, hi, generator, config.schedule, estimator,
-                                levels)
-            tokens, noise = to_device(tokens[None], Noise(*(x[None] for x in noise)), device, config.vocab_size)
-            loss = model(tokens, noise) / total_chunks
-            loss.backward()
-            loss_sum += loss.detach().double()
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double() for p in params])
-        if world_size > 1:
-            dist.all_reduce(grad)
-            dist.all_reduce(loss_sum)
-        grad_sum += grad
-        squares += float(grad.square().sum())
-        losses.append(float(loss_sum))
-    model.zero_grad(set_to_none=True)
-    mean_square = float((grad_sum / draws).square().sum())
-    variance = (squares / draws - mean_square) * draws / (draws - 1)
-    signal = mean_square - variance / draws
-    return GradientNoise(variance / signal if signal > 0 else math.inf, variance, signal,
-                         statistics.variance(losses), statistics.fmean(losses))
-
-
-class ClipSearch:
-    """BD3-LM's data-driven clipped schedule: at a validation, the candidate interval under which the gradient of the
-    training loss is least noisy (GradientNoise.relative, over --clip_search_draws draws of the run's estimator) on
-    train tokens held out at the end of the stream (the loader never reads them)."""
-
-    def __init__(self, hp: Hyperparameters, loader: TokenLoader, rank: int, world_size: int):
-        self.candidates = clip_candidates(hp.clip_search_widths, hp.clip_search_step)
-        self.chunks, self.world_size = held_out_chunks(loader, rank, world_size), world_size
-        self.total_chunks, self.estimator, self.draws = hp.clip_search_tokens // hp.seq_len, hp.estimator, \
-            hp.clip_search_draws
-
-    def __call__(self, model: BD3LM, autocast, step: int, log: RunLog) -> tuple[float, float]:
-        started = time.perf_counter()
-        with autocast:
-            variances = {interval: gradient_noise(model, self.chunks, self.total_chunks, *interval, self.estimator,
-                                                  self.draws, CLIP_SEARCH_NOISE_SEED, self.world_size).relative
-                         for interval in self.candidates}
-        chosen = min(variances, key=variances.get)
-        listed = " ".join(f"{lo:g}-{hi:g}={variance:.6g}" for (lo, hi), variance in variances.items())
-        log(f"clip_search step:{step} chosen:{chosen[0]:g}-{chosen[1]:g} var:{variances[chosen]:.6g} "
-            f"time:{1000 * (time.perf_counter() - started):.0f}ms candidates: {listed}")
-        return chosen
 
 
 if __name__ == "__main__":
