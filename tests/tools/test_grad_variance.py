@@ -5,6 +5,10 @@ A tiny random model on CPU, seconds.
     OMP_NUM_THREADS=1 python -m pytest -q tests/tools/test_grad_variance.py
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +76,11 @@ def test_bad_flags_are_one_line(capsys):
             grad_variance.main(flags)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_runs_as_a_script_from_anywhere(tmp_path):
+    """`python tools/grad_variance.py` finds the repository's modules from any working directory."""
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                        "grad_variance.py")
+    result = subprocess.run([sys.executable, tool, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--draws=16" in result.stdout and "--checkpoint=" in result.stdout
