@@ -196,7 +196,7 @@ ESTIMATORS = {
     # k from proposal_table, stratified over the step's blocks (the linear schedule's c_k)
     "proposal": Estimator(count_table=proposal_table, stratified=True),
 }
-TRAIN_ESTIMATOR = "proposal"  # of these, the least gradient variance (docs/training.md)
+TRAIN_ESTIMATOR = "proposal"  # chosen by measured gradient variance (docs/training.md)
 
 
 def estimator_of(estimator: str | Estimator) -> Estimator:
