@@ -271,7 +271,8 @@ def test_resume_of_a_checkpoint_without_a_newer_config_field_takes_its_default(t
     torch.save(state, f"{tmp_path}/old.pt")
     run_train(tmp_path, *SMALL, "--run_id=resumed", "--steps=2", f"--resume={tmp_path}/old.pt")
     assert "resumed:" in read_log(tmp_path, "resumed")
-    result = run_train(tmp_path, *SMALL, "--schedule=cosine", f"--resume={tmp_path}/old.pt", check=False)
+    result = run_train(tmp_path, *SMALL, "--schedule=cosine", "--estimator=stratified", f"--resume={tmp_path}/old.pt",
+                       check=False)
     assert result.returncode == 2 and "different model config: schedule linear (now cosine)" in result.stderr
 
 
