@@ -14,6 +14,7 @@ This file knows nothing about data files, tokenizers, optimizers or distributed 
 only torch. Token ids are GPT-2 ids (the real vocabulary) plus one [MASK] id equal to `vocab_size`.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -123,40 +124,88 @@ SCHEDULES = {
 
 
 class Noise(NamedTuple):
-    weight: Tensor  # float [L]: a masked token's loss weight (its block's p'(t) / p(t), or n / k); 0 where unmasked
+    weight: Tensor  # float [L]: a masked token's loss weight (its block's p'(t) / p(t), or c_k / q_k); 0 where unmasked
     masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
 
 
+class CountTable(NamedTuple):
+    """A masked-count draw for blocks of n = 1..N tokens. Row n - 1 of `bounds` holds q_1 + ... + q_k at column k - 1
+    for k < n and 2 after (above every level); row n - 1 of `weights`, a masked token's weight when k are masked."""
+    bounds: Tensor  # float64 [N, N]
+    weights: Tensor  # float64 [N, N]
+
+
 class Estimator(NamedTuple):
-    """How a block of n tokens is noised, from its level u in [0, 1) and one uniform per token. Every estimator is
-    unbiased for the NELBO on the interval [0, 1]; on a clipped [lo, hi] each estimates its own weighted sum of the
-    L_k (L_k: the expected summed CE of k masked tokens, chosen uniformly at random), stated in its line."""
-    counts_masks: bool  # the level picks k, the number of masked tokens, and a masked token weighs n / k
+    """How a block of n tokens is noised, from its level u in [0, 1) and one uniform per token: a time t, or a masked
+    count k with its weight (a CountTable)."""
+    count_table: Callable[[int, float, float], CountTable] | None  # of (block_size, lo, hi); None: the level is t
     stratified: bool  # the levels of a step's blocks are stratified (stratified_levels), not independent
-    resample: bool  # a mask whose masked fraction k / n falls outside [lo, hi] is redrawn, at the same t
 
 
+def count_coefficients(n: int, lo: float, hi: float) -> Tensor:
+    """c_1..c_n of an n-token block: c_k = 1/(hi - lo) integral_lo^hi C(n, k) t^(k-1) (1-t)^(n-k) dt, in closed form:
+    k C(n, k) t^(k-1) (1-t)^(n-k) is the derivative of P(Binomial(n, t) >= k)."""
+    k = torch.arange(n + 1, dtype=torch.float64)
+    binomial = torch.tensor([math.comb(n, j) for j in range(n + 1)], dtype=torch.float64)
+
+    def tail(t: float) -> Tensor:  # P(Binomial(n, t) >= k) for k = 1..n
+        return (binomial * t**k * (1 - t) ** (n - k)).flip(0).cumsum(0).flip(0)[1:]
+
+    return (tail(hi) - tail(lo)) / (k[1:] * (hi - lo))
+
+
+def count_table(block_size: int, proposal: Callable[[int], Tensor], weight: Callable[[int], Tensor]) -> CountTable:
+    """The CountTable of the distributions proposal(n) of k = 1..n and the weights weight(n), n = 1..block_size."""
+    bounds = torch.full((block_size, block_size), 2.0, dtype=torch.float64)
+    weights = torch.zeros(block_size, block_size, dtype=torch.float64)
+    for n in range(1, block_size + 1):
+        bounds[n - 1, : n - 1] = proposal(n).cumsum(0)[:-1]
+        weights[n - 1, :n] = weight(n)
+    return CountTable(bounds, weights)
+
+
+@functools.cache
+def proposal_table(block_size: int, lo: float, hi: float) -> CountTable:
+    """k from q_k = k c_k / n (the k c_k of an n-token block sum to n), a masked token weighing c_k / q_k = n / k:
+    every block's expected loss is sum_k c_k L_k, whatever its size."""
+    def proposal(n: int) -> Tensor:
+        return count_coefficients(n, lo, hi) * torch.arange(1, n + 1) / n
+
+    return count_table(block_size, proposal, lambda n: count_coefficients(n, lo, hi) / proposal(n))
+
+
+@functools.cache
+def uniform_count_table(block_size: int) -> CountTable:
+    """Validation's exact_k on [0, 1], where c_k = 1 / k: k uniform on 1..n at weight n / k (LLaDA's form)."""
+    return count_table(block_size, lambda n: torch.full((n,), 1 / n, dtype=torch.float64),
+                       lambda n: n / torch.arange(1, n + 1, dtype=torch.float64))
+
+
+# On [lo, hi] each estimates the records' objective: per block sum_k c_k L_k (count_coefficients; L_k: the expected
+# summed CE of k masked tokens chosen uniformly), the loss of iid's draw.
 ESTIMATORS = {
-    # E over t ~ U(time_of(lo), time_of(hi)) of p'(t)/p(t) sum_k Binomial(k; n, p(t)) L_k
-    "iid": Estimator(counts_masks=False, stratified=False, resample=False),
-    # the same expectation: each block's t has the same marginal, the t of a step's blocks cover the interval evenly
-    "stratified": Estimator(counts_masks=False, stratified=True, resample=False),
-    # iid's, with Binomial(k; n, p(t)) conditioned on lo <= k / n <= hi (bd3lms's training.resample)
-    "resample": Estimator(counts_masks=False, stratified=False, resample=True),
-    # mean over the K integers k in [max(1, lo n), hi n] of (n / k) L_k; the NELBO itself on [0, 1] (LLaDA's form)
-    "exact_k": Estimator(counts_masks=True, stratified=False, resample=False),
-    # exact_k's expectation, with the k of a step's blocks stratified over the K integers
-    "stratified_k": Estimator(counts_masks=True, stratified=True, resample=False),
+    # t ~ U(time_of(lo), time_of(hi)) per block, each token masked with probability p(t), weight p'(t) / p(t)
+    "iid": Estimator(count_table=None, stratified=False),
+    # iid's t, the t of a step's blocks stratified: each has iid's marginal, together they cover the interval evenly
+    "stratified": Estimator(count_table=None, stratified=True),
+    # k from proposal_table, stratified over the step's blocks (the linear schedule's c_k)
+    "proposal": Estimator(count_table=proposal_table, stratified=True),
 }
+TRAIN_ESTIMATOR = "proposal"  # chosen by measured gradient variance (docs/training.md)
 
 
-def mean_masked_fraction(estimator: str, schedule: str, lo: float, hi: float, block_size: int) -> float:
-    """The expected share of masked tokens in a full block of training noise on [lo, hi] (resample: before its
-    redraws)."""
-    if ESTIMATORS[estimator].counts_masks:
-        k_lo, k_hi = _count_range(torch.tensor([float(block_size)]), lo, hi, least=1)
-        return float(k_lo + k_hi) / 2 / block_size
-    return SCHEDULES[schedule].mean_mask_prob(lo, hi)
+def estimator_of(estimator: str | Estimator) -> Estimator:
+    return ESTIMATORS[estimator] if isinstance(estimator, str) else estimator
+
+
+def mean_masked_fraction(estimator: str | Estimator, schedule: str, lo: float, hi: float, block_size: int) -> float:
+    """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
+    rule = estimator_of(estimator)
+    if rule.count_table is None:
+        return SCHEDULES[schedule].mean_mask_prob(lo, hi)
+    cumulative = rule.count_table(block_size, lo, hi).bounds[-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
+    q = cumulative.diff(prepend=cumulative.new_zeros(1))
+    return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
 
 
 def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
@@ -193,16 +242,6 @@ def _block_sizes(length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
     return start, (length - start).clamp(max=block_size)
 
 
-def _count_range(sizes: Tensor, lo: float, hi: float, least: int) -> tuple[Tensor, Tensor]:
-    """The smallest and largest masked count k >= least with lo <= k / n <= hi, for blocks of n = `sizes` tokens."""
-    k_lo = torch.ceil(lo * sizes - 1e-6).clamp(min=least)
-    k_hi = torch.floor(hi * sizes + 1e-6)
-    if (k_hi < k_lo).any():
-        n = int(sizes[(k_hi < k_lo).nonzero()[0]])
-        raise ValueError(f"no masked count k of a {n}-token block has k / {n} in [{lo:g}, {hi:g}]: widen the interval")
-    return k_lo, k_hi
-
-
 def _masked_ranks(uniforms: Tensor, block_size: int) -> Tensor:
     """Each token's rank among its block's uniforms (0 for the smallest): masking the k smallest is a uniformly
     random k-subset."""
@@ -210,48 +249,53 @@ def _masked_ranks(uniforms: Tensor, block_size: int) -> Tensor:
     return padded.argsort(1).argsort(1).flatten()[: len(uniforms)]
 
 
-def _noise(estimator: str, levels: Tensor, uniforms: Tensor, block_size: int, lo: float, hi: float,
-           schedule: str, redraw: Callable[[int], Tensor] | None = None) -> Noise:
-    """The noise of a sequence from per-token levels (equal within a block) and per-token uniforms. `redraw(m)`
-    gives m fresh uniforms for estimators that resample."""
-    rule = ESTIMATORS[estimator]
-    start, sizes = _block_sizes(len(uniforms), block_size, uniforms.device)
-    if rule.counts_masks:
-        k_lo, k_hi = _count_range(sizes.double(), lo, hi, least=1)
-        k = torch.minimum(k_lo + torch.floor(levels.double() * (k_hi - k_lo + 1)), k_hi)
-        masked = _masked_ranks(uniforms, block_size) < k
-        return Noise(torch.where(masked, sizes / k, 0.0).float(), masked)
+def _noise(rule: Estimator, levels: Tensor, uniforms: Tensor, block_size: int, lo: float, hi: float,
+           schedule: str) -> Noise:
+    """The noise of a sequence from per-token levels (equal within a block) and per-token uniforms."""
+    if rule.count_table is not None:
+        if schedule != "linear":
+            raise ValueError(f"a masked-count estimator draws the linear schedule's counts, not the {schedule} one")
+        return _count_noise(rule.count_table(block_size, lo, hi), levels, uniforms, block_size)
     s = SCHEDULES[schedule]
     t = s.times(lo, hi, levels)
     masked = uniforms < s.mask_prob(t)
-    if rule.resample:  # on [0, 1] nothing is redrawn: the unclipped NELBO keeps its masks of no token
-        k_lo, k_hi = _count_range(sizes.double(), lo, hi, least=0)
-        while True:
-            counts = torch.zeros(len(masked), device=masked.device).index_add_(0, start, masked.float())[start]
-            outside = (counts < k_lo) | (counts > k_hi)
-            if not outside.any():
-                break
-            fresh = uniforms.clone()
-            fresh[outside] = redraw(int(outside.sum()))
-            masked = torch.where(outside, fresh < s.mask_prob(t), masked)
     return Noise(torch.where(masked, s.weight(t), 0.0).float(), masked)
 
 
+def _count_noise(table: CountTable, levels: Tensor, uniforms: Tensor, block_size: int) -> Noise:
+    """k = the level's place among the bounds of the block's size; the k smallest uniforms of the block are masked."""
+    _, sizes = _block_sizes(len(uniforms), block_size, uniforms.device)
+    bounds, weights = (x.to(uniforms.device)[sizes - 1] for x in table)
+    below = (bounds <= levels.double()[:, None]).sum(1, keepdim=True)  # k - 1
+    masked = _masked_ranks(uniforms, block_size) <= below[:, 0]
+    return Noise(torch.where(masked, weights.gather(1, below)[:, 0], 0.0).float(), masked)
+
+
 def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
-                schedule: str = "linear", estimator: str = "iid", levels: Tensor | None = None) -> Noise:
-    """The training noise of a sequence under `estimator` (see ESTIMATORS), its masking probability or masked
-    fraction in [lo, hi]. `levels`: one per block, from stratified_levels; the stratified estimators need them,
-    the others draw independent ones. All draws come from the caller's generator, so iid's are today's draws."""
-    draws = torch.rand(2, length, generator=generator, device=generator.device)
+                schedule: str = "linear", estimator: str | Estimator = "iid", levels: Tensor | None = None) -> Noise:
+    """The training noise of a sequence under `estimator` (see ESTIMATORS), its masking probability in [lo, hi].
+    `levels`: one per block, from stratified_levels; the stratified estimators need them, the others draw
+    independent ones. All draws come from the caller's generator, so iid's are today's draws."""
+    draws, rule = torch.rand(2, length, generator=generator, device=generator.device), estimator_of(estimator)
     start, _ = _block_sizes(length, block_size, generator.device)
-    if ESTIMATORS[estimator].stratified:
+    if rule.stratified:
         if levels is None:
-            raise ValueError(f"the {estimator} estimator needs each block's level from stratified_levels")
+            raise ValueError("a stratified estimator needs each block's level from stratified_levels")
         per_token = levels.to(generator.device)[start // block_size]
     else:
         per_token = draws[0, start]
-    return _noise(estimator, per_token, draws[1], block_size, lo, hi, schedule,
-                  lambda m: torch.rand(m, generator=generator, device=generator.device))
+    return _noise(rule, per_token, draws[1], block_size, lo, hi, schedule)
+
+
+def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
+               schedule: str = "linear", estimator: str | Estimator = TRAIN_ESTIMATOR) -> Noise:
+    """The training noise of sequence `chunk` of the `chunks` of optimizer step `step`: from a generator seeded by
+    (seed, step, chunk) and the step's stratified levels, so it depends on the sequence's place in the step only,
+    never on which rank or micro-step draws it."""
+    generator = torch.Generator().manual_seed((seed << 32) + step * chunks + chunk)
+    levels = stratified_levels(seed, step, chunk, chunks, -(-length // block_size)) \
+        if estimator_of(estimator).stratified else None
+    return train_noise(length, block_size, lo, hi, generator, schedule, estimator, levels)
 
 
 VAL_ESTIMATORS = ("iid", "exact_k")  # the ones whose noise can come from positions alone
@@ -267,8 +311,10 @@ def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: s
                          f"not {estimator!r}")
     index = torch.arange(length)
     levels = _hash_uniform(2 * seed, offset + index - index % block_size).float()
-    return _noise(estimator, levels, _hash_uniform(2 * seed + 1, offset + index).float(), block_size, 0.0, 1.0,
-                  schedule)
+    uniforms = _hash_uniform(2 * seed + 1, offset + index).float()
+    if estimator == "exact_k":
+        return _count_noise(uniform_count_table(block_size), levels, uniforms, block_size)
+    return _noise(ESTIMATORS["iid"], levels, uniforms, block_size, 0.0, 1.0, schedule)
 
 
 # -----------------------------------------------------------------------------

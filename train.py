@@ -48,13 +48,13 @@ from data.shards import file_sha256, shard_num_tokens
 from model import (
     BD3LM,
     ESTIMATORS,
+    TRAIN_ESTIMATOR,
     ModelConfig,
     Noise,
     eval_noise,
     flex_kernel_options,
     setting,
-    stratified_levels,
-    train_noise,
+    step_noise,
 )
 
 # -----------------------------------------------------------------------------
@@ -77,11 +77,9 @@ class Hyperparameters(ModelConfig):
     t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (validation never "
                           "clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
-    estimator: str = setting("stratified_k", "training noise (model.ESTIMATORS): stratified_k (exact_k with the k "
-                             "of a step's blocks stratified; the least gradient variance measured), exact_k (k masked "
-                             "tokens, k / 16 uniform in [t_lo, t_hi], weight 16 / k), iid (t per block), stratified "
-                             "(t stratified over the step's blocks) or resample (iid, masks redrawn until k / 16 is in "
-                             "[t_lo, t_hi])")
+    estimator: str = setting(TRAIN_ESTIMATOR, "training noise (model.ESTIMATORS), each unbiased for the records' "
+                             "clipped loss: proposal (k masked tokens from a proposal, weight c_k / q_k), iid (t per "
+                             "block) or stratified (t stratified over the step's blocks)")
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     embed_lr: float = setting(0.3, "Adam LR of the token embedding")
     head_lr: float = setting(0.004, "Adam LR of the output head")
@@ -490,7 +488,6 @@ class Run:
     log: RunLog
     checkpoint_folder: str
     last_checkpoint: str = field(init=False)
-    noise_generator: torch.Generator = field(init=False, default_factory=torch.Generator)
 
     def __post_init__(self):
         self.last_checkpoint = self.hp.resume or "none"
@@ -551,15 +548,10 @@ class Run:
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
         """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
         place in the global batch, not from which rank or forward draws it."""
-        config, noises, hp = self.model.config, [], self.hp
-        blocks = -(-length // config.block_size)
-        for row in range(rows):
-            chunk = (micro_step * self.world_size + self.rank) * rows + row  # its place in the step's batch
-            self.noise_generator.manual_seed((hp.seed << 32) + step * hp.batch_size + chunk)
-            levels = stratified_levels(hp.seed, step, chunk, hp.batch_size, blocks) \
-                if ESTIMATORS[hp.estimator].stratified else None
-            noises.append(train_noise(length, config.block_size, hp.t_lo, hp.t_hi, self.noise_generator,
-                                      "linear", hp.estimator, levels))
+        config, hp = self.model.config, self.hp
+        chunks = [(micro_step * self.world_size + self.rank) * rows + row for row in range(rows)]  # places in the batch
+        noises = [step_noise(length, config.block_size, hp.t_lo, hp.t_hi, hp.seed, step, chunk, hp.batch_size,
+                             estimator=hp.estimator) for chunk in chunks]
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def update_weights(self, step: int) -> None:
@@ -596,8 +588,7 @@ class Run:
         return path
 
     def resume(self) -> int:
-        """Restore weights, optimizer states, data position, RNG and noise interval from hp.resume; returns its
-        step."""
+        """Restore weights, optimizer states, data position and RNG from hp.resume; returns its step."""
         path, config = self.hp.resume, asdict(self.model.config)
         try:
             state = common.read_checkpoint(path, self.device)

@@ -89,19 +89,15 @@ class TokenStream:
 
 
 class TokenLoader:
-    """This rank's batches [sequences, seq_len] of the training stream; its last `held_out_tokens` are never
-    read (train.py's --clip_search measures on them)."""
+    """This rank's batches [sequences, seq_len] of the training stream."""
 
     def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True,
-                 held_out_tokens: int = 0, sequences: int = 1):
+                 sequences: int = 1):
         if seq_len < 1 or sequences < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need seq_len >= 1, sequences >= 1, 0 <= rank < world_size: "
                              f"{seq_len=} {sequences=} {rank=} {world_size=}")
         self.stream = TokenStream(files)
         self.num_tokens = self.stream.num_tokens
-        if not 0 <= held_out_tokens <= self.num_tokens:
-            raise ValueError(f"cannot hold out {held_out_tokens} of the {self.num_tokens} training tokens")
-        self.end = self.num_tokens - held_out_tokens
         self.seq_len, self.rank, self.world_size, self.sequences = seq_len, rank, world_size, sequences
         self.align_to_documents = align_to_documents
         self.position = 0  # global position of the first token not yet consumed
@@ -116,9 +112,9 @@ class TokenLoader:
         for _ in range(self.world_size * self.sequences):
             if self.align_to_documents:
                 position = self.stream.next_document_start(position)
-            if position is None or position + self.seq_len > self.end:
+            if position is None or position + self.seq_len > self.num_tokens:
                 raise DataExhausted(
-                    f"training data exhausted after {self.position:,} of {self.end:,} tokens in "
+                    f"training data exhausted after {self.position:,} of {self.num_tokens:,} tokens in "
                     f"{len(self.stream.files)} shards: no room for another window of {self.world_size * self.sequences}"
                     f"x{self.seq_len} tokens, and data is never repeated; train fewer steps or add shards "
                     "(`python data/cached_finewebedu10B.py N` with a larger N)")

@@ -43,9 +43,11 @@ TRAIN_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) train_loss:(?P<loss>
                         r"step_avg:(?P<avg>[0-9.]+)ms")
 VAL_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+) ppl:(?P<ppl>\S+) "
                       r"train_time:(?P<ms>\d+)ms tokens:(?P<tokens>\d+)")
-CLIP_SEARCH_LINE = re.compile(r"clip_search step:(?P<step>\d+) .*")
-CONFIG_KEYS = ("block_size", "schedule", "steps", "batch_size", "seq_len", "val_tokens", "val_every", "resume",
-               "clip_search", "vocab_size", "n_layer", "n_head", "head_dim", "model_dim", "mlp_hidden")
+CONFIG_KEYS = ("block_size", "schedule", "estimator", "t_lo", "t_hi", "steps", "batch_size", "seq_len", "val_tokens",
+               "val_every", "resume", "vocab_size", "n_layer", "n_head", "head_dim", "model_dim", "mlp_hidden")
+# train.py's estimators whose expected loss is the records' objective (model.ESTIMATORS), on its interval
+RECORD_ESTIMATORS = ("iid", "stratified", "proposal")
+RECORD_INTERVAL = (0.3, 0.8)
 
 
 class MalformedLog(ValueError):
@@ -95,8 +97,6 @@ def parse_log(text: str) -> ParsedLog:
                 log.events.append((key, match))
         if shard := SHARD_LINE.fullmatch(line):
             log.shards.append(shard)
-        if clip := CLIP_SEARCH_LINE.fullmatch(line):
-            log.events.append(("clip_search", clip))
         if step := STEP_LINE.match(line):
             totals.add(int(step.group("total")))
             if val := VAL_LINE.fullmatch(line):
@@ -138,6 +138,12 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
         problems.append(f"block_size {config['block_size']} != {args.block_size}")
     if config["schedule"] != "linear":
         problems.append(f"schedule {config['schedule']}: a record trains and validates with the linear schedule")
+    if config["estimator"] not in RECORD_ESTIMATORS:
+        problems.append(f"estimator {config['estimator']}: its expected loss is not the records' objective (allowed: "
+                        f"{', '.join(RECORD_ESTIMATORS)})")
+    if (config["t_lo"], config["t_hi"]) != RECORD_INTERVAL:
+        problems.append(f"t_lo {config['t_lo']} t_hi {config['t_hi']}: the records' objective clips t to "
+                        f"{RECORD_INTERVAL[0]}-{RECORD_INTERVAL[1]}")
     params = int(log.header["params"].group("count"))
     summary["params"] = f"{params:,}"
     if params > args.max_params:
@@ -214,7 +220,7 @@ def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: 
 
 def check_steps(log: ParsedLog, config: dict) -> list[str]:
     """Step lines 1..steps in order, times that never fall and agree with their averages, validations where the
-    config puts them, and a clip search after each but the last when it is on."""
+    config puts them."""
     steps, problems = config["steps"], []
     train_lines = log.of_kind("step")
     numbers = [int(m.group("step")) for m in train_lines]
@@ -248,11 +254,6 @@ def check_steps(log: ParsedLog, config: dict) -> list[str]:
         problems.append(f"more than one val line at step {', '.join(map(str, repeated))}")
     elif val_steps != expected:
         problems.append(f"val lines at steps {val_steps}, where the config (val_every {every}) puts them at {expected}")
-    searches = [int(m.group("step")) for m in log.of_kind("clip_search")]
-    wanted = expected[:-1] if config["clip_search"] else []
-    if searches != wanted:
-        problems.append(f"clip_search {str(config['clip_search']).lower()} but clip_search lines at steps {searches}, "
-                        f"not {wanted}")
     kinds = [kind for kind, _ in log.events]
     if "train_tokens" in kinds and "val" in kinds[kinds.index("train_tokens"):]:
         problems.append("a val line follows the train_tokens line that closes the run")

@@ -1,7 +1,7 @@
-"""The estimators of the training and validation noise (model.ESTIMATORS, eval_noise): the Monte-Carlo mean of each
-equals the expectation it claims, computed exactly on a tiny case; the stratified draws do not depend on how a step
-is cut over ranks and micro-steps; the gradient noise that bench.py --grad_variance reports (its table is tested in
-test_bench.py). A few seconds on CPU.
+"""The estimators of the training and validation noise (model.ESTIMATORS, eval_noise): every training estimator's
+drawn noise weighs each L_k by the records' c_k (and stratified_k's does not); the Monte-Carlo mean of each equals
+the expectation it claims, computed exactly on a tiny case; the stratified draws do not depend on how a step is cut
+over ranks and micro-steps. A few seconds on CPU.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_estimators.py
 """
@@ -15,7 +15,19 @@ import pytest
 import torch
 
 import train
-from model import BD3LM, ESTIMATORS, ModelConfig, Noise, eval_noise, stratified_levels, train_noise
+from model import (
+    ESTIMATORS,
+    TRAIN_ESTIMATOR,
+    Estimator,
+    Noise,
+    count_coefficients,
+    count_table,
+    eval_noise,
+    mean_masked_fraction,
+    step_noise,
+    stratified_levels,
+    train_noise,
+)
 
 N = 4  # tokens per block: 2**N masks, enumerated
 SUBSETS = [frozenset(i for i in range(N) if bits >> i & 1) for bits in range(2**N)]
@@ -42,23 +54,96 @@ def count_range(lo: float, hi: float, least: int) -> range:
     return range(max(least, math.ceil(lo * N - 1e-6)), math.floor(hi * N + 1e-6) + 1)
 
 
-def t_expectation(table: np.ndarray, lo: float, hi: float, resample: bool) -> float:
-    """E over t ~ U(lo, hi) of (1/t) E[L(S)] with each token masked with probability t; under resample, the mask
-    conditioned on lo <= |S| / N <= hi. Gauss-Legendre quadrature (the integrand is a polynomial, or a smooth
-    ratio of polynomials)."""
+def t_expectation(table: np.ndarray, lo: float, hi: float) -> float:
+    """E over t ~ U(lo, hi) of (1/t) E[L(S)] with each token masked with probability t: the records' clipped loss.
+    Gauss-Legendre quadrature (the integrand is a polynomial)."""
     nodes, weights = np.polynomial.legendre.leggauss(60)
     t = lo + (hi - lo) * (nodes + 1) / 2
-    losses, allowed = summed_ce(table), count_range(lo, hi, least=0)
     prob = np.stack([t ** len(S) * (1 - t) ** (N - len(S)) for S in SUBSETS])  # [masks, nodes]
-    if resample:
-        keep = np.array([len(S) in allowed for S in SUBSETS])[:, None]
-        prob = prob * keep / (prob * keep).sum(0)
-    return float((weights / 2) @ ((losses @ prob) / t))
+    return float((weights / 2) @ ((summed_ce(table) @ prob) / t))
 
 
 def k_expectation(table: np.ndarray, lo: float, hi: float) -> float:
-    allowed = count_range(lo, hi, least=1)
+    """exact_k's: the mean over the counts k >= 1 with lo <= k / N <= hi of (N / k) L_k."""
+    allowed = range(max(1, math.ceil(lo * N - 1e-6)), math.floor(hi * N + 1e-6) + 1)
     return float(np.mean([N / k * mean_of_size(table, k) for k in allowed]))
+
+
+def quadrature_coefficients(n: int, lo: float, hi: float) -> np.ndarray:
+    """c_1..c_n = 1/(hi - lo) integral_lo^hi C(n, k) t^(k-1) (1-t)^(n-k) dt by Gauss-Legendre, exact for the
+    polynomial integrand."""
+    nodes, weights = np.polynomial.legendre.leggauss(n + 1)
+    t = lo + (hi - lo) * (nodes + 1) / 2
+    return np.array([(weights / 2) @ (math.comb(n, k) * t ** (k - 1) * (1 - t) ** (n - k)) for k in range(1, n + 1)])
+
+
+def stratified_k(lo: float, hi: float) -> Estimator:
+    """The old default: k uniform on the counts with lo <= k / n <= hi, stratified over the blocks, weight n / k."""
+    def proposal(n: int) -> torch.Tensor:
+        k = torch.arange(1, n + 1, dtype=torch.float64)
+        allowed = (k >= lo * n - 1e-6) & (k <= hi * n + 1e-6)
+        return allowed / allowed.sum()
+
+    table = count_table(16, proposal, lambda n: n / torch.arange(1, n + 1, dtype=torch.float64))
+    return Estimator(count_table=lambda *_: table, stratified=True)
+
+
+def drawn_coefficients(estimator, lo: float, hi: float, n: int, steps: int, sequences: int,
+                       full_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficient of L_k, k = 1..n, in the drawn noise's loss: E[w 1{K = k}] over blocks of n tokens whose K
+    masked tokens weigh w each (given K, they are a uniform K-subset, so the block's loss is w L_K in expectation),
+    from train.py's noise of `steps` steps of `sequences` sequences. The blocks of n tokens: the full ones if n is
+    16, else each sequence's last. Returns the mean and its standard error as if the blocks were independent, which
+    bounds the error of stratified draws."""
+    seed, length = int(np.random.default_rng().integers(2**31)), 16 * full_blocks + (n % 16)
+    blocks = slice(0, 16 * full_blocks) if n == 16 else slice(16 * full_blocks, length)
+    noises = [step_noise(length, 16, lo, hi, seed, step, chunk, sequences, "linear", estimator)
+              for step in range(steps) for chunk in range(sequences)]
+    masked = torch.stack([x.masked[blocks] for x in noises]).reshape(-1, n).double()
+    weight = torch.stack([x.weight[blocks] for x in noises]).reshape(-1, n).double()
+    w = weight.max(1, keepdim=True).values
+    assert torch.all((weight == w) | (masked == 0))  # one weight per block
+    terms = w * torch.nn.functional.one_hot(masked.sum(1).long(), n + 1)[:, 1:]  # [blocks, k]: w 1{K = k}
+    return terms.mean(0).numpy(), (terms.std(0) / len(terms) ** 0.5).numpy()
+
+
+def matches(drawn: tuple[np.ndarray, np.ndarray], exact: np.ndarray) -> bool:
+    """Every coefficient within 5 standard errors of the exact one (plus float32 rounding of the weights)."""
+    mean, stderr = drawn
+    return bool(np.all(np.abs(mean - exact) <= 5 * stderr + 1e-6 * exact))
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_each_estimator_weighs_every_count_by_the_records_coefficient(estimator):
+    """The records' objective, per 16-token block: sum_k c_k L_k, k = 1..16. Each training estimator's drawn noise
+    has those coefficients; stratified_k's (k in 5..12 at weight 16 / k) fails the same check."""
+    lo, hi = 0.3, 0.8
+    exact = quadrature_coefficients(16, lo, hi)
+    assert np.allclose(count_coefficients(16, lo, hi).numpy(), exact, rtol=1e-12, atol=0)
+    assert np.sum(np.arange(1, 17) * exact) == pytest.approx(16)
+    drawn = drawn_coefficients(estimator, lo, hi, 16, steps=100, sequences=8, full_blocks=128)
+    assert drawn[1].max() < 0.02 * exact.max()  # sampling error far below stratified_k's bias (0.22 at k = 5)
+    assert matches(drawn, exact), np.stack([np.arange(1, 17), exact, *drawn], 1)
+    old = drawn_coefficients(stratified_k(lo, hi), lo, hi, 16, steps=100, sequences=8, full_blocks=128)
+    assert not matches(old, exact)
+    assert np.all(old[0][:4] == 0) and np.all(old[0][12:] == 0)  # and 19.7% of the c_k lie outside 5..12
+    assert 1 - exact[4:12].sum() / exact.sum() == pytest.approx(0.197, abs=0.001)
+
+
+@pytest.mark.parametrize("n", [5, 11])
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_a_short_block_gets_its_own_coefficients(estimator, n):
+    """A sequence of n < 16 tokens is one short block: its coefficients are c_k of n. (One block per sequence keeps
+    the step's levels stratified over the short blocks.)"""
+    exact = quadrature_coefficients(n, 0.3, 0.8)
+    assert matches(drawn_coefficients(estimator, 0.3, 0.8, n, steps=8, sequences=400, full_blocks=0), exact)
+
+
+def test_count_coefficients_are_the_quadrature_on_any_interval():
+    for n, lo, hi in ((16, 0.0, 1.0), (16, 0.1, 0.4), (7, 0.5, 0.55), (1, 0.3, 0.8), (3, 0.0, 0.2)):
+        exact = quadrature_coefficients(n, lo, hi)
+        assert np.allclose(count_coefficients(n, lo, hi).numpy(), exact, rtol=1e-10, atol=1e-15), (n, lo, hi)
+    assert np.allclose(count_coefficients(16, 0.0, 1.0).numpy(), 1 / np.arange(1, 17))  # the NELBO's 1 / k
 
 
 def block_values(table: np.ndarray, noise: Noise) -> np.ndarray:
@@ -82,28 +167,25 @@ def monte_carlo(table: np.ndarray, estimator: str, lo: float, hi: float) -> tupl
 
 @pytest.mark.parametrize("lo, hi", [(0.2, 0.8), (0.5, 1.0)])
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
-def test_monte_carlo_mean_is_the_claimed_expectation(estimator, lo, hi):
+def test_monte_carlo_mean_is_the_clipped_loss(estimator, lo, hi):
+    """Where a token's CE depends on which others are masked: the mean of each estimator's loss is iid's."""
     table = fresh_table()
-    rule = ESTIMATORS[estimator]
-    exact = k_expectation(table, lo, hi) if rule.counts_masks else t_expectation(table, lo, hi, rule.resample)
+    exact = t_expectation(table, lo, hi)
     mean, stderr = monte_carlo(table, estimator, lo, hi)
     assert abs(mean - exact) < 4.5 * stderr, (mean, exact, stderr)
 
 
-def test_the_expectations_differ_where_the_claims_do():
-    """The test above can fail: on a clipped interval the claimed expectations are different numbers."""
+def test_exact_k_claims_another_expectation_on_a_clipped_interval():
+    """The test above can fail: counting k uniformly on the clipped interval changes the number."""
     table = fresh_table()
-    iid, resampled, counted = (t_expectation(table, 0.2, 0.8, False), t_expectation(table, 0.2, 0.8, True),
-                               k_expectation(table, 0.2, 0.8))
-    assert min(abs(iid - resampled), abs(iid - counted), abs(resampled - counted)) > 1e-3
+    assert abs(t_expectation(table, 0.2, 0.8) - k_expectation(table, 0.2, 0.8)) > 1e-3
 
 
 def test_on_the_whole_interval_each_is_the_nelbo():
     """sum_k L_k / k: the continuous-time NELBO, by (1/t) C(N, k) t^k (1 - t)^(N - k) integrating to 1/k."""
     table = fresh_table()
     nelbo = sum(mean_of_size(table, k) / k for k in range(1, N + 1))
-    assert t_expectation(table, 0.0, 1.0, False) == pytest.approx(nelbo, rel=1e-9)
-    assert t_expectation(table, 0.0, 1.0, True) == pytest.approx(nelbo, rel=1e-9)  # nothing falls outside [0, 1]
+    assert t_expectation(table, 0.0, 1.0) == pytest.approx(nelbo, rel=1e-9)
     assert k_expectation(table, 0.0, 1.0) == pytest.approx(nelbo, rel=1e-12)
 
 
@@ -120,30 +202,33 @@ def test_val_estimators_are_unbiased_for_the_nelbo():
     assert exact_k.max() <= N * table.max() and values["iid"].std() > 1.5 * exact_k.std()
 
 
-def test_exact_k_masks_exactly_k_tokens_at_weight_n_over_k():
-    noise = train_noise(16 * 1000 + 5, 16, 0.3, 0.8, torch.Generator().manual_seed(0), estimator="exact_k")
+def test_proposal_masks_exactly_k_tokens_at_weight_n_over_k():
+    noise = step_noise(16 * 1000 + 5, 16, 0.3, 0.8, 0, 0, 0, 1, estimator="proposal")
     masked, weight = noise.masked[:16000].view(-1, 16), noise.weight[:16000].view(-1, 16)
     k = masked.sum(1)
-    assert k.min() == 5 and k.max() == 12 and len(set(k.tolist())) == 8  # ceil(0.3 x 16) to floor(0.8 x 16)
+    assert k.min() >= 1 and k.max() <= 16 and len(set(k.tolist())) >= 12  # 1..16, the rare ends aside
     assert torch.equal(weight, torch.where(masked, 16 / k[:, None].float(), 0.0))
-    assert noise.masked[16000:].sum() in (2, 3, 4)  # the last block has 5 tokens: k / 5 in [0.3, 0.8]
+    tail = int(noise.masked[16000:].sum())
+    assert 1 <= tail <= 5 and torch.equal(noise.weight[16000:], torch.where(noise.masked[16000:], 5 / tail, 0.0))
 
 
-def test_resample_keeps_the_masked_fraction_in_the_interval():
-    noise = train_noise(16 * 2000, 16, 0.3, 0.8, torch.Generator().manual_seed(1), estimator="resample")
-    k = noise.masked.view(-1, 16).sum(1)
-    assert k.min() >= 5 and k.max() <= 12
-    iid = train_noise(16 * 2000, 16, 0.3, 0.8, torch.Generator().manual_seed(1))
-    assert (iid.masked.view(-1, 16).sum(1) < 5).any()  # without resampling some fall outside
+def test_masked_fraction_is_the_mean_of_drawn_training_noise():
+    for estimator in ESTIMATORS:
+        masked = torch.cat([step_noise(4096, 16, 0.2, 0.7, 5, step, 0, 1, estimator=estimator).masked
+                            for step in range(64)])
+        # 0.006: about 4 standard errors of the mean over 64 x 256 blocks
+        assert masked.float().mean().item() == pytest.approx(mean_masked_fraction(estimator, "linear", 0.2, 0.7, 16),
+                                                             abs=0.006)
 
 
-def test_interval_without_a_count_is_one_clear_error():
-    with pytest.raises(ValueError, match="no masked count k of a 16-token block"):
-        train_noise(32, 16, 0.32, 0.36, torch.Generator(), estimator="exact_k")
+def test_bad_estimator_settings_are_one_clear_error():
     with pytest.raises(ValueError, match="needs each block's level"):
         train_noise(32, 16, 0.3, 0.8, torch.Generator(), estimator="stratified")
     with pytest.raises(ValueError, match="from positions alone"):
         eval_noise(32, 16, 0, 0, estimator="stratified")
+    with pytest.raises(ValueError, match="the linear schedule's counts, not the cosine one"):
+        step_noise(32, 16, 0.3, 0.8, 0, 0, 0, 1, "cosine", "proposal")
+    assert ESTIMATORS[TRAIN_ESTIMATOR] == ESTIMATORS["proposal"]
 
 
 def test_stratified_levels_cover_every_stratum_once_per_step():
@@ -155,13 +240,13 @@ def test_stratified_levels_cover_every_stratum_once_per_step():
     assert not torch.equal(stratified_levels(3, 12, 0, chunks, blocks), one_chunk)  # a new offset every step
 
 
-def step_noise(estimator: str, world_size: int, micro_batch: int, batch_size: int = 8, length: int = 64):
+def step_noises(estimator: str, world_size: int, micro_batch: int, batch_size: int = 8, length: int = 64):
     """Every chunk's noise of step 5 as train.Run.noise_of draws it on each rank and micro-step, in batch order."""
-    hp = SimpleNamespace(seed=2, batch_size=batch_size, estimator=estimator)
+    hp = SimpleNamespace(seed=2, batch_size=batch_size, estimator=estimator, t_lo=0.3, t_hi=0.8)
     by_chunk = {}
     for rank, micro_step in itertools.product(range(world_size), range(batch_size // (world_size * micro_batch))):
-        run = SimpleNamespace(model=SimpleNamespace(config=ModelConfig(block_size=16)), hp=hp, rank=rank,
-                              world_size=world_size, noise_generator=torch.Generator(), noise_interval=(0.3, 0.8))
+        run = SimpleNamespace(model=SimpleNamespace(config=train.ModelConfig(block_size=16)), hp=hp, rank=rank,
+                              world_size=world_size)
         noise = train.Run.noise_of(run, 5, micro_step, micro_batch, length)
         for row in range(micro_batch):
             by_chunk[(micro_step * world_size + rank) * micro_batch + row] = noise.masked[row], noise.weight[row]
@@ -170,9 +255,9 @@ def step_noise(estimator: str, world_size: int, micro_batch: int, batch_size: in
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_a_steps_noise_does_not_depend_on_ranks_or_micro_steps(estimator):
-    one = step_noise(estimator, 1, 8)
+    one = step_noises(estimator, 1, 8)
     for world_size, micro_batch in ((2, 4), (2, 1), (4, 2), (8, 1)):
-        for (masked, weight), (masked_one, weight_one) in zip(step_noise(estimator, world_size, micro_batch), one):
+        for (masked, weight), (masked_one, weight_one) in zip(step_noises(estimator, world_size, micro_batch), one):
             assert torch.equal(masked, masked_one) and torch.equal(weight, weight_one)
 
 
@@ -186,39 +271,3 @@ def test_iid_is_the_draw_of_before_the_estimators():
     t = 0.3 + 0.5 * draws[0, index - index % 16]
     assert torch.equal(noise.masked, draws[1] < t)
     assert torch.equal(noise.weight, torch.where(noise.masked, 1 / t, 0.0))
-
-
-def tiny_model() -> BD3LM:
-    torch.manual_seed(0)
-    model = BD3LM(ModelConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, model_dim=16, mlp_hidden=32,
-                              block_size=4, eot_id=63))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
-
-
-def test_gradient_noise_against_the_per_draw_gradients():
-    """train.gradient_noise (what bench.py --grad_variance and the clip search report) against the gradients of
-    each draw taken one by one."""
-    model, gen = tiny_model(), torch.Generator().manual_seed(1)
-    chunks = list(enumerate(torch.randint(0, 63, (3, 32), generator=gen)))
-    noise = train.gradient_noise(model, chunks, 3, 0.2, 0.9, "stratified", 5, seed=4)
-    assert all(p.grad is None for p in model.parameters())  # dropped, as training expects between steps
-    grads, losses = [], []
-    for draw in range(5):
-        model.zero_grad()
-        total = 0.0
-        for index, tokens in chunks:
-            g = torch.Generator().manual_seed((4 << 32) + draw * 3 + index)
-            n = train_noise(32, 4, 0.2, 0.9, g, estimator="stratified", levels=stratified_levels(4, draw, index, 3, 8))
-            loss = model(tokens[None], Noise(*(x[None] for x in n))) / 3
-            loss.backward()
-            total += float(loss.detach())
-        grads.append(torch.cat([p.grad.flatten().double() for p in model.parameters()]))
-        losses.append(total)
-    grads = torch.stack(grads)
-    variance = float((grads - grads.mean(0)).square().sum(1).sum() / 4)
-    assert noise.variance == pytest.approx(variance, rel=1e-6)
-    assert noise.signal == pytest.approx(float(grads.mean(0).square().sum()) - variance / 5, rel=1e-6)
-    assert noise.loss_variance == pytest.approx(float(np.var(losses, ddof=1)), rel=1e-6)

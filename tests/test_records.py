@@ -250,8 +250,10 @@ def forge(text: str, case: str) -> str:
         return replace_line(text, line_of(text, r"params:\d+"), "params:1000")
     if case == "steps":
         return replace_line(text, config, config.replace('"steps": 4', '"steps": 5'))
-    if case == "clip_search":
-        return replace_line(text, config, config.replace('"clip_search": false', '"clip_search": true'))
+    if case == "estimator":
+        return replace_line(text, config, config.replace('"estimator": "proposal"', '"estimator": "stratified_k"'))
+    if case == "interval":
+        return replace_line(text, config, config.replace('"t_lo": 0.3', '"t_lo": 0.25'))
     if case == "no steps":
         return re.sub(r"^step:\d+/4 train_loss:.*\n", "", text, flags=re.M)
     if case == "train_tokens":
@@ -269,7 +271,8 @@ def forge(text: str, case: str) -> str:
     ("params", ["params 1,000 is not the 13,134,082 of the config's model"]),
     ("steps", ["the step lines are not 1..5", "the step lines count to 4 but the config has steps 5",
                "val lines at steps [0, 2, 4], where the config (val_every 2) puts them at [0, 2, 4, 5]"]),
-    ("clip_search", ["clip_search true but clip_search lines at steps [], not [0, 2]"]),
+    ("estimator", ["estimator stratified_k: its expected loss is not the records' objective"]),
+    ("interval", ["t_lo 0.25 t_hi 0.8: the records' objective clips t to 0.3-0.8"]),
     ("no steps", ["the log has no step lines"]),
     ("train_tokens", ["train_tokens 1 < the 1,024 that steps x batch_size x seq_len consume"]),
     ("step_avg", ["step 4: step_avg 1.0ms x 4 steps is not its train_time"]),

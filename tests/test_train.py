@@ -177,14 +177,8 @@ BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
     (["--resume=/nonexistent/latest.pt"], 2, "is not a file"),
     (["--train_files=/nonexistent/fineweb_*.bin"], 1, "python data/cached_finewebedu10B.py 10"),
     (["--val_file=/nonexistent/val.bin"], 1, "--preset=demo"),
-    (["--clip_search=True", "--clip_search_widths=0.5,1.5"], 2, "--clip_search_widths must lie in (0, 1]"),
-    (["--clip_search=True", "--clip_search_widths=wide"], 2, "--clip_search_widths takes comma-separated numbers"),
-    (["--clip_search=True", "--clip_search_step=0"], 2, "--clip_search_step must lie in (0, 1]"),
-    (["--clip_search=True", "--clip_search_tokens=100"], 2,
-     "--clip_search_tokens=100 is not a positive multiple of --seq_len=128"),
-    (["--clip_search=True", "--clip_search_tokens=128", "--block_size=128"], 2,
-     "--clip_search needs whole blocks, two at least"),
-    (["--clip_search=True", "--clip_search_tokens=12800000"], 1, "cannot hold out 12800000 of the"),
+    (["--estimator=stratified_k"], 2, "--estimator must be iid, stratified or proposal"),
+    (["--schedule=cosine"], 2, "--estimator=proposal draws the linear schedule's masked counts"),
 ]
 
 
@@ -277,7 +271,8 @@ def test_resume_of_a_checkpoint_without_a_newer_config_field_takes_its_default(t
     torch.save(state, f"{tmp_path}/old.pt")
     run_train(tmp_path, *SMALL, "--run_id=resumed", "--steps=2", f"--resume={tmp_path}/old.pt")
     assert "resumed:" in read_log(tmp_path, "resumed")
-    result = run_train(tmp_path, *SMALL, "--schedule=cosine", f"--resume={tmp_path}/old.pt", check=False)
+    result = run_train(tmp_path, *SMALL, "--schedule=cosine", "--estimator=stratified", f"--resume={tmp_path}/old.pt",
+                       check=False)
     assert result.returncode == 2 and "different model config: schedule linear (now cosine)" in result.stderr
 
 
@@ -331,10 +326,10 @@ def test_training_validation_and_warm_up_draw_the_noise_of_the_schedule(schedule
             return noise
         return draw
 
-    monkeypatch.setattr(train, "train_noise", spy(train.train_noise))
+    monkeypatch.setattr(train, "step_noise", spy(train.step_noise))
     monkeypatch.setattr(train, "eval_noise", spy(train.eval_noise))
     monkeypatch.setattr(train.common, "eval_noise", spy(train.common.eval_noise))
-    train.main([*SMALL, "--steps=1", f"--schedule={schedule}", f"--log_dir={tmp_path}/logs",
+    train.main([*SMALL, "--steps=1", f"--schedule={schedule}", "--estimator=stratified", f"--log_dir={tmp_path}/logs",
                 f"--checkpoint_dir={tmp_path}/ck", "--run_id=spy"])
-    assert {"train_noise", "eval_noise"} == set(drawn)
+    assert {"step_noise", "eval_noise"} == set(drawn)
     assert json.loads(re.search(r"^config:(.*)$", read_log(tmp_path, "spy"), re.M).group(1))["schedule"] == schedule

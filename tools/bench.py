@@ -7,7 +7,6 @@ costmodel.py's estimate of the record run on GPUs. One markdown report; nothing 
     python bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
     python bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
     python bench.py --gpu_check=True     # the prepared check of a first GPU window (gpu_check.py); no GPU: a rehearsal
-    python bench.py --grad_variance=True --checkpoint=checkpoints/demo/final.pt   # the noise of each estimator
 
 Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
 costmodel.model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
@@ -20,24 +19,21 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
-from data.loader import val_batches
-from model import ESTIMATORS, ModelConfig, Noise, block_diffusion_block_mask, block_diffusion_mask, setting, train_noise
+from model import ModelConfig, Noise, block_diffusion_block_mask, block_diffusion_mask, setting, train_noise
 from sample import SAMPLERS, generate
 from sample import Settings as SampleSettings
 from tools import costmodel as cm
 from tools import gpu_check
-from tools.demo_corpus import prepare_demo
 from train import (
     PRESETS,
     Hyperparameters,
     build_model,
-    gradient_noise,
     make_optimizers,
     model_config,
 )
@@ -52,9 +48,6 @@ class Settings:
     estimate_only: bool = setting(False, "print only the GPU estimates for the record config; times nothing")
     gpu_check: bool = setting(False, "run gpu_check.py's parts instead, one summary line last (at most 8 minutes of a "
                                      "GPU); without CUDA a rehearsal on the CPU")
-    grad_variance: bool = setting(False, "print only the gradient and loss noise of each training estimator, at the "
-                                  "demo's initial weights and at --checkpoint's")
-    grad_draws: int = setting(16, "noise draws per estimator for --grad_variance")
 
 
 def preset(name: str) -> Hyperparameters:
@@ -206,32 +199,6 @@ def profile_table(name: str, step, top: int = 3) -> None:
         row(key, f"{cost[key] / sum(cost.values()):.1%}")
 
 
-def estimator_noise(model, chunks, lo: float, hi: float, draws: int, seed: int = 0) -> dict:
-    """train.gradient_noise of every estimator of model.ESTIMATORS on the same chunks (one step's (index, tokens))
-    and interval, `draws` draws each: equal compute."""
-    return {name: gradient_noise(model, chunks, len(chunks), lo, hi, name, draws, seed) for name in ESTIMATORS}
-
-
-def grad_variance_table(checkpoint: str, draws: int, device: torch.device, bf16: bool) -> None:
-    """One row per estimator and weights (the checkpoint's; the demo preset's initial weights): the noise of the
-    gradient and of the loss over one step's tokens of the val text (the demo's, or the checkpoint run's), under the
-    training interval of that run."""
-    demo = preset("demo")
-    prepare_demo()
-    cases = [(checkpoint, *common.load_model(checkpoint, device))] if checkpoint else []
-    cases.append(("initial weights (demo preset)", build_model(model_config(demo), 0, device), asdict(demo)))
-    table(f"## Noise of the training estimators ({draws} draws each of one step's tokens; the gradient's variance "
-          "E||g - Eg||^2 over ||Eg||^2, both unbiased)", "weights", "estimator", "interval", "tokens",
-          "grad variance / signal", "grad variance", "loss variance", "mean loss")
-    for label, model, hp in cases:
-        batch = [tokens for _, tokens in val_batches(hp["val_file"], hp["batch_size"] * hp["seq_len"], hp["seq_len"])]
-        with common.autocast_context(device, bf16):
-            noise = estimator_noise(model, list(enumerate(batch)), hp["t_lo"], hp["t_hi"], draws)
-        for name, n in noise.items():
-            row(label, name, f"{hp['t_lo']:g}-{hp['t_hi']:g}", f"{len(batch)} x {hp['seq_len']}", f"{n.relative:.4g}",
-                f"{n.variance:.4g}", f"{n.loss_variance:.4g}", f"{n.loss:.4f}")
-
-
 # -----------------------------------------------------------------------------
 # Estimated tables (costmodel.py): nothing in them is timed
 
@@ -312,17 +279,12 @@ def main(argv: list[str]) -> None:
         bench = Settings(**common.parse_flags(argv, Settings))
         if bench.repeats < 1:
             raise common.ConfigError(f"--repeats must be at least 1, got {bench.repeats}")
-        if bench.grad_draws < 2:
-            raise common.ConfigError(f"--grad_draws must be at least 2 (a variance), got {bench.grad_draws}")
         device = common.pick_device(bench.device)
     except common.ConfigError as error:
         common.fail(str(error), status=2)
     if bench.gpu_check:
         sys.exit(gpu_check.run_check(device))
-    if bench.grad_variance:
-        print(f"# bench.py --grad_variance=True, {time.strftime('%Y-%m-%d')}")
-        grad_variance_table(bench.checkpoint, bench.grad_draws, device, common.fast_bf16(device))
-    elif bench.estimate_only:
+    if bench.estimate_only:
         print(f"# bench.py --estimate_only=True, {time.strftime('%Y-%m-%d')}")
         estimate_tables()
     else:

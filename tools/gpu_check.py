@@ -218,7 +218,7 @@ def record_step(target: Target, state: dict) -> list[str]:
     compile_ms = train.warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device)
     losses, seconds, started = [], [], time.perf_counter()
     for step in range(target.steps):
-        out_of_data = loader.position + 2 * hp.micro_batch * hp.seq_len > loader.end  # the demo corpus is small
+        out_of_data = loader.position + 2 * hp.micro_batch * hp.seq_len > loader.num_tokens  # the demo corpus is small
         out_of_time = step >= 3 and time.perf_counter() - started > target.seconds - compile_ms / 1000
         if out_of_data or out_of_time:
             break

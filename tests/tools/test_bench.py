@@ -52,16 +52,15 @@ def test_flops_agree_with_model_flops_per_token():
 
 
 def test_masked_fraction_comes_from_the_estimator_and_the_schedule():
-    # stratified_k: k from 5 to 12 of 16 on [0.3, 0.8]; iid: t uniform there under the linear schedule
-    assert training_masked_fraction(Hyperparameters()) == pytest.approx(8.5 / 16)
-    assert training_masked_fraction(Hyperparameters(schedule="cosine")) == pytest.approx(8.5 / 16)
+    # proposal: k drawn with probability k c_k / 16, E[k] / 16 = mean t + (1 - mean t) / 16; iid: the mean t
+    assert training_masked_fraction(Hyperparameters()) == pytest.approx(0.55 + 0.45 / 16)
     assert training_masked_fraction(Hyperparameters(estimator="iid")) == pytest.approx(0.55)
     assert training_masked_fraction(Hyperparameters(estimator="iid", schedule="cosine")) != pytest.approx(0.55)
 
 
 def test_masked_fraction_is_the_mean_of_drawn_training_noise():
     generator = torch.Generator().manual_seed(0)
-    for estimator in ("stratified_k", "iid"):
+    for estimator in ("proposal", "iid"):
         hp = Hyperparameters(estimator=estimator, t_lo=0.2, t_hi=0.7)
         masked = torch.stack([train_noise(4096, 16, 0.2, 0.7, generator, "linear", estimator,
                                           torch.rand(256, generator=generator)).masked for _ in range(64)])
@@ -179,21 +178,3 @@ def test_help_lists_every_flag():
     assert result.returncode == 0
     for name in ("device", "quick", "repeats", "checkpoint", "estimate_only", "gpu_check"):
         assert f"--{name}=" in result.stdout
-
-
-def test_grad_variance_has_a_row_per_estimator():
-    """bench.estimator_noise: every estimator on the same chunks; at uniform predictions exact_k's loss (k tokens at
-    weight n / k) does not vary while iid's does."""
-    torch.manual_seed(0)
-    model, gen = BD3LM(TINY), torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    chunks = list(enumerate(torch.randint(0, 255, (2, 32), generator=gen)))
-    noise = bench.estimator_noise(model, chunks, 0.3, 0.8, 3)
-    assert list(noise) == ["iid", "stratified", "resample", "exact_k", "stratified_k"]
-    assert all(n.variance > 0 and n.loss > 0 for n in noise.values())
-    with torch.no_grad():
-        model.head.weight.zero_()
-    flat = bench.estimator_noise(model, chunks, 0.3, 0.8, 3)
-    assert flat["exact_k"].loss_variance < 1e-9 < flat["iid"].loss_variance

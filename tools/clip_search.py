@@ -1,0 +1,104 @@
+"""
+BD3-LM's data-driven clipped schedule, as a study beside training: at a checkpoint's weights, the noise of the
+training gradient under each candidate interval [lo, hi] of the masking probability, and the interval where it is
+least noisy (the gradient's variance over its signal, tools/grad_variance.py's measure). A record trains on the
+records' interval 0.3-0.8 whatever this prints; a run may try the chosen one with --t_lo and --t_hi.
+
+    python tools/clip_search.py --checkpoint=checkpoints/demo/final.pt
+
+The tokens are the last --tokens of the checkpoint run's train stream (--train_files to read others): a run that
+stops before the end of its data never trained on them.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import torch
+
+import common
+from data.loader import TokenStream, find_shards, train_val_paths
+from model import BD3LM, ESTIMATORS, setting
+from tools.grad_variance import GradientNoise, gradient_noise
+
+CLIP_SEARCH_NOISE_SEED = 1  # every candidate interval draws the same uniforms
+
+
+@dataclass
+class Settings:
+    checkpoint: str = setting("", "the weights to measure at (required)")
+    train_files: str = setting("", "glob of the train shards whose tail is measured on; empty: the checkpoint run's")
+    widths: str = setting("0.5,0.6,0.7,0.8,0.9,1", "widths of the candidate intervals, comma-separated")
+    step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
+    tokens: int = setting(65_536, "tokens at the end of the train stream, a multiple of the run's seq_len")
+    draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
+    estimator: str = setting("", "training noise (model.ESTIMATORS); empty: the checkpoint run's")
+    device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
+
+
+def candidates(widths: str, step: float) -> list[tuple[float, float]]:
+    """The candidate intervals, built as bd3lms builds them: for each width w, the intervals (lo, lo + w) for
+    lo = 0, step, 2 step, ... while lo + w <= 1."""
+    try:
+        parsed = [float(width) for width in widths.split(",")]
+    except ValueError:
+        raise common.ConfigError(f"--widths takes comma-separated numbers, got {widths!r}") from None
+    if not all(0 < width <= 1 for width in parsed):
+        raise common.ConfigError(f"--widths must lie in (0, 1], got {widths!r}")
+    if not 0 < step <= 1:
+        raise common.ConfigError(f"--step must lie in (0, 1], got {step}")
+    intervals = [(round(k * step, 6), round(k * step + width, 6))
+                 for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
+    return list(dict.fromkeys(intervals))
+
+
+def tail_chunks(pattern: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """The last `tokens` tokens of the train stream of `pattern`, in chunks of seq_len."""
+    stream = TokenStream(find_shards(pattern))
+    if not 0 < tokens <= stream.num_tokens or tokens % seq_len:
+        raise common.ConfigError(f"--tokens={tokens} is not a positive multiple of the run's seq_len {seq_len} "
+                                 f"within the {stream.num_tokens} train tokens")
+    start = stream.num_tokens - tokens
+    return [torch.from_numpy(stream.read(at, at + seq_len).astype("int64")) for at in range(start, stream.num_tokens,
+                                                                                          seq_len)]
+
+
+def search(model: BD3LM, chunks: list[torch.Tensor], intervals: list[tuple[float, float]], estimator: str,
+           draws: int) -> dict[tuple[float, float], GradientNoise]:
+    """The gradient noise of every candidate interval, on the same chunks and uniforms."""
+    return {interval: gradient_noise(model, chunks, *interval, estimator, draws, CLIP_SEARCH_NOISE_SEED)
+            for interval in intervals}
+
+
+def main(argv: list[str]) -> None:
+    if "--help" in argv or "-h" in argv:
+        print(f"{__doc__.strip()}\n\n{common.usage('python tools/clip_search.py [--name=value ...]', Settings)}")
+        return
+    try:
+        s = Settings(**common.parse_flags(argv, Settings))
+        if s.draws < 2:
+            raise common.ConfigError(f"--draws must be at least 2 (a variance), got {s.draws}")
+        intervals = candidates(s.widths, s.step)
+        device = common.pick_device(s.device)
+        model, hp = common.load_model(s.checkpoint, device)
+        estimator = s.estimator or hp["estimator"]
+        common.check_choice("estimator", estimator, tuple(ESTIMATORS))
+        chunks = tail_chunks(s.train_files or train_val_paths(hp["data"])[0], s.tokens, hp["seq_len"])
+        with common.autocast_context(device, common.fast_bf16(device)):
+            noise = search(model, chunks, intervals, estimator, s.draws)
+    except (common.ConfigError, FileNotFoundError, ValueError) as error:
+        common.fail(str(error), status=2)
+    print(f"# tools/clip_search.py, {time.strftime('%Y-%m-%d')}: {s.checkpoint}, estimator {estimator}, "
+          f"{len(chunks)} x {hp['seq_len']} tokens, {s.draws} draws per interval\n\n"
+          "| interval | grad variance / signal | grad variance | loss variance | mean loss |\n|---|---|---|---|---|")
+    for (lo, hi), n in noise.items():
+        print(f"| {lo:g}-{hi:g} | {n.relative:.6g} | {n.variance:.4g} | {n.loss_variance:.4g} | {n.loss:.4f} |")
+    lo, hi = min(noise, key=lambda interval: noise[interval].relative)
+    print(f"\nchosen:{lo:g}-{hi:g} (train with --t_lo={lo:g} --t_hi={hi:g})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
