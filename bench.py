@@ -6,7 +6,7 @@ costmodel.py's estimate of the record run on GPUs. One markdown report; nothing 
     python bench.py --quick=True         # fewer and smaller runs: about 6 minutes on a 2-core CPU
     python bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
     python bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
-    python bench.py --gpu_check=True     # the prepared check of a first GPU window (gpu_check.py); no GPU: a rehearsal
+    python bench.py --gpu_check=True --report=gpu_check.md  # the prepared check of a first GPU window (gpu_check.py)
     python bench.py --grad_variance=True --checkpoint=checkpoints/demo/final.pt   # the noise of each estimator
 
 Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
@@ -15,6 +15,7 @@ Estimated, not measured: step time, record minutes and peak memory of 8x H100 an
 presets; on a GPU, next to the measured record step.
 """
 
+import os
 import platform
 import statistics
 import sys
@@ -55,6 +56,7 @@ class Settings:
     grad_variance: bool = setting(False, "print only the gradient and loss noise of each training estimator, at the "
                                   "demo's initial weights and at --checkpoint's")
     grad_draws: int = setting(16, "noise draws per estimator for --grad_variance")
+    report: str = setting("", "--gpu_check: also write each part's section to this file as the part ends")
 
 
 def preset(name: str) -> Hyperparameters:
@@ -314,11 +316,13 @@ def main(argv: list[str]) -> None:
             raise common.ConfigError(f"--repeats must be at least 1, got {bench.repeats}")
         if bench.grad_draws < 2:
             raise common.ConfigError(f"--grad_draws must be at least 2 (a variance), got {bench.grad_draws}")
+        if bench.report and not os.path.isdir(os.path.dirname(os.path.abspath(bench.report))):
+            raise common.ConfigError(f"--report={bench.report}: its folder does not exist")
+        if bench.gpu_check:  # the check picks the device itself, so that any failure of it is in the report
+            sys.exit(gpu_check.main(bench.device, bench.report))
         device = common.pick_device(bench.device)
     except common.ConfigError as error:
         common.fail(str(error), status=2)
-    if bench.gpu_check:
-        sys.exit(gpu_check.run_check(device))
     if bench.grad_variance:
         print(f"# bench.py --grad_variance=True, {time.strftime('%Y-%m-%d')}")
         grad_variance_table(bench.checkpoint, bench.grad_draws, device, common.fast_bf16(device))

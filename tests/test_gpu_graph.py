@@ -2,11 +2,10 @@
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_graph.py
 
-FlexAttention refuses a backward on CPU through one guard, torch.nn.attention.flex_attention._validate_device.
-With it lifted, compile_loss under aot_eager with fullgraph=True runs the Dynamo/AOTAutograd graph a GPU gets (flex
-forward and backward, the BlockMask built inside, on stacked rows [N, L]); only Inductor's Triton lowering is
-unseen. And whatever the device and backend setting, no eager call reaches flex_attention, whose eager fallback
-materializes every score.
+FlexAttention refuses a backward on CPU through one private guard, which common.flex_backward_on_cpu lifts. Then
+compile_loss under aot_eager with fullgraph=True runs the Dynamo/AOTAutograd graph a GPU gets (flex forward and
+backward, the BlockMask built inside, on stacked rows [N, L]); only Inductor's Triton lowering is unseen. And whatever
+the device and backend setting, no eager call reaches flex_attention, whose eager fallback materializes every score.
 """
 
 import copy
@@ -15,20 +14,20 @@ import sys
 
 import pytest
 import torch
-import torch.nn.attention.flex_attention as flex_module
 from conftest import EOT, REPO, SMALL, VOCAB, CountingBackend, read_log, run_train
 from torch._dynamo.utils import counters
 
+import common
 import model as model_module
 from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
 
 
 @pytest.fixture
-def flex_backward_on_cpu(monkeypatch):
-    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+def flex_backward_on_cpu():
     torch._dynamo.reset()
     counters.clear()
-    yield
+    with common.flex_backward_on_cpu():
+        yield
     torch._dynamo.reset()
 
 
@@ -126,8 +125,8 @@ def test_flex_training_graph_equals_sdpa_in_fp32_and_bf16_and_stays_two_graphs(f
 DRIVER = f"""
 import sys
 sys.path.insert(0, {REPO!r})
-import torch.nn.attention.flex_attention as flex_module
-flex_module._validate_device = lambda *tensors: None
+import common
+common.flex_backward_on_cpu().__enter__()
 sys.path.insert(0, {REPO + '/tests'!r})
 from conftest import CountingBackend
 import train
