@@ -30,17 +30,62 @@ def test_the_rehearsal_runs_every_part_and_passes(demo_corpus):
     assert seconds < 180, f"the rehearsal took {seconds:.0f} s, more than the 3 minutes it may"
 
 
+def fake_parts(monkeypatch, **special):
+    """PARTS with each part replaced by one that reports it ran, except the ones given."""
+    parts = {name: special.get(name, lambda target, state, name=name: [f"- {name} ran"]) for name in gpu_check.PARTS}
+    monkeypatch.setattr(gpu_check, "PARTS", parts)
+
+
 def test_a_failing_part_is_reported_and_the_next_parts_still_run(monkeypatch, capsys):
     def broken(target, state):
         raise ValueError("a bug of the check itself")
 
-    parts = {name: (broken if name == "flex_equals_sdpa" else lambda target, state: [f"- {name} ran"])
-             for name in gpu_check.PARTS}
-    monkeypatch.setattr(gpu_check, "PARTS", parts)
-    monkeypatch.setattr(gpu_check, "target_for", lambda device: object())
-    assert gpu_check.run_check(gpu_check.torch.device("cpu")) == 1
+    fake_parts(monkeypatch, flex_equals_sdpa=broken)
+    assert gpu_check.main("cpu", "") == 1
     out = capsys.readouterr().out
     assert "## flex_equals_sdpa: FAILED (ValueError: a bug of the check itself)" in out
     assert out.count(" ran\n") == 4 and "ValueError: a bug of the check itself\n```" in out
     assert out.splitlines()[-1].startswith("gpu_check: FAIL 4/5 passed (rehearsal on CPU): environment:ok "
                                            "flex_equals_sdpa:failed record_step:ok validation:ok sampling:ok ")
+
+
+def test_the_deadline_stops_a_part_and_skips_the_rest_and_the_report_file_has_each_part_as_it_ends(
+        monkeypatch, tmp_path, capsys):
+    report = tmp_path / "report.md"
+    seen_by_the_second_part = []
+
+    def endless(target, state):
+        seen_by_the_second_part.append(report.read_text())
+        while True:
+            time.sleep(0.01)
+
+    fake_parts(monkeypatch, flex_equals_sdpa=endless)
+    monkeypatch.setattr(gpu_check, "DEADLINE_SECONDS", 3)
+    started = time.perf_counter()
+    assert gpu_check.main("cpu", str(report)) == 1
+    assert time.perf_counter() - started < 30
+    out = capsys.readouterr().out
+    assert "## environment: passed" in seen_by_the_second_part[0]
+    assert re.findall(r"^## (\w+): (.+), \d+ s$", out, re.M) == [
+        ("environment", "passed"), *((name, "skipped (time)") for name in list(gpu_check.PARTS)[1:])]
+    assert out.splitlines()[-1].startswith(
+        "gpu_check: INCOMPLETE 1/5 passed, 4 skipped (rehearsal on CPU): environment:ok flex_equals_sdpa:skipped(time)"
+        " record_step:skipped(time) validation:skipped(time) sampling:skipped(time) ")
+    assert report.read_text() == out
+
+
+def test_without_data_the_parts_that_need_none_still_run(monkeypatch, capsys):
+    def no_vocabulary(hp):
+        raise RuntimeError("cannot load the GPT-2 tokenizer: offline\nsecond line")
+
+    monkeypatch.setattr(gpu_check, "data_files", no_vocabulary)
+    fake_parts(monkeypatch, record_step=lambda target, state: gpu_check.needs_data(target),
+               validation=lambda target, state: gpu_check.needs_data(target))
+    assert gpu_check.main("cpu", "") == 1
+    out = capsys.readouterr().out
+    missing = "no training data: RuntimeError: cannot load the GPT-2 tokenizer: offline"
+    assert out.count(missing) == 3 and "second line" not in out  # once in the header, once in each part it stops
+    assert out.count(" ran\n") == 3
+    assert out.splitlines()[-1].startswith(
+        "gpu_check: INCOMPLETE 3/5 passed, 2 skipped (rehearsal on CPU): environment:ok flex_equals_sdpa:ok "
+        "record_step:skipped(no data) validation:skipped(no data) sampling:ok ")
