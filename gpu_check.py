@@ -49,6 +49,7 @@ import eval as evaluate
 import train
 from data.demo import DEMO_DIR, prepare_demo
 from data.loader import TokenLoader, find_shards, val_batches
+from data.tokenizer import get_tokenizer
 from model import BD3LM, Noise, eval_noise, flex_kernel_options, model_flops_per_token, train_noise
 from sample import Settings as SampleSettings
 from sample import generate
@@ -105,6 +106,8 @@ def data_files(hp: train.Hyperparameters) -> dict:
     built here, which needs the GPT-2 vocabulary (data/tokenizer.py)."""
     if hp.preset != "demo" and os.path.isfile(hp.val_file) and glob.glob(hp.train_files):
         return {}
+    if not os.path.isfile(f"{DEMO_DIR}/demo_val_000000.bin"):
+        get_tokenizer()  # offline without the vocabulary this fails at once, before the corpus's text is collected
     with contextlib.redirect_stdout(io.StringIO()):  # its size line is not part of the report
         prepare_demo()
     return dict(train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin")
