@@ -12,6 +12,7 @@ import time
 
 from conftest import ONE_THREAD, REPO
 
+import common
 import gpu_check
 
 
@@ -89,3 +90,17 @@ def test_without_data_the_parts_that_need_none_still_run(monkeypatch, capsys):
     assert out.splitlines()[-1].startswith(
         "gpu_check: INCOMPLETE 3/5 passed, 2 skipped (rehearsal on CPU): environment:ok flex_equals_sdpa:ok "
         "record_step:skipped(no data) validation:skipped(no data) sampling:ok ")
+
+
+def test_allocator_settings_without_torchs_getter_come_back_from_the_environment(monkeypatch):
+    """torch 2.11 has the setter but no getter: what set_allocator_settings applied, or the user set, reads back."""
+    applied = []
+    monkeypatch.delattr(common.torch._C, "_accelerator_getAllocatorSettings", raising=False)
+    monkeypatch.setattr(common.torch._C, "_accelerator_setAllocatorSettings", applied.append)
+    for name in common.ALLOC_CONF_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert common.allocator_settings() == ""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
+    assert common.allocator_settings() == "max_split_size_mb:64"
+    common.set_allocator_settings("expandable_segments:True")
+    assert applied == ["expandable_segments:True"] and common.allocator_settings() == "expandable_segments:True"
