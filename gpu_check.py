@@ -391,15 +391,7 @@ def main(device_name: str, report_path: str) -> int:
     summary line last. Returns the exit status: 0 only if every part passed."""
     started = time.perf_counter()
     report = Report(report_path)
-
-    def out_of_time(signum, frame):
-        raise OutOfTime()
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.setitimer(signal.ITIMER_REAL, DEADLINE_SECONDS)
-    try:
-        results = run_check(device_name, started + DEADLINE_SECONDS, report)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    results = run_check(device_name, started + DEADLINE_SECONDS, report)
     counts = {verdict: sum(1 for v in results.values() if v.startswith(verdict)) for verdict in ("ok", "failed")}
     skipped = len(results) - counts["ok"] - counts["failed"]
     word = "FAIL" if counts["failed"] else "INCOMPLETE" if skipped else "PASS"
@@ -431,18 +423,20 @@ def run_check(device_name: str, deadline: float, report: Report) -> dict[str, st
     results, target = {}, None
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         try:
-            device = common.pick_device(device_name)
-            report.rehearsal = device.type != "cuda"
-            report.add(title(device))
-            if device.type != "cuda":
-                stack.enter_context(common.flex_backward_on_cpu())
-            target = target_for(device, deadline)
+            with alarm_at(deadline):
+                device = common.pick_device(device_name)
+                report.rehearsal = device.type != "cuda"
+                report.add(title(device))
+                if device.type != "cuda":
+                    stack.enter_context(common.flex_backward_on_cpu())
+                target = target_for(device, deadline)
             if target.missing:
                 report.add(f"- missing: {target.missing}; README's GPU section says what to bring")
         except Exception as error:  # no part can run; the summary line still comes
             report.add(f"- setup failed: {type(error).__name__}: {error}")
             results["setup"] = "failed"
         except OutOfTime:
+            report.add(f"- setup stopped at the check's deadline, {DEADLINE_SECONDS} s after its start")
             results["setup"] = "skipped(time)"
         state = {"folder": folder}
         for name, part in PARTS.items() if target else ():
@@ -459,7 +453,9 @@ def run_part(name: str, part, target: Target, state: dict, report: Report) -> st
         report.add(f"\n## {name}: skipped (time), 0 s\n\n- not started: the check's {DEADLINE_SECONDS} s had passed")
         return "skipped(time)"
     try:
-        lines, verdict, heading = part(target, state), "ok", "passed"
+        with alarm_at(target.deadline):
+            lines = part(target, state)
+        verdict, heading = "ok", "passed"
     except Skipped as reason:
         lines, verdict, heading = [f"- {reason}"], "skipped(no data)", "skipped (no data)"
     except OutOfTime:
@@ -470,6 +466,21 @@ def run_part(name: str, part, target: Target, state: dict, report: Report) -> st
         heading = f"FAILED ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     report.add(f"\n## {name}: {heading}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines))
     return verdict
+
+
+@contextlib.contextmanager
+def alarm_at(deadline: float):
+    """OutOfTime inside the code it wraps once time.perf_counter() passes `deadline`, even inside a compile; the
+    alarm is off outside it, so reporting a part is never interrupted."""
+    def out_of_time(signum, frame):
+        raise OutOfTime()
+    previous = signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.perf_counter(), 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def title(device: torch.device) -> str:
