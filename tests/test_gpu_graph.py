@@ -126,7 +126,6 @@ DRIVER = f"""
 import sys
 sys.path.insert(0, {REPO!r})
 import common
-common.flex_backward_on_cpu().__enter__()
 sys.path.insert(0, {REPO + '/tests'!r})
 from conftest import CountingBackend
 import train
@@ -139,7 +138,8 @@ def build_compiled_model(*args):
     return model
 
 train.build_model = build_compiled_model
-train.main(sys.argv[1:])
+with common.flex_backward_on_cpu():
+    train.main(sys.argv[1:])
 print(f"graphs:{{backend.graphs}}")
 """
 
