@@ -115,7 +115,7 @@ def data_files(hp: train.Hyperparameters) -> dict:
 
 def needs_data(target: Target) -> None:
     if target.missing:
-        raise Skipped(target.missing)
+        raise Skipped("it needs training data: see `missing` at the top")
 
 
 def estimate_gpu(target: Target):
@@ -161,7 +161,7 @@ def environment(target: Target, state: dict) -> list[str]:
         if "expandable_segments:True" not in allocator:
             raise RuntimeError(f"the allocator runs without expandable segments: {allocator or 'default'}")
     lines.append(f"- preset {target.hp.preset}: {target.hp.micro_batch} x {target.hp.seq_len} tokens per forward, "
-                 f"data {target.missing or target.hp.train_files}")
+                 f"data {'none' if target.missing else target.hp.train_files}")
     return lines
 
 
