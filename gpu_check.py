@@ -228,7 +228,7 @@ def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
 
 
 def record_step(target: Target, state: dict) -> list[str]:
-    """train.py's warm-up, then Run.train_step with its optimizers, one forward a step."""
+    """The training graph of train.py's warm-up, then Run.train_step with its optimizers, one forward a step."""
     needs_data(target)
     hp, device = target.hp, target.device
     reset_peak_memory(device)
