@@ -161,6 +161,8 @@ def test_train_py_on_the_flex_graph_one_process_and_two_gloo_ranks(tmp_path, dem
     assert re.search(r"^compile_time:\d+ms$", read_log(tmp_path, "one"), re.M)
 
 
+@pytest.mark.skipif(not common.inductor_sorts_fall_back(), reason="this torch's Inductor ignores the annotation "
+                    "(torch 2.11: common.torch_limitations reports it)")
 def test_every_sort_of_the_block_mask_falls_back_to_eager():
     """Inductor would compile an argsort to a Triton sort, with a compile-time cliff; annotated, it runs eagerly
     (as in torch's own BlockMask code)."""
