@@ -1,11 +1,14 @@
 """
-What the scripts share: --name=value flags and --help, the device, precision and process group, checkpoints,
-peak memory, and the val NELBO (the protocol of train.py's validation and of eval.py).
+What the scripts share: --name=value flags and --help, the device, precision and process group, the guards of
+every private or version-dependent torch call, checkpoints, peak memory, and the val NELBO (the protocol of
+train.py's validation and of eval.py).
 
 train.py, sample.py, eval.py and bench.py import this file; it imports only model.py and data/, never a script.
 """
 
 import contextlib
+import functools
+import inspect
 import os
 import resource
 import sys
@@ -13,6 +16,7 @@ from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
+import torch.nn.attention.flex_attention as flex_attention_module
 from tqdm import tqdm
 
 from data.loader import val_batches
@@ -109,18 +113,12 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device=cuda but this machine has no CUDA device")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    user_set = "PYTORCH_ALLOC_CONF" in os.environ or "PYTORCH_CUDA_ALLOC_CONF" in os.environ
+    user_set = any(name in os.environ for name in ALLOC_CONF_VARIABLES)
     if not user_set and not allocator_settings():  # the user's setting wins
-        # applied now, before the first CUDA allocation: torch may have read os.environ at import already
-        torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
+        set_allocator_settings("expandable_segments:True")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     return device
-
-
-def allocator_settings() -> str:
-    """The accelerator allocator's settings in effect (PYTORCH_ALLOC_CONF syntax); empty: torch's defaults."""
-    return torch._C._accelerator_getAllocatorSettings()
 
 
 def ranks() -> tuple[int, int]:
@@ -133,13 +131,6 @@ def init_process_group(device: torch.device) -> None:
     if ranks()[1] > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: on CUDA, and on CPUs for which oneDNN has bf16 kernels (x86 with
-    AVX-512, ARM with bf16); on AVX2-only CPUs they are far slower than fp32."""
-    return device.type == "cuda" or (torch.backends.mkldnn.is_available()
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def uses_bf16(autocast: str, device: torch.device) -> bool:
@@ -172,6 +163,66 @@ def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_si
     def copy(x: torch.Tensor) -> torch.Tensor:
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
     return copy(tokens), Noise(*(copy(x) for x in noise))
+
+
+# -----------------------------------------------------------------------------
+# Torch versions: every private or version-dependent torch call of the scripts, each with a fallback that keeps
+# the behaviour on every supported release (2.11 to the newest; requirements.txt)
+
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the new name, then the older one
+
+
+def allocator_settings() -> str:
+    """The accelerator allocator's settings in effect (PYTORCH_ALLOC_CONF syntax); empty: torch's defaults.
+    torch 2.11 has no getter: there the settings are read back from the environment, which
+    set_allocator_settings keeps in step."""
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if getter is not None:
+        return getter()
+    return next((os.environ[name] for name in ALLOC_CONF_VARIABLES if os.environ.get(name)), "")
+
+
+def set_allocator_settings(settings: str) -> None:
+    """Apply allocator settings before the first CUDA allocation: torch may have read os.environ at import
+    already. The environment gets them too, for allocator_settings on torch 2.11 and for child processes."""
+    torch._C._accelerator_setAllocatorSettings(settings)
+    os.environ["PYTORCH_ALLOC_CONF"] = settings
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: on CUDA, and on CPUs for which oneDNN has bf16 kernels (x86 with
+    AVX-512, ARM with bf16); on AVX2-only CPUs they are far slower than fp32."""
+    return device.type == "cuda" or (torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def inductor_sorts_fall_back() -> bool:
+    """Whether Inductor honours model.py's `fallback_to_eager` annotation on the BlockMask's argsort (torch 2.13
+    and later do). Where it does not (2.11), each flex graph compiles Triton sorts: slower to compile, same
+    result."""
+    import torch._inductor.graph as lowering  # Inductor's lowering of each graph node reads the annotation
+    return "fallback_to_eager" in inspect.getsource(lowering)
+
+
+def torch_limitations() -> list[str]:
+    """One line for each thing this torch cannot do that a GPU run would use: for the log header and gpu_check."""
+    if inductor_sorts_fall_back():
+        return []
+    return [f"torch {torch.__version__}: Inductor ignores the fallback_to_eager annotation on the BlockMask's "
+            "argsort, so every flex graph compiles Triton sorts (pytorch#182060): minutes more compile, same results"]
+
+
+@contextlib.contextmanager
+def flex_backward_on_cpu():
+    """Lift FlexAttention's only refusal of a CPU backward (a private guard), so a CPU traces and runs the compiled
+    graph a GPU runs: for gpu_check's rehearsal and the tests, never for training."""
+    guard = flex_attention_module._validate_device
+    flex_attention_module._validate_device = lambda *tensors: None
+    try:
+        yield
+    finally:
+        flex_attention_module._validate_device = guard
 
 
 # -----------------------------------------------------------------------------

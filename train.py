@@ -225,7 +225,7 @@ class Muon(torch.optim.Optimizer):
                 updates, handle = mine[None], None
                 if world_size > 1:
                     updates = mine.new_empty(world_size, mine.numel())
-                    handle = dist.all_gather_single(updates.view(-1), mine, async_op=True)
+                    handle = dist.all_gather_into_tensor(updates.view(-1), mine, async_op=True)
                 gathers.append((handle, turn, updates))
             for handle, turn, updates in gathers:
                 if handle is not None:
@@ -387,6 +387,8 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
     log(f"python:{platform.python_version()}", console=False)
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
     log(f"allocator:{common.allocator_settings() or 'default'}", console=False)
+    for limitation in common.torch_limitations() if torch.cuda.is_available() else ():
+        log(f"torch_limitation:{limitation}")
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
     log(runtime_line(), console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")

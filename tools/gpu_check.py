@@ -1,21 +1,27 @@
 """
-The prepared GPU check, `python bench.py --gpu_check=True`: what a first, short GPU window must show, in at most
-8 minutes of one GPU, compile included. Five parts, each run even if an earlier one failed:
+The prepared GPU check, `python3 tools/gpu_check.py --report=gpu_check.md`: what a first, short GPU window
+must show, in at most 8 minutes of one GPU, compiles included, offline, with only torch (2.11 or later), triton,
+numpy, tiktoken, tqdm and huggingface_hub installed. Five parts, each run even if an earlier one failed:
 
-- environment: the GPU, driver, torch, CUDA and Triton versions, the allocator setting in effect;
+- environment: the GPU, driver, torch, CUDA and Triton versions, the allocator setting in effect, and what this
+  torch cannot do (common.torch_limitations);
 - flex_equals_sdpa: the compiled FlexAttention loss against SDPA at the record's layer shapes (two of its layers,
   seq_len 8192), loss and gradients in bf16, each measured against SDPA in fp32;
 - record_step: the record step at its preset's shapes (`record` on a GPU with 80 GB, `record_24gb` on less), with
-  train.py's own warm-up, Run.train_step and optimizers, one forward an optimizer step, for up to 30 steps on
-  FineWeb-Edu if its shards are here, else on the demo corpus: compile time, step ms, tokens/s, model FLOP
-  utilization and peak memory, next to costmodel.py's estimate, and the loss falling;
+  the training graph of train.py's warm-up, Run.train_step and optimizers, one forward an optimizer step, for up
+  to 30 steps on FineWeb-Edu if its shards are here, else on the demo corpus: compile time, step ms, tokens/s,
+  model FLOP utilization and peak memory, next to costmodel.py's estimate, and the loss falling;
 - validation: eval.py's own code path (a checkpoint of that model, eval.main) on a few val chunks, eager;
 - sampling: cached sampling tokens/s, and the cached logits of a noisy block against a recompute of its context.
 
-It prints a markdown report part by part, then one line that begins with `gpu_check:` and names the parts that
-passed; the exit status is 1 if any failed. Without CUDA it is a rehearsal and its first line says so: every part
-runs on the CPU with a tiny config, the loss compiled under aot_eager with FlexAttention's one CPU guard (no
-backward) lifted, so this file has run end to end before a GPU is paid for (tests/test_gpu_check.py).
+Only the graphs these parts use are compiled. It prints a markdown report part by part (and appends each section
+to --report's file as the part ends), then one line that begins with `gpu_check:` and gives each part's verdict.
+A deadline (DEADLINE_SECONDS) stops the check, compiles included: a part it interrupts or never reaches is
+`skipped (time)`, not failed. Without data (no FineWeb-Edu, no demo corpus and no GPT-2 vocabulary to build one)
+record_step and validation are `skipped (no data)` and the rest runs. The exit status is 0 only if every part
+passed. Without CUDA it is a rehearsal and its first line says so: every part runs on the CPU with a tiny config,
+the loss compiled under aot_eager with FlexAttention's one CPU guard (no backward) lifted, so this file has run
+end to end before a GPU is paid for (tests/test_gpu_check.py).
 """
 
 import contextlib
@@ -25,6 +31,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,15 +42,15 @@ from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 
 import torch
-import torch.nn.attention.flex_attention as flex_module
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
 import eval as evaluate
 import train
-from data.loader import DEMO_DIR, TokenLoader, find_shards
-from model import BD3LM, Noise, flex_kernel_options, train_noise
+from data.loader import DEMO_DIR, TokenLoader, find_shards, val_batches
+from data.tokenizer import get_tokenizer
+from model import BD3LM, Noise, eval_noise, flex_kernel_options, setting, train_noise
 from sample import Settings as SampleSettings
 from sample import generate
 from tools import costmodel as cm
@@ -52,6 +59,9 @@ from tools.demo_corpus import prepare_demo
 # record_step stops after this many steps or seconds (compile included), on a GPU; the other parts are one
 # compiled loss, 4 val chunks and 1 + 8 samples of 256 tokens: about 2 minutes with their compile, estimated
 RECORD_STEPS, RECORD_SECONDS = 30, 240
+# the whole check's deadline, compiles included: 8 minutes of a GPU less python's start and the imports; parts not
+# done by then are skipped (time). record_step's loop stops early enough to leave the last two parts RESERVE_SECONDS
+DEADLINE_SECONDS, RESERVE_SECONDS = 440, 90
 # the H200 is not in costmodel.GPUS: the H100 SXM's compute, its own memory (datasheet: 4.8 TB/s, 141 GB)
 H200 = cm.GPUS[0]._replace(name="H200", match="H200", memory_bandwidth=4.8e12, memory=141 * 10**9, count=1)
 TINY = dict(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, seq_len=256, micro_batch=2)
@@ -68,6 +78,8 @@ class Target:
     bf16: bool
     steps: int
     seconds: float  # record_step's cap
+    deadline: float  # time.perf_counter() at which the check stops
+    missing: str  # what the check lacks to train and validate (no data), in one line; empty: nothing
 
     @property
     def name(self) -> str:
@@ -75,34 +87,42 @@ class Target:
             f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def target_for(device: torch.device) -> Target:
+def target_for(device: torch.device, deadline: float) -> Target:
     cuda = device.type == "cuda"
     preset = "record" if cuda and torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30 \
         else "record_24gb"
-    overrides = {} if cuda else dict(TINY, preset="demo", attn_backend="flex")
+    overrides = {} if cuda else dict(TINY, preset="demo")
     hp = train.Hyperparameters(**{**train.PRESETS[preset], "preset": preset, **overrides})
-    hp = replace(hp, batch_size=hp.micro_batch, **data_files(hp))
+    try:
+        files, missing = data_files(hp), ""
+    except Exception as error:  # no corpus and no way to build one here: the parts without data still run
+        files, missing = {}, f"no training data: {type(error).__name__}: {str(error).splitlines()[0]}"
+    hp = replace(hp, batch_size=hp.micro_batch, **files)
     train.check_settings(hp, world_size=1)
     return Target(device, not cuda, hp, "inductor" if cuda else "aot_eager", common.fast_bf16(device),
-                  RECORD_STEPS if cuda else 8, RECORD_SECONDS if cuda else RECORD_SECONDS / 2)
+                  RECORD_STEPS if cuda else 8, RECORD_SECONDS if cuda else RECORD_SECONDS / 2, deadline, missing)
 
 
 def data_files(hp: train.Hyperparameters) -> dict:
-    """FineWeb-Edu if its shards are here (and on a GPU), else the demo corpus, prepared if missing."""
+    """FineWeb-Edu if its shards are here (and on a GPU), else the demo corpus: carried with the tree (README), or
+    built here, which needs the GPT-2 vocabulary (data/tokenizer.py)."""
     if hp.preset != "demo" and os.path.isfile(hp.val_file) and glob.glob(hp.train_files):
         return {}
-    prepare_demo()
-    return dict(train_files=f"{DEMO_DIR}/demo_train_*.bin", val_file=f"{DEMO_DIR}/demo_val_000000.bin")
+    if not os.path.isfile(f"{DEMO_DIR}/demo_val_000000.bin"):
+        get_tokenizer()  # offline without the vocabulary this fails at once, before the corpus's text is collected
+    with contextlib.redirect_stdout(io.StringIO()):  # its size line is not part of the report
+        prepare_demo()
+    return dict(data=f"{DEMO_DIR}/demo")
+
+
+def needs_data(target: Target) -> None:
+    if target.missing:
+        raise Skipped("it needs training data: see `missing` at the top")
 
 
 def estimate_gpu(target: Target):
     """The costmodel spec of this GPU (the H100's for a rehearsal, so the estimate's code runs too)."""
     return cm.GPUS[0] if target.rehearsal else cm.gpu_spec(target.name) or (H200 if "H200" in target.name else None)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -128,6 +148,7 @@ def environment(target: Target, state: dict) -> list[str]:
         lines.append("- triton: not installed" + ("" if target.rehearsal else " (Inductor needs it on a GPU)"))
     allocator = common.allocator_settings()
     lines.append(f"- allocator: {allocator or 'default'}")
+    lines += [f"- limitation: {line}" for line in common.torch_limitations()]
     if not target.rehearsal:
         props = torch.cuda.get_device_properties(target.device)
         lines += [f"- driver {driver_version()}, compute capability {props.major}."
@@ -137,7 +158,7 @@ def environment(target: Target, state: dict) -> list[str]:
         if "expandable_segments:True" not in allocator:
             raise RuntimeError(f"the allocator runs without expandable segments: {allocator or 'default'}")
     lines.append(f"- preset {target.hp.preset}: {target.hp.micro_batch} x {target.hp.seq_len} tokens per forward, "
-                 f"data {target.hp.train_files}")
+                 f"data {'none' if target.missing else target.hp.train_files}")
     return lines
 
 
@@ -173,19 +194,19 @@ def loss_and_grads(model: BD3LM, tokens, noise, bf16: bool) -> torch.Tensor:
 def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
     """Compiled flex against eager SDPA on one row of seq_len, both in bf16, each against SDPA in fp32."""
     hp, device = target.hp, target.device
-    config = replace(train.model_config(hp), n_layer=2, attn_backend="flex")
+    config = replace(train.model_config(hp), n_layer=2)
     sdpa = random_model(config, device)
     flex = random_model(config, device)
     if device.type == "cuda":
         flex.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
-    flex.compile_loss(target.compile_backend)
+    flex.compile_loss(target.compile_backend, flex=True)
     gen = torch.Generator().manual_seed(1)
     tokens = cm.document_stream(hp.seq_len, cm.FINEWEB_MEAN_DOC, gen)[None]
     noise = train_noise(hp.seq_len, config.block_size, hp.t_lo, hp.t_hi, gen)
     tokens, noise = common.to_device(tokens, Noise(*(x[None] for x in noise)), device, config.vocab_size)
     started = time.perf_counter()
     flex_bf16 = loss_and_grads(flex, tokens, noise, bf16=True)
-    synchronize(device)
+    common.synchronize(device)
     compile_seconds = time.perf_counter() - started
     reference, sdpa_bf16 = (loss_and_grads(sdpa, tokens, noise, bf16) for bf16 in (False, True))
 
@@ -204,22 +225,24 @@ def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
 
 
 def record_step(target: Target, state: dict) -> list[str]:
-    """train.py's warm-up, then Run.train_step with its optimizers, one forward a step."""
+    """The training graph of train.py's warm-up, then Run.train_step with its optimizers, one forward a step."""
+    needs_data(target)
     hp, device = target.hp, target.device
     reset_peak_memory(device)
     counters.clear()
     model = train.build_model(train.model_config(hp), hp.seed, device)
-    model.compile_loss(target.compile_backend)
+    model.compile_loss(target.compile_backend, flex=True)
     state["model"] = model
     autocast = common.autocast_context(device, target.bf16)
     loader = TokenLoader(find_shards(hp.train_files), hp.seq_len, sequences=hp.micro_batch)
     run = train.Run(hp, 0, 1, device, autocast, model, train.make_optimizers(model, hp, common.fast_bf16(device)),
                     loader, log=lambda line, console=True: None, checkpoint_folder=state["folder"])
-    compile_ms = train.warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device)
+    compile_ms = warm_up_training(model, hp, autocast, device)
     losses, seconds, started = [], [], time.perf_counter()
     for step in range(target.steps):
         out_of_data = loader.position + 2 * hp.micro_batch * hp.seq_len > loader.num_tokens  # the demo corpus is small
-        out_of_time = step >= 3 and time.perf_counter() - started > target.seconds - compile_ms / 1000
+        out_of_time = step >= 3 and (time.perf_counter() - started > target.seconds - compile_ms / 1000
+                                     or time.perf_counter() > target.deadline - RESERVE_SECONDS)
         if out_of_data or out_of_time:
             break
         step_start = run.sync_time()
@@ -246,7 +269,7 @@ def record_step(target: Target, state: dict) -> list[str]:
     lines = [f"- {model.num_params() / 1e6:.1f}M parameters, {hp.micro_batch} x {hp.seq_len} tokens a step, "
              f"{len(losses)} steps, {graphs} compiled graphs", "",
              f"| figure | measured | {est} |", "|---|---|---|",
-             f"| compile (train.warm_up) | {compile_ms / 1000:.1f} s | 60-180 s |",
+             f"| compile (train.warm_up's training graph) | {compile_ms / 1000:.1f} s | 60-180 s |",
              f"| step | {1e3 * step_s:.1f} ms | {f'{estimate_ms:.1f} ms' if estimate_ms else '-'} |",
              f"| tokens/s | {tokens / step_s:,.0f} | {f'{tokens / estimate_ms * 1e3:,.0f}' if estimate_ms else '-'} |",
              f"| matmul peak, TFLOP/s | {peak / 1e12:.1f} (measured) | "
@@ -261,16 +284,33 @@ def record_step(target: Target, state: dict) -> list[str]:
     return lines
 
 
-def matmul_peak(device: torch.device, bf16: bool) -> float:
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
-    a @ b
-    synchronize(device)
+def warm_up_training(model: BD3LM, hp: train.Hyperparameters, autocast, device: torch.device) -> float:
+    """train.warm_up's first half: the compiled training forward and backward on micro_batch copies of the first
+    val chunk, gradients dropped. Not its no-grad val graph, which the check never runs compiled. Returns ms."""
     started = time.perf_counter()
-    for _ in range(10):
+    _, tokens = next(val_batches(hp.val_file, hp.seq_len, hp.seq_len))
+    noise = eval_noise(hp.seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0)
+    tokens, noise = common.to_device(tokens, noise, device, model.config.vocab_size)
+    with autocast:
+        # repeat, not expand: the compiled graph is specialized to the strides of real batches too
+        model(tokens.repeat(hp.micro_batch, 1), Noise(*(x.repeat(hp.micro_batch, 1) for x in noise))).backward()
+    model.zero_grad(set_to_none=True)
+    common.synchronize(device)
+    return 1000 * (time.perf_counter() - started)
+
+
+def matmul_peak(device: torch.device, bf16: bool, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in bf16 or fp32, the median of `repeats` timed products after one untimed."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+    seconds = []
+    for _ in range(repeats + 1):
+        common.synchronize(device)
+        started = time.perf_counter()
         a @ b
-    synchronize(device)
-    return 10 * 2 * n**3 / (time.perf_counter() - started)
+        common.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return 2 * n**3 / statistics.median(seconds[1:])
 
 
 def trained_or_random(target: Target, state: dict) -> BD3LM:
@@ -280,10 +320,10 @@ def trained_or_random(target: Target, state: dict) -> BD3LM:
 
 def validation(target: Target, state: dict) -> list[str]:
     """eval.main on a checkpoint of the model, 4 val chunks, eager as eval.py runs."""
+    needs_data(target)
     hp, model = target.hp, trained_or_random(target, state)
     path = os.path.join(state["folder"], "gpu_check.pt")
-    torch.save(dict(format=common.CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
-                    hparams=asdict(hp), step=0, optimizers=[], loader={}, rng={}), path)
+    common.save_checkpoint(path, model, asdict(hp))
     reset_peak_memory(target.device)
     output, started = io.StringIO(), time.perf_counter()
     with contextlib.redirect_stdout(output):
@@ -336,48 +376,131 @@ PARTS = {"environment": environment, "flex_equals_sdpa": flex_equals_sdpa, "reco
 # The report
 
 
-def run_check(device: torch.device) -> int:
-    """Every part, its section printed as it ends; the summary line last. Returns the exit status."""
+class Skipped(Exception):
+    """A part that cannot run here, for want of something the report names in one line (no data)."""
+
+
+class OutOfTime(BaseException):
+    """The check's deadline, raised inside a running part; a BaseException, so no `except Exception` takes it."""
+
+
+@dataclass
+class Settings:
+    device: str = setting("auto", "auto (cuda if available, else a rehearsal on the CPU), cpu or cuda")
+    report: str = setting("", "also write each part's section to this file as the part ends")
+
+
+def main(argv: list[str]) -> None:
+    s = common.command_line(argv, Settings, "python3 tools/gpu_check.py [--report=gpu_check.md]")
+    with common.user_errors():
+        if s.report and not os.path.isdir(os.path.dirname(os.path.abspath(s.report))):
+            raise common.ConfigError(f"--report={s.report}: its folder does not exist")
+    sys.exit(check(s.device, s.report))  # the check picks the device itself, so that its failure is in the report
+
+
+def check(device_name: str, report_path: str) -> int:
+    """The check under its deadline: each section printed, and appended to report_path, as its part ends; the
+    summary line last. Returns the exit status: 0 only if every part passed."""
     started = time.perf_counter()
-    if device.type == "cuda":
-        print(f"# gpu_check on {torch.cuda.get_device_name(device)}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    else:
-        print(f"# gpu_check REHEARSAL on the CPU (no CUDA device): a tiny config, aot_eager, FlexAttention's CPU "
-              f"guard lifted; no figure here is a GPU's. {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    results = {}
+    report = Report(report_path)
+    results = run_check(device_name, started + DEADLINE_SECONDS, report)
+    counts = {verdict: sum(1 for v in results.values() if v.startswith(verdict)) for verdict in ("ok", "failed")}
+    skipped = len(results) - counts["ok"] - counts["failed"]
+    word = "FAIL" if counts["failed"] else "INCOMPLETE" if skipped else "PASS"
+    report.add(f"\ngpu_check: {word} {counts['ok']}/{len(results)} passed"
+               f"{f', {skipped} skipped' if skipped else ''}"
+               f"{' (rehearsal on CPU)' if report.rehearsal else ''}: "
+               + " ".join(f"{name}:{verdict}" for name, verdict in results.items())
+               + f" seconds:{time.perf_counter() - started:.0f}")
+    return 0 if word == "PASS" else 1
+
+
+class Report:
+    """Printed as it comes and appended to a file (if a path is given), so a killed run leaves its finished parts."""
+
+    def __init__(self, path: str):
+        self.path, self.rehearsal = path, False
+        if path:
+            open(path, "w").close()
+
+    def add(self, text: str) -> None:
+        print(text, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+
+
+def run_check(device_name: str, deadline: float, report: Report) -> dict[str, str]:
+    """Every part, each reported as it ends: `ok`, `failed`, `skipped(time)` or `skipped(no data)` by name."""
+    results, target = {}, None
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
-        if device.type != "cuda":
-            stack.enter_context(lift_cpu_flex_guard())
-        state = {"folder": folder}
         try:
-            target = target_for(device)
+            with alarm_at(deadline):
+                device = common.pick_device(device_name)
+                report.rehearsal = device.type != "cuda"
+                report.add(title(device))
+                if device.type != "cuda":
+                    stack.enter_context(common.flex_backward_on_cpu())
+                target = target_for(device, deadline)
+            if target.missing:
+                report.add(f"- missing: {target.missing}; README's GPU section says what to bring")
         except Exception as error:  # no part can run; the summary line still comes
-            target, results["setup"] = None, f"{type(error).__name__}: {error}"
+            report.add(f"- setup failed: {type(error).__name__}: {error}")
+            results["setup"] = "failed"
+        except OutOfTime:
+            report.add(f"- setup stopped at the check's deadline, {DEADLINE_SECONDS} s after its start")
+            results["setup"] = "skipped(time)"
+        state = {"folder": folder}
         for name, part in PARTS.items() if target else ():
-            part_start = time.perf_counter()
-            try:
-                lines, results[name] = part(target, state), None
-            except (Exception, SystemExit) as error:  # reported; the next part runs
-                lines, results[name] = [f"```\n{traceback.format_exc(limit=-3).rstrip()}\n```"], \
-                    f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            verdict = "passed" if results[name] is None else f"FAILED ({results[name]})"
-            print(f"\n## {name}: {verdict}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines),
-                  flush=True)
-            torch._dynamo.reset()
-    failed = [name for name, error in results.items() if error is not None]
-    print(f"\ngpu_check: {'FAIL' if failed else 'PASS'} {len(results) - len(failed)}/{len(results)} passed"
-          f"{' (rehearsal on CPU)' if device.type != 'cuda' else ''}: "
-          + " ".join(f"{name}:{'failed' if error else 'ok'}" for name, error in results.items())
-          + f" seconds:{time.perf_counter() - started:.0f}", flush=True)
-    return 1 if failed else 0
+            results[name] = run_part(name, part, target, state, report)
+            if results[name] != "skipped(time)":  # a compile stopped midway is left as it is
+                torch._dynamo.reset()
+    return results
+
+
+def run_part(name: str, part, target: Target, state: dict, report: Report) -> str:
+    """One part, its section reported as it ends; its verdict for the summary line."""
+    part_start = time.perf_counter()
+    if part_start > target.deadline:
+        report.add(f"\n## {name}: skipped (time), 0 s\n\n- not started: the check's {DEADLINE_SECONDS} s had passed")
+        return "skipped(time)"
+    try:
+        with alarm_at(target.deadline):
+            lines = part(target, state)
+        verdict, heading = "ok", "passed"
+    except Skipped as reason:
+        lines, verdict, heading = [f"- {reason}"], "skipped(no data)", "skipped (no data)"
+    except OutOfTime:
+        lines, verdict, heading = [f"- stopped at the check's deadline, {DEADLINE_SECONDS} s after its start"], \
+            "skipped(time)", "skipped (time)"
+    except (Exception, SystemExit) as error:  # reported; the next part runs
+        lines, verdict = [f"```\n{traceback.format_exc(limit=-3).rstrip()}\n```"], "failed"
+        heading = f"FAILED ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    report.add(f"\n## {name}: {heading}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines))
+    return verdict
 
 
 @contextlib.contextmanager
-def lift_cpu_flex_guard():
-    """FlexAttention's only refusal of a CPU backward; lifted, the compiled graph is the one a GPU runs."""
-    guard = flex_module._validate_device
-    flex_module._validate_device = lambda *tensors: None
+def alarm_at(deadline: float):
+    """OutOfTime inside the code it wraps once time.perf_counter() passes `deadline`, even inside a compile; the
+    alarm is off outside it, so reporting a part is never interrupted."""
+    def out_of_time(signum, frame):
+        raise OutOfTime()
+    previous = signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.perf_counter(), 1e-3))
     try:
         yield
     finally:
-        flex_module._validate_device = guard
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def title(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"# gpu_check on {torch.cuda.get_device_name(device)}, {time.strftime('%Y-%m-%d %H:%M')}"
+    return (f"# gpu_check REHEARSAL on the CPU (no CUDA device): a tiny config, aot_eager, FlexAttention's CPU "
+            f"guard lifted; no figure here is a GPU's. {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
