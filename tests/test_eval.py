@@ -1,4 +1,4 @@
-"""eval.py through its command line, on a checkpoint that train.py writes here (about a minute on 2 cores).
+"""eval.py through its command line, on the checkpoint of the shared trained run (tests/conftest.py).
 
     python -m pytest -q tests/test_eval.py
 """
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ONE_THREAD, REPO, SMALL, read_log, run_train
+from conftest import ONE_THREAD, REPO
 
 from data.demo import DEMO_DIR
 
@@ -19,12 +19,10 @@ RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tok
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, demo_corpus):
-    """A two-layer demo-corpus model trained for 6 steps; returns (checkpoint path, final val_loss of its log)."""
-    folder = tmp_path_factory.mktemp("run")
-    run_train(folder, *SMALL, "--steps=6", "--val_every=0", "--run_id=small")
-    final = re.findall(r"^step:6/6 val_loss:(\S+) ", read_log(folder, "small"), re.M)[-1]
-    return f"{folder}/checkpoints/small/final.pt", final
+def run(trained_run):
+    """The shared two-layer demo-corpus run: (its final checkpoint, the val_loss of its last val line)."""
+    final = re.findall(r"^step:4/4 val_loss:(\S+) ", trained_run.text, re.M)[-1]
+    return trained_run.final, final
 
 
 def evaluate(*flags, launcher=(sys.executable, "eval.py")):
