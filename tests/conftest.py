@@ -35,6 +35,15 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TRAINED = [*SMALL, "--steps=4", "--val_every=2", "--save_every=2"]
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, as ONE_THREAD gives a subprocess: small models run faster so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_corpus():
     """(train shard, val shard) of the built-in demo corpus, prepared once if missing."""
