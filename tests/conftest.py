@@ -1,6 +1,6 @@
 """Helpers the test modules share: tiny random models and token streams, a slow per-block reference of the loss,
-train.py as a subprocess, logs, checkpoints, the demo corpus and one small trained run. Test modules import these from here, never from
-each other.
+train.py as a subprocess, logs, checkpoints, the demo corpus and one small trained run. Test modules import these
+from here, never from each other.
 """
 
 import os
