@@ -142,7 +142,7 @@ def write_local_shards(folder, train_tokens, val_tokens):
 def test_record_preset_two_steps_on_cpu(tmp_path):
     train_files, val_file = write_local_shards(tmp_path / "fineweb", 20_000, 4_096)
     run_train(tmp_path, "--run_id=record", f"--train_files={train_files}", f"--val_file={val_file}", "--steps=2",
-              "--seq_len=128", "--batch_size=8", "--val_tokens=256")
+              "--seq_len=32", "--batch_size=8", "--val_tokens=64")  # the record's model, on few tokens
     text = read_log(tmp_path, "record")
     parsed = parse_log(text)
     config = json.loads(parsed.header["config"].group("json"))
