@@ -135,7 +135,7 @@ def test_block_mask_skips_cross_document_tiles():
 def test_flex_forward_equals_sdpa_forward(length, mean_doc):
     gen = torch.Generator().manual_seed(length)
     tokens = random_stream(length, gen, mean_doc=mean_doc)
-    model = small_model(block_size=16)
+    model = small_model(block_size=16, n_layer=2)
     noise = eval_noise(length, 16, seed=3, offset=0)
     x_t = torch.where(noise.masked, model.config.mask_id, tokens)
     model.config.attn_backend = "flex"  # flex runs compiled only: every eager pass takes sdpa
