@@ -202,13 +202,19 @@ def test_bad_flags_exit_with_one_line(tmp_path, capsys, flags, status, message):
 def test_cli_exit_status_and_message(tmp_path):
     result = run_train(tmp_path, *SMALL, "--stepz=3", check=False)
     assert result.returncode == 2 and result.stderr == "error: unknown flag --stepz (see --help)\n"
-    result = run_train(tmp_path, *SMALL, "--batch_size=3", env={"WORLD_SIZE": "2"}, check=False)
-    assert result.returncode == 2
-    assert result.stderr == ("error: --batch_size=3 sequences do not divide into forwards of --micro_batch=1 on 2 "
-                             "ranks\n")
-    result = run_train(tmp_path, "--help")
-    assert all(f"--{name}=" in result.stdout for name in ("preset", "seq_len", "micro_batch", "muon_lr", "resume"))
-    assert "preset record_24gb: --micro_batch=1" in result.stdout
+
+
+def test_ranks_and_help_in_process(tmp_path, capsys, monkeypatch):
+    """Through train.main, the command line's own entry point: a batch that 2 ranks cannot share, and --help."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, stderr = run_here(tmp_path, capsys, *SMALL, "--batch_size=3")
+    assert status == 2
+    assert stderr == "error: --batch_size=3 sequences do not divide into forwards of --micro_batch=1 on 2 ranks\n"
+    monkeypatch.delenv("WORLD_SIZE")
+    train.main(["--help"])
+    stdout = capsys.readouterr().out
+    assert all(f"--{name}=" in stdout for name in ("preset", "seq_len", "micro_batch", "muon_lr", "resume"))
+    assert "preset record_24gb: --micro_batch=1" in stdout
 
 
 def test_dry_run_reads_no_data(tmp_path):
