@@ -1,13 +1,14 @@
 """Helpers the test modules share: tiny random models and token streams, a slow per-block reference of the loss,
-train.py as a subprocess, logs, checkpoints and the demo corpus. Test modules import these from here, never from
-each other.
+train.py as a subprocess, logs, checkpoints, the demo corpus and one small trained run. Test modules import these
+from here, never from each other.
 """
 
 import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ SMALL = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--hea
 # one thread per process: torchrun gives each rank one, and two threads on a busy 2-core machine spin-wait for
 # each other (tens of seconds a step); exactness tests compare runs made with the same thread count anyway
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# the shared trained run: validations at steps 0, 2 and 4, latest.pt at step 2, final.pt at step 4
+TRAINED = [*SMALL, "--steps=4", "--val_every=2", "--save_every=2"]
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, as ONE_THREAD gives a subprocess: small models run faster so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +54,10 @@ def demo_corpus():
 # Models, streams and the reference loss
 
 
-def small_model(block_size=4, vocab_size=VOCAB, eot_id=EOT, seed=0, **overrides) -> BD3LM:
+def small_model(block_size=4, vocab_size=VOCAB, eot_id=EOT, seed=0, n_layer=4, **overrides) -> BD3LM:
     """A tiny model with every weight random (zero-initialized projections would hide bugs)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+    cfg = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
                       block_size=block_size, eot_id=eot_id, attn_backend="sdpa", **overrides)
     model = BD3LM(cfg)
     with torch.no_grad():
@@ -159,3 +171,33 @@ def val_losses(log_text):
 
 def load_final(tmp_path, run_id):
     return torch.load(f"{tmp_path}/checkpoints/{run_id}/final.pt", weights_only=True)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What one run of train.py leaves behind; tests read these files and never write to them."""
+
+    folder: Path
+    run_id: str
+    text: str  # the log
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "logs" / f"{self.run_id}.txt"
+
+    @property
+    def final(self) -> str:
+        return f"{self.folder}/checkpoints/{self.run_id}/final.pt"
+
+    @property
+    def latest(self) -> str:
+        return f"{self.folder}/checkpoints/{self.run_id}/latest.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_corpus) -> TrainedRun:
+    """One small demo-corpus run of train.py with the TRAINED flags, shared by every test that needs a real log or
+    checkpoint, so that the suite trains it once."""
+    folder = tmp_path_factory.mktemp("trained")
+    run_train(folder, *TRAINED, "--run_id=small")
+    return TrainedRun(folder, "small", read_log(folder, "small"))

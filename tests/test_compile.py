@@ -19,6 +19,7 @@ import torch
 from conftest import (
     EOT,
     SMALL,
+    TRAINED,
     VOCAB,
     CountingBackend,
     load_final,
@@ -156,15 +157,15 @@ def test_padded_logits_give_the_softmax_of_the_real_vocabulary(softcap):
 # train.py
 
 
-def test_warm_up_changes_nothing_in_the_run(tmp_path, demo_corpus):
-    flags = [*SMALL, "--steps=3", "--val_every=0", "--save_final=True"]
-    run_train(tmp_path, *flags, "--run_id=warm")
-    run_train(tmp_path, *flags, "--run_id=cold", "--warm_up=False")
-    warm, cold = read_log(tmp_path, "warm"), read_log(tmp_path, "cold")
+def test_warm_up_changes_nothing_in_the_run(tmp_path, trained_run):
+    """The shared trained run warmed up; the same run without the warm-up ends with the same weights."""
+    run_train(tmp_path, *TRAINED, "--run_id=cold", "--warm_up=False")
+    warm, cold = trained_run.text, read_log(tmp_path, "cold")
     compile_time = re.compile(r"^compile_time:\d+ms$", re.M)
     assert compile_time.search(warm) and not compile_time.search(cold)
     assert val_losses(warm) == val_losses(cold)
-    weights_warm, weights_cold = load_final(tmp_path, "warm")["model"], load_final(tmp_path, "cold")["model"]
+    weights_warm = torch.load(trained_run.final, weights_only=True)["model"]
+    weights_cold = load_final(tmp_path, "cold")["model"]
     for name, tensor in weights_cold.items():
         assert torch.equal(weights_warm[name], tensor), name
 

@@ -1,4 +1,4 @@
-"""eval.py through its command line, on a checkpoint that train.py writes here (about a minute on 2 cores).
+"""eval.py through its command line, on the checkpoint of the shared trained run (tests/conftest.py).
 
     python -m pytest -q tests/test_eval.py
 """
@@ -10,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ONE_THREAD, REPO, SMALL, read_log, run_train
+from conftest import ONE_THREAD, REPO
 
+import eval as evaluation
 from data.loader import DEMO_DIR
 
 RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tokens:(\d+) seq_len:(\d+) "
@@ -19,12 +20,10 @@ RESULT = re.compile(r"val_nelbo:(\S+) stderr:(\S+) ppl_bound:\S+ seeds:(\d+) tok
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, demo_corpus):
-    """A two-layer demo-corpus model trained for 6 steps; returns (checkpoint path, final val_loss of its log)."""
-    folder = tmp_path_factory.mktemp("run")
-    run_train(folder, *SMALL, "--steps=6", "--val_every=0", "--run_id=small")
-    final = re.findall(r"^step:6/6 val_loss:(\S+) ", read_log(folder, "small"), re.M)[-1]
-    return f"{folder}/checkpoints/small/final.pt", final
+def run(trained_run):
+    """The shared two-layer demo-corpus run: (its final checkpoint, the val_loss of its last val line)."""
+    final = re.findall(r"^step:4/4 val_loss:(\S+) ", trained_run.text, re.M)[-1]
+    return trained_run.final, final
 
 
 def evaluate(*flags, launcher=(sys.executable, "eval.py")):
@@ -66,13 +65,19 @@ def test_two_ranks_give_the_one_process_result_on_other_files(run):
     assert one.group(9).endswith("demo_train_000000.bin")
 
 
-def test_iid_noise_under_each_schedule_estimates_the_same_nelbo(run):
+def evaluate_in_process(capsys, *flags):
+    """eval.main in this process: the last line it printed, matched."""
+    evaluation.main(list(flags))
+    return RESULT.fullmatch(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_iid_noise_under_each_schedule_estimates_the_same_nelbo(run, capsys, one_thread):
     """--estimator=iid draws t per block under --schedule: other noise, so other numbers, whose means over seeds
     agree with exact_k's within their standard errors (iid's is the larger: weights up to 1 / t)."""
     checkpoint, _ = run
     flags = [f"--checkpoint={checkpoint}", "--autocast=fp32", "--seeds=4"]
-    exact = result_of(evaluate(*flags))
-    results = {schedule: result_of(evaluate(*flags, "--estimator=iid", f"--schedule={schedule}"))
+    exact = evaluate_in_process(capsys, *flags)
+    results = {schedule: evaluate_in_process(capsys, *flags, "--estimator=iid", f"--schedule={schedule}")
                for schedule in ("linear", "cosine")}
     for schedule, result in results.items():
         assert result.group(7, 8) == ("iid", schedule)
@@ -92,8 +97,17 @@ def test_iid_noise_under_each_schedule_estimates_the_same_nelbo(run):
     (["--checkpoint={ckpt}", "--schedule=cosine"], "--schedule applies to --estimator=iid only"),
     (["--checkpoint={ckpt}", "--estimator=stratified"], "--estimator must be iid or exact_k"),
 ])
-def test_bad_input_gives_one_line_and_status_2(run, flags, message):
-    completed = evaluate(*(flag.format(ckpt=run[0]) for flag in flags))
-    assert completed.returncode == 2
-    assert completed.stderr.startswith("error: ") and message in completed.stderr
-    assert len(completed.stderr.strip().splitlines()) == 1
+def test_bad_input_gives_one_line_and_status_2(run, capsys, flags, message):
+    """In-process through eval.main (the command line's own entry point); test_cli_bad_input_exits_with_status_2
+    runs the real command line."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([flag.format(ckpt=run[0]) for flag in flags])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith("error: ") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_input_exits_with_status_2(run):
+    completed = evaluate(f"--checkpoint={run[0]}", "--seeds=0")
+    assert completed.returncode == 2 and completed.stderr == "error: --seeds must be at least 1, got 0\n"

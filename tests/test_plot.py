@@ -8,25 +8,22 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SMALL, read_log, run_train, val_losses
+from conftest import REPO, TRAINED, read_log, run_train, val_losses
 
 sys.path.insert(0, os.path.join(REPO, "records"))
 import plot  # noqa: E402
 
 image = pytest.importorskip("matplotlib.image")
 PLOT = os.path.join(REPO, "records", "plot.py")
-STEPS, VAL_EVERY, BATCH, SEQ = 4, 2, 2, 128  # SMALL's batch_size and seq_len
+STEPS, VAL_EVERY, BATCH, SEQ = 4, 2, 2, 128  # the TRAINED flags' steps, val_every, batch_size and seq_len
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory):
-    """Two short real runs, of different seeds: (their log paths, their texts)."""
+def logs(tmp_path_factory, trained_run):
+    """Two short real runs of different seeds, the shared trained run and its seed-1 twin: (log paths, texts)."""
     tmp_path = tmp_path_factory.mktemp("runs")
-    for seed in (0, 1):
-        run_train(tmp_path, *SMALL, f"--steps={STEPS}", f"--val_every={VAL_EVERY}", f"--seed={seed}",
-                  f"--run_id=seed{seed}")
-    return [tmp_path / "logs" / f"seed{seed}.txt" for seed in (0, 1)], [read_log(tmp_path, f"seed{seed}")
-                                                                          for seed in (0, 1)]
+    run_train(tmp_path, *TRAINED, "--seed=1", "--run_id=seed1")
+    return [trained_run.log, tmp_path / "logs" / "seed1.txt"], [trained_run.text, read_log(tmp_path, "seed1")]
 
 
 def run_plot(*args):

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, read_log, run_train
+from conftest import REPO, TRAINED, read_log, run_train
 
 import train
 from model import BD3LM, ModelConfig
 
 CHECK = Path(REPO) / "records" / "check.py"
 DEMO = ["--target=11", "--val_tokens=1024", "--train_files=.*", "--val_file=.*", "--val_shard_tokens=0"]
-HONEST = [*SMALL, "--steps=4", "--val_every=2", "--save_every=2"]
+HONEST = TRAINED  # the flags of the shared trained run
 pytestmark = pytest.mark.usefixtures("demo_corpus")
 
 
@@ -68,13 +68,12 @@ def commit_files(repo: Path, files: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def honest(tmp_path_factory) -> dict:
-    """One honest tiny run (4 steps, validations at 0, 2 and 4, a checkpoint at step 2), its resumed twin, and a
-    git repo holding the code they embed."""
+def honest(tmp_path_factory, trained_run) -> dict:
+    """The shared honest tiny run (4 steps, validations at 0, 2 and 4, a checkpoint at step 2), its resumed twin, and
+    a git repo holding the code they embed."""
     tmp = tmp_path_factory.mktemp("honest")
-    run_train(tmp, *HONEST, "--run_id=honest")
-    run_train(tmp, *HONEST, "--run_id=resumed", f"--resume={tmp}/checkpoints/honest/latest.pt")
-    text = read_log(tmp, "honest")
+    run_train(tmp, *HONEST, "--run_id=resumed", f"--resume={trained_run.latest}")
+    text = trained_run.text
     embedded = re.findall(r"^==== file: (\S+) ====$", text, re.M)
     rev = commit_files(tmp / "code", {name: (Path(REPO) / name).read_text(encoding="utf-8") for name in embedded})
     return dict(text=text, resumed=read_log(tmp, "resumed"), repo=tmp / "code", rev=rev)

@@ -356,12 +356,12 @@ def test_cli_prints_samples_and_a_summary(checkpoint):
     assert "tokens/s, NFE/token" in result.stdout.splitlines()[-1]
 
 
-def test_cli_shows_sample_0_filling_in_from_mask_in_80_columns(checkpoint):
+def test_cli_shows_sample_0_filling_in_from_mask_in_80_columns(checkpoint, capsys):
     """By default (the README's demo command): the first blocks of sample 0, each from all [MASK] to its final
-    tokens one step a line, then the samples, the first of which ends with exactly those tokens' text."""
-    result = sample_cli(f"--checkpoint={checkpoint}", "--max_new_tokens=72", "--steps_per_block=4")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    tokens one step a line, then the samples, the first of which ends with exactly those tokens' text. Through
+    sample.main in-process; test_cli_prints_samples_and_a_summary runs the real command line."""
+    sample.main([f"--checkpoint={checkpoint}", "--max_new_tokens=72", "--steps_per_block=4"])
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("---- sample 0 denoised block by block")
     assert max(len(line) for line in lines[:lines.index(next(line for line in lines if "sample 0:" in line))]) <= 80
     firsts = [line for line in lines if " step  0 | " in line]
@@ -371,11 +371,18 @@ def test_cli_shows_sample_0_filling_in_from_mask_in_80_columns(checkpoint):
     assert not any(line.startswith("block 4 ") for line in lines)
 
 
-def test_cli_help_lists_every_option():
-    result = sample_cli("--help")
-    assert result.returncode == 0
+def test_cli_help_lists_every_option(capsys):
+    sample.main(["--help"])
+    stdout = capsys.readouterr().out
     for name, value in asdict(Settings()).items():
-        assert f"--{name}={value}" in result.stdout
+        assert f"--{name}={value}" in stdout
+
+
+def test_cli_bad_checkpoint_gives_one_line_and_status_2():
+    result = sample_cli("--checkpoint=/no/such/file.pt")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -384,33 +391,25 @@ def test_cli_help_lists_every_option():
     (["--checkpoint={foreign}"], "is not a bd3lm-speedrun-v2 checkpoint"),
     (["--checkpoint={ckpt}", "--context=6"], "--context must be a positive multiple of the block size 4"),
     (["--checkpoint={ckpt}", "--sampler=beam"], "--sampler must be one of"),
+    (["--checkpoint={ckpt}", "--threshold=1.5"], "--threshold must lie in [0, 1]"),
+    (["--checkpoint={ckpt}", "--steps_per_block=0"], "--steps_per_block must be at least 1"),
+    (["--checkpoint={ckpt}", "--top_p=0"], "--top_p must lie in (0, 1]"),
+    (["--checkpoint={ckpt}", "--top_p=1.2"], "--top_p must lie in (0, 1]"),
+    (["--checkpoint={ckpt}", "--temperature=-1"], "--temperature must not be negative"),
+    (["--checkpoint={ckpt}", "--num_samples=many"], "--num_samples takes a value of type int"),
+    (["--checkpoint={ckpt}", "--kv_cache=maybe"], "--kv_cache takes True or False"),
+    (["--checkpoint={ckpt}", "--beam_width=4"], "unknown flag --beam_width"),
+    (["--checkpoint={ckpt}", "--prompt=a", "--prompt_file=b.txt"], "not both"),
+    (["--checkpoint={ckpt}", "--prompt_file=/no/such/prompt.txt"], "does not exist"),
 ])
-def test_cli_bad_input_gives_one_line(tmp_path, checkpoint, flags, message):
+def test_bad_input_gives_one_line_in_process(tmp_path, capsys, checkpoint, flags, message):
+    """The same path as the command line (sample.main), without starting a process per case."""
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     paths = dict(text=tmp_path / "notes.txt", foreign=tmp_path / "foreign.pt", ckpt=checkpoint)
-    result = sample_cli(*(flag.format(**paths) for flag in flags))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--threshold=1.5"], "--threshold must lie in [0, 1]"),
-    (["--steps_per_block=0"], "--steps_per_block must be at least 1"),
-    (["--top_p=0"], "--top_p must lie in (0, 1]"),
-    (["--top_p=1.2"], "--top_p must lie in (0, 1]"),
-    (["--temperature=-1"], "--temperature must not be negative"),
-    (["--num_samples=many"], "--num_samples takes a value of type int"),
-    (["--kv_cache=maybe"], "--kv_cache takes True or False"),
-    (["--beam_width=4"], "unknown flag --beam_width"),
-    (["--prompt=a", "--prompt_file=b.txt"], "not both"),
-    (["--prompt_file=/no/such/prompt.txt"], "does not exist"),
-])
-def test_bad_options_give_one_line_in_process(capsys, checkpoint, flags, message):
-    """The same path as the command line, without starting a process per case."""
     with pytest.raises(SystemExit) as exit_info:
-        sample.main([f"--checkpoint={checkpoint}", *flags])
+        sample.main([flag.format(**paths) for flag in flags])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: ") and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert "Traceback" not in stderr

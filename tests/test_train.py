@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, REPO, SMALL, load_final, read_log, run_train, val_losses
+from conftest import ONE_THREAD, REPO, SMALL, TRAINED, load_final, read_log, run_train, val_losses
 
 import common
 import train
@@ -102,12 +102,11 @@ def test_presets_and_world_sizes_train_the_same_model(tmp_path):
             assert float((other - tensor).norm()) <= 1e-2 * float(tensor.norm()) + 1e-6, name
 
 
-def test_resume_after_kill_is_exact(tmp_path):
-    flags = [*SMALL, "--steps=8", "--val_every=4", "--save_final=True"]
-    run_train(tmp_path, *flags, "--run_id=whole")
-
+def test_resume_after_kill_is_exact(tmp_path, trained_run):
+    """A run killed after its first checkpoint, resumed from it, ends as the shared trained run, which ran whole
+    with the same flags."""
     command = [sys.executable, "train.py", f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/checkpoints",
-               *flags, "--run_id=killed", "--save_every=3"]
+               *TRAINED, "--run_id=killed", "--save_every=1"]
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True,
                           env={**os.environ, **ONE_THREAD}) as killed:
         for line in killed.stdout:
@@ -117,14 +116,16 @@ def test_resume_after_kill_is_exact(tmp_path):
         killed.wait()
     assert killed.returncode == -signal.SIGKILL
     checkpoint = f"{tmp_path}/checkpoints/killed/latest.pt"
-    assert torch.load(checkpoint, weights_only=True)["step"] in (3, 6)  # 6 if the kill came late
+    assert torch.load(checkpoint, weights_only=True)["step"] in (1, 2, 3)  # 2 or 3 if the kill came late
 
-    run_train(tmp_path, *flags, "--run_id=resumed", f"--resume={checkpoint}")
-    whole, resumed = read_log(tmp_path, "whole"), read_log(tmp_path, "resumed")
+    run_train(tmp_path, *TRAINED, "--run_id=resumed", f"--resume={checkpoint}")
+    whole, resumed = trained_run.text, read_log(tmp_path, "resumed")
+    assert "resumed:" in resumed
     assert val_losses(resumed)[-1] == val_losses(whole)[-1]
     assert re.search(r"^train_tokens:\d+$", resumed, re.M).group() == re.search(r"^train_tokens:\d+$", whole,
                                                                                 re.M).group()
-    weights_whole, weights_resumed = load_final(tmp_path, "whole")["model"], load_final(tmp_path, "resumed")["model"]
+    weights_whole = torch.load(trained_run.final, weights_only=True)["model"]
+    weights_resumed = load_final(tmp_path, "resumed")["model"]
     for name, tensor in weights_whole.items():
         assert torch.equal(weights_resumed[name], tensor), name
 
@@ -138,18 +139,18 @@ def write_local_shards(folder, train_tokens, val_tokens):
     return f"{folder}/finewebedu_train_*.bin", f"{folder}/finewebedu_val_000000.bin"
 
 
-def test_record_preset_two_steps_on_cpu(tmp_path):
+def test_record_preset_one_step_on_cpu(tmp_path):
     train_files, val_file = write_local_shards(tmp_path / "fineweb", 20_000, 4_096)
-    run_train(tmp_path, "--run_id=record", f"--train_files={train_files}", f"--val_file={val_file}", "--steps=2",
-              "--seq_len=128", "--batch_size=8", "--val_tokens=256")
+    run_train(tmp_path, "--run_id=record", f"--train_files={train_files}", f"--val_file={val_file}", "--steps=1",
+              "--seq_len=32", "--batch_size=8", "--val_tokens=64")  # the record's model, on few tokens
     text = read_log(tmp_path, "record")
     parsed = parse_log(text)
     config = json.loads(parsed.header["config"].group("json"))
     assert config["preset"] == "record" and config["block_size"] == 16 and config["n_layer"] == 12
     assert 150e6 < int(parsed.header["params"].group("count")) <= 162e6
     assert "world_size:1 micro_batch:4 grad_accum:2" in text
-    assert re.search(r"^step:2/2 train_loss:\d+\.\d{4} ", text, re.M)
-    assert [m.group("step") for m in parsed.val_lines] == ["0", "2"]
+    assert re.search(r"^step:1/1 train_loss:\d+\.\d{4} ", text, re.M)
+    assert [m.group("step") for m in parsed.val_lines] == ["0", "1"]
     assert all(math.isfinite(loss) for loss in val_losses(text))
 
 
@@ -195,13 +196,19 @@ def test_bad_flags_exit_with_one_line(tmp_path, capsys, flags, status, message):
 def test_cli_exit_status_and_message(tmp_path):
     result = run_train(tmp_path, *SMALL, "--stepz=3", check=False)
     assert result.returncode == 2 and result.stderr == "error: unknown flag --stepz (see --help)\n"
-    result = run_train(tmp_path, *SMALL, "--batch_size=3", env={"WORLD_SIZE": "2"}, check=False)
-    assert result.returncode == 2
-    assert result.stderr == ("error: --batch_size=3 sequences do not divide into forwards of --micro_batch=1 on 2 "
-                             "ranks\n")
-    result = run_train(tmp_path, "--help")
-    assert all(f"--{name}=" in result.stdout for name in ("preset", "seq_len", "micro_batch", "muon_lr", "resume"))
-    assert "preset record_24gb: --micro_batch=1" in result.stdout
+
+
+def test_ranks_and_help_in_process(tmp_path, capsys, monkeypatch):
+    """Through train.main, the command line's own entry point: a batch that 2 ranks cannot share, and --help."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, stderr = run_here(tmp_path, capsys, *SMALL, "--batch_size=3")
+    assert status == 2
+    assert stderr == "error: --batch_size=3 sequences do not divide into forwards of --micro_batch=1 on 2 ranks\n"
+    monkeypatch.delenv("WORLD_SIZE")
+    train.main(["--help"])
+    stdout = capsys.readouterr().out
+    assert all(f"--{name}=" in stdout for name in ("preset", "seq_len", "micro_batch", "muon_lr", "resume"))
+    assert "preset record_24gb: --micro_batch=1" in stdout
 
 
 def test_dry_run_reads_no_data(tmp_path):
@@ -211,16 +218,23 @@ def test_dry_run_reads_no_data(tmp_path):
     assert not os.path.exists(f"{tmp_path}/logs")
 
 
-def test_bad_data_exits_with_one_line(tmp_path):
+def run_here(tmp_path, capsys, *flags) -> tuple[int, str]:
+    """train.main in this process, as the command line runs it, expected to exit: (its status, its stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*flags, f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/checkpoints"])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_data_exits_with_one_line(tmp_path, capsys, one_thread):
     bad = bad_shard(tmp_path)
-    result = run_train(tmp_path, *SMALL, f"--train_files={bad}", check=False)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "bad magic number" in result.stderr
+    status, stderr = run_here(tmp_path, capsys, *SMALL, f"--train_files={bad}")
+    assert status == 1 and stderr.count("\n") == 1 and "bad magic number" in stderr
 
     train_files, val_file = write_local_shards(tmp_path / "tiny", 1_000, 1_024)
-    result = run_train(tmp_path, *SMALL, f"--train_files={train_files}", f"--val_file={val_file}", "--steps=50",
-                       check=False)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert re.search(r"^error: step \d+ of 50: training data exhausted", result.stderr)
+    status, stderr = run_here(tmp_path, capsys, *SMALL, f"--train_files={train_files}", f"--val_file={val_file}",
+                              "--steps=50")
+    assert status == 1 and stderr.count("\n") == 1
+    assert re.search(r"^error: step \d+ of 50: training data exhausted", stderr)
 
 
 def test_out_of_gpu_memory_names_micro_batch(tmp_path, capsys, monkeypatch):
@@ -244,44 +258,38 @@ def test_out_of_gpu_memory_names_micro_batch(tmp_path, capsys, monkeypatch):
     assert torch.load(f"{tmp_path}/ck/oom/latest.pt", weights_only=True)["step"] == 2
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    run_train(tmp_path, *SMALL, "--run_id=good", "--steps=1", "--save_final=True")
-    state = load_final(tmp_path, "good")
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, one_thread, trained_run):
+    state = torch.load(trained_run.final, weights_only=True)  # at step 4
     state["model"]["head.weight"][0, 0] = float("nan")  # one poisoned weight makes every masked logit row NaN
     poisoned = f"{tmp_path}/poisoned.pt"
     torch.save(state, poisoned)
     with open(poisoned, "rb") as f:
         saved_bytes = f.read()
-    result = run_train(tmp_path, *SMALL, "--run_id=nan", "--steps=3", "--save_every=1", f"--resume={poisoned}",
-                       check=False)
-    assert result.returncode == 1
-    assert result.stderr == (f"error: train loss is nan at step 2; stopped before saving this step's weights "
-                             f"(last checkpoint: {poisoned})\n")
+    status, stderr = run_here(tmp_path, capsys, *SMALL, "--run_id=nan", "--steps=6", "--save_every=1",
+                              f"--resume={poisoned}")
+    assert status == 1
+    assert stderr == (f"error: train loss is nan at step 5; stopped before saving this step's weights "
+                      f"(last checkpoint: {poisoned})\n")
     with open(poisoned, "rb") as f:
         assert f.read() == saved_bytes
     assert not os.path.exists(f"{tmp_path}/checkpoints/nan")
 
 
-def test_resume_of_a_checkpoint_without_a_newer_config_field_takes_its_default(tmp_path):
-    """A checkpoint written before ModelConfig had `schedule` resumes as the linear schedule it trained with; under
-    another schedule it is refused, naming the field."""
-    run_train(tmp_path, *SMALL, "--run_id=old", "--steps=1", "--save_final=True")
-    state = load_final(tmp_path, "old")
-    del state["model_config"]["schedule"]
+def test_resume_of_a_checkpoint_without_a_newer_config_field_takes_its_default(tmp_path, capsys, one_thread,
+                                                                              trained_run):
+    """A checkpoint written before ModelConfig had a field (here block_size) resumes with the field's default."""
+    state = torch.load(trained_run.final, weights_only=True)
+    del state["model_config"]["block_size"]
     torch.save(state, f"{tmp_path}/old.pt")
-    run_train(tmp_path, *SMALL, "--run_id=resumed", "--steps=2", f"--resume={tmp_path}/old.pt")
+    train.main([*SMALL, "--run_id=resumed", "--steps=5", f"--resume={tmp_path}/old.pt", f"--log_dir={tmp_path}/logs",
+                f"--checkpoint_dir={tmp_path}/checkpoints"])
     assert "resumed:" in read_log(tmp_path, "resumed")
-    result = run_train(tmp_path, *SMALL, "--schedule=cosine", "--estimator=stratified", f"--resume={tmp_path}/old.pt",
-                       check=False)
-    assert result.returncode == 2 and "different model config: schedule linear (now cosine)" in result.stderr
 
 
-def test_resume_with_other_model_config_is_refused(tmp_path):
-    run_train(tmp_path, *SMALL, "--run_id=first", "--steps=1", "--save_final=True")
-    checkpoint = f"{tmp_path}/checkpoints/first/final.pt"
-    result = run_train(tmp_path, *SMALL, "--mlp_hidden=512", f"--resume={checkpoint}", check=False)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "different model config: mlp_hidden 256 (now 512)" in result.stderr
+def test_resume_with_other_model_config_is_refused(tmp_path, capsys, trained_run):
+    status, stderr = run_here(tmp_path, capsys, *SMALL, "--mlp_hidden=512", f"--resume={trained_run.final}")
+    assert status == 2 and stderr.count("\n") == 1
+    assert "different model config: mlp_hidden 256 (now 512)" in stderr
 
 
 def test_muon_equals_torch_muon_and_fp32_newton_schulz_stays_close():

@@ -166,15 +166,20 @@ def test_sampling_table_has_a_row_per_registry_sampler_with_and_without_cache(mo
 
 
 @pytest.mark.parametrize("flag", ["--nope=1", "--estimate_only=maybe", "--device=tpu", "--repeats=0", "quick"])
-def test_bad_flag_is_one_line_and_exit_2(flag):
-    result = run_bench(flag)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert result.stdout == ""
+def test_bad_flag_is_one_line_and_exit_2(flag, capsys):
+    """In-process through bench.main, the command line's own entry point."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1
+    assert out.out == ""
 
 
-def test_help_lists_every_flag():
+def test_cli_help_lists_every_flag_and_a_bad_flag_exits_2():
     result = run_bench("--help")
     assert result.returncode == 0
     for name in ("device", "quick", "repeats", "checkpoint", "estimate_only", "gpu_check"):
         assert f"--{name}=" in result.stdout
+    result = run_bench("--nope=1")
+    assert result.returncode == 2 and result.stderr == "error: unknown flag --nope (see --help)\n" and not result.stdout

@@ -120,13 +120,25 @@ def run_eval(*flags):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_reports_sample_quality_under_both_judges(checkpoints, gpt2):
+def eval_here(capsys, *flags) -> str:
+    """eval.main in this process, as the command line runs it: what it printed."""
+    evaluation.main(list(flags))
+    return capsys.readouterr().out
+
+
+def test_cli_reports_sample_quality_under_both_judges(checkpoints, gpt2, capsys, one_thread):
+    """The repository judge through the real command line, the Hugging Face one through eval.main."""
     for judge in (checkpoints["judge"], gpt2):
-        completed = run_eval(f"--checkpoint={checkpoints['model']}", f"--judge={judge}", "--num_samples=3",
-                             "--max_new_tokens=20", "--sampler=ddpm", "--steps_per_block=2")
-        assert completed.returncode == 0, completed.stderr
-        result = RESULT.fullmatch(completed.stdout.strip().splitlines()[-1])
-        assert result, completed.stdout
+        flags = [f"--checkpoint={checkpoints['model']}", f"--judge={judge}", "--num_samples=3", "--max_new_tokens=20",
+                 "--sampler=ddpm", "--steps_per_block=2"]
+        if judge == gpt2:
+            stdout = eval_here(capsys, *flags)
+        else:
+            completed = run_eval(*flags)
+            assert completed.returncode == 0, completed.stderr
+            stdout = completed.stdout
+        result = RESULT.fullmatch(stdout.strip().splitlines()[-1])
+        assert result, stdout
         assert float(result.group(1)) > 1 and 0 <= float(result.group(6)) <= 1 and float(result.group(3)) > 0
         assert result.group(10, 11, 12, 13, 14) == ("ddpm", "steps_per_block=2", "3", "20", judge)
         # 2 steps per block of 4: the batch runs both (2 tokens per forward); a row that the first step left
@@ -134,11 +146,10 @@ def test_cli_reports_sample_quality_under_both_judges(checkpoints, gpt2):
         assert 1 < float(result.group(9)) <= 2 and float(result.group(9)) <= float(result.group(8)) <= 4
 
 
-def test_cli_sweep_prints_a_markdown_table(checkpoints):
-    completed = run_eval(f"--checkpoint={checkpoints['model']}", f"--judge={checkpoints['judge']}", "--sweep=True",
-                         "--num_samples=2", "--max_new_tokens=16")
-    assert completed.returncode == 0, completed.stderr
-    rows = [line for line in completed.stdout.splitlines() if line.startswith("| ")]
+def test_cli_sweep_prints_a_markdown_table(checkpoints, capsys, one_thread):
+    stdout = eval_here(capsys, f"--checkpoint={checkpoints['model']}", f"--judge={checkpoints['judge']}",
+                       "--sweep=True", "--num_samples=2", "--max_new_tokens=16")
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| sampler | knob | tokens/forward") and len(rows) == 1 + len(evaluation.SWEEP)
     cells = [row.split(" | ") for row in rows[1:]]
     assert cells[0][0] == "| first_hitting" and cells[0][2] == cells[0][3] == "1.00"
@@ -155,15 +166,18 @@ def test_cli_sweep_prints_a_markdown_table(checkpoints):
     (["--judge={judge}", "--threshold=2"], "--threshold must lie in [0, 1]"),
     (["--judge={judge}", "--show_denoising=True"], "--show_denoising is sample.py's: this tool prints no samples"),
 ])
-def test_bad_input_gives_one_line_and_status_2(tmp_path, checkpoints, flags, message):
+def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, checkpoints, flags, message):
+    """In-process through eval.main; tests/test_eval.py runs a bad input through the real command line."""
     if "{small_vocab}" in flags[0]:
         transformers = pytest.importorskip("transformers")
         config = transformers.GPT2Config(vocab_size=1000, n_positions=32, n_embd=16, n_layer=1, n_head=2,
                                             bos_token_id=0, eos_token_id=0)
         transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "small_vocab")
     paths = dict(checkpoints, small_vocab=tmp_path / "small_vocab")
-    completed = run_eval(f"--checkpoint={checkpoints['model']}", *(flag.format(**paths) for flag in flags),
-                         "--num_samples=2")
-    assert completed.returncode == 2, completed.stderr
-    assert completed.stderr.startswith("error: ") and message in completed.stderr
-    assert len(completed.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([f"--checkpoint={checkpoints['model']}", *(flag.format(**paths) for flag in flags),
+                         "--num_samples=2"])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    assert stderr.startswith("error: ") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1
