@@ -556,7 +556,7 @@ class BD3LM(nn.Module):
         self.config = config
         self.trunk = Trunk(config)
         self.head = init_linear(config.model_dim, config.padded_vocab, zero=True)
-        self.flex = False  # compile_loss chooses
+        self.flex = self.compiled = False  # compile_loss sets them
 
     # --- training and evaluation
 
@@ -694,7 +694,7 @@ class BD3LM(nn.Module):
         loss does not check token ids; its callers do, on the CPU. `backend`: any torch.compile backend; `flex`:
         attention by FlexAttention and a BlockMask (default: on a GPU), else SDPA and the dense mask. Flex runs
         only compiled: eager flex falls back to a path that materializes the fp32 scores [N, H, 2L, 2L]."""
-        self.flex = self.head.weight.is_cuda if flex is None else flex
+        self.flex, self.compiled = self.head.weight.is_cuda if flex is None else flex, True
         self.token_losses = torch.compile(self.token_losses, fullgraph=True, dynamic=False, backend=backend)
 
     def set_flex_options(self, options: dict) -> None:

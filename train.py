@@ -309,8 +309,9 @@ def main(argv: list[str]) -> None:
               loader, log, checkpoint_folder=os.path.join(CHECKPOINT_DIR, run_id))
     start_step = run.resume() if hp.resume else 0
     try:
-        if device.type == "cuda":  # the loss compiled, and compiled before the clock starts
+        if device.type == "cuda":
             model.compile_loss()
+        if model.compiled:  # before the clock starts
             log(f"compile_time:{warm_up(model, hp.val_file, hp.seq_len, hp.micro_batch, autocast, device):.0f}ms")
         run.train(start_step)
     except torch.OutOfMemoryError:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from common import CHECKPOINT_FORMAT  # noqa: E402
+import common  # noqa: E402
 from model import BD3LM, ModelConfig  # noqa: E402
 from tools.demo_corpus import prepare_demo  # noqa: E402
 from train import Hyperparameters  # noqa: E402
@@ -26,13 +26,12 @@ VOCAB, EOT = 97, 96  # a tiny vocabulary for random models; <|endoftext|> is its
 
 # a small demo-preset model: two layers of width 128, 2 x 128-token sequences per step, exact fp32
 SMALL = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=256",
-         "--seq_len=128", "--batch_size=2", "--val_tokens=1024", "--warmup_steps=0", "--autocast=fp32",
-         "--unigram_baseline=False"]
+         "--seq_len=128", "--batch_size=2", "--val_tokens=1024", "--autocast=fp32"]
 # one thread per process: torchrun gives each rank one, and two threads on a busy 2-core machine spin-wait for
 # each other (tens of seconds a step); exactness tests compare runs made with the same thread count anyway
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # the shared trained run: validations at steps 0, 2 and 4, latest.pt at step 2, final.pt at step 4
-TRAINED = [*SMALL, "--steps=4", "--val_every=2", "--save_every=2"]
+TRAINED = [*SMALL, "--steps=4", "--val_every=2"]
 
 
 @pytest.fixture
@@ -54,11 +53,12 @@ def demo_corpus():
 # Models, streams and the reference loss
 
 
-def small_model(block_size=4, vocab_size=VOCAB, eot_id=EOT, seed=0, n_layer=4, **overrides) -> BD3LM:
-    """A tiny model with every weight random (zero-initialized projections would hide bugs)."""
+def small_model(block_size=4, vocab_size=VOCAB, seed=0, n_layer=4, **overrides) -> BD3LM:
+    """A tiny model with every weight random (zero-initialized projections would hide bugs); <|endoftext|> is the
+    vocabulary's last id."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
-                      block_size=block_size, eot_id=eot_id, attn_backend="sdpa", **overrides)
+                      block_size=block_size, **overrides)
     model = BD3LM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -70,8 +70,8 @@ def peaked_model(block_size: int, seed: int, vocab_size: int) -> BD3LM:
     """Random weights with a wide head: peaked, position-dependent distributions, as a trained model has. In eval
     mode, <|endoftext|> is the last id."""
     torch.manual_seed(seed)
-    model = BD3LM(ModelConfig(vocab_size=vocab_size, eot_id=vocab_size - 1, n_layer=2, n_head=2, head_dim=16,
-                              model_dim=32, mlp_hidden=64, block_size=block_size))
+    model = BD3LM(ModelConfig(vocab_size=vocab_size, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+                              block_size=block_size))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
@@ -140,9 +140,7 @@ def naive_token_losses(model, tokens, noise):
 
 def save_checkpoint(model: BD3LM, path, seq_len: int = 64) -> str:
     """A checkpoint of `model` in train.py's format, as if a run of seq_len-token sequences had written it."""
-    hparams = asdict(Hyperparameters(**asdict(model.config), seq_len=seq_len))
-    torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
-                    hparams=hparams, step=0, optimizers=[], loader={}, rng={}), path)
+    common.save_checkpoint(str(path), model, asdict(Hyperparameters(**asdict(model.config), seq_len=seq_len)))
     return str(path)
 
 
@@ -150,10 +148,9 @@ def save_checkpoint(model: BD3LM, path, seq_len: int = 64) -> str:
 # train.py as a subprocess, its logs and checkpoints
 
 
-def run_train(tmp_path, *flags, env=None, check=True, launcher=(sys.executable, "train.py")):
-    """Run train.py with logs and checkpoints under tmp_path; returns the CompletedProcess."""
-    command = [*launcher, f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/checkpoints", *flags]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+def run_train(tmp_path, *flags, env=None, check=True, launcher=(sys.executable, f"{REPO}/train.py")):
+    """Run train.py in tmp_path, so that its logs/ and checkpoints/ are there; returns the CompletedProcess."""
+    result = subprocess.run([*launcher, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, **ONE_THREAD, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
