@@ -6,6 +6,7 @@ its own named reason.
 """
 
 import math
+import os
 import random
 import re
 import shutil
@@ -131,8 +132,7 @@ def test_a_patched_loader_and_a_patched_clock_fail(tmp_path, honest, demo_corpus
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text("import time\n_real = time.perf_counter\n"
                                                          "time.perf_counter = lambda: _real() / 8\n")
-    train, val = demo_corpus
-    run_train(tmp_path, *HONEST, "--run_id=patched", f"--train_files={train}", f"--val_file={val}",
+    run_train(tmp_path, *HONEST, "--run_id=patched", f"--data={os.path.dirname(demo_corpus[0])}/demo",
               launcher=(sys.executable, str(copy / "train.py")), env={"PYTHONPATH": str(tmp_path / "site")})
     code, out = run_check(tmp_path, read_log(tmp_path, "patched"), *DEMO, *code_flags(honest))
     found = reasons(out)
@@ -143,10 +143,12 @@ def test_a_patched_loader_and_a_patched_clock_fail(tmp_path, honest, demo_corpus
 
 
 def test_a_wrapper_script_fails(tmp_path, honest):
-    wrapper = "import runpy; runpy.run_path('train.py', run_name='__main__')"
+    wrapper = (f"import runpy, sys; sys.path.insert(0, {REPO!r}); "
+               f"runpy.run_path({REPO + '/train.py'!r}, run_name='__main__')")
     run_train(tmp_path, *HONEST, "--run_id=wrapped", launcher=(sys.executable, "-c", wrapper))
     code, out = run_check(tmp_path, read_log(tmp_path, "wrapped"), *DEMO, *code_flags(honest))
-    assert code == 1 and reasons(out) == ["the process started in <string>, not train.py: code outside the log ran"]
+    assert code == 1 and reasons(out) == [f"the process started in {tmp_path}/<string>, not train.py: code outside "
+                                          f"the log ran"]
 
 
 @pytest.mark.parametrize("deleted", ["model.py", "data/loader.py", "common.py"])
@@ -179,8 +181,7 @@ def test_the_val_shard_as_train_shards_fails(tmp_path, demo_corpus):
     folder.mkdir()
     for name in ("finewebedu_val_000000.bin", "finewebedu_train_000001.bin", "finewebedu_train_000002.bin"):
         shutil.copy(val, folder / name)
-    run_train(tmp_path, *HONEST, "--run_id=val_as_train", f"--train_files={folder}/finewebedu_train_*.bin",
-              f"--val_file={folder}/finewebedu_val_000000.bin")
+    run_train(tmp_path, *HONEST, "--run_id=val_as_train", f"--data={folder}/finewebedu")
     code, out = run_check(tmp_path, read_log(tmp_path, "val_as_train"), *DEMO, "--train_files=finewebedu_train_.*",
                           "--val_file=finewebedu_val_000000.bin")
     assert code == 1 and reasons(out) == [
@@ -291,7 +292,7 @@ def test_expected_params_is_the_models_count():
     for _ in range(5):
         config = dict(vocab_size=rng.randint(50, 400), n_layer=2 * rng.randint(1, 3), n_head=rng.randint(1, 4),
                       head_dim=8 * rng.randint(1, 4), model_dim=8 * rng.randint(1, 8), mlp_hidden=rng.randint(8, 64))
-        assert expected_params(config) == BD3LM(ModelConfig(**config, eot_id=0)).num_params(), config
+        assert expected_params(config) == BD3LM(ModelConfig(**config)).num_params(), config
     record = ModelConfig()
     assert expected_params(vars(record)) == 161_871_377 == BD3LM(record).num_params()
 
