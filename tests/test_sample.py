@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import REPO, peaked_model, save_checkpoint
 
+import common
 import sample
-from model import BD3LM, ModelConfig
+from model import BD3LM, SCHEDULES, ModelConfig
 from sample import SAMPLERS, Settings, completions, generate, window_start
 
 VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
@@ -82,6 +83,15 @@ def test_ddpm_skips_the_forward_when_a_step_changes_nothing(model):
     # 64 steps for each of 5 blocks, but a block changes at most once per masked token, 14 in all
     assert stats.forwards <= 14
     assert (tokens < model.config.vocab_size).all()
+
+
+@pytest.mark.parametrize("schedule", [name for name in SCHEDULES if name != "linear"])
+def test_ddpm_steps_follow_the_schedule_on_both_paths(model, schedule):
+    """--schedule changes which tokens each ddpm step reveals, so the draws; the cache still equals the reference."""
+    linear, _ = run(model, sampler="ddpm", steps_per_block=4)
+    cached, _ = run(model, sampler="ddpm", steps_per_block=4, schedule=schedule)
+    reference, _ = run(model, sampler="ddpm", steps_per_block=4, schedule=schedule, kv_cache=False)
+    assert torch.equal(cached, reference) and not torch.equal(cached, linear)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -372,7 +382,9 @@ def test_cli_shows_sample_0_filling_in_from_mask_in_80_columns(checkpoint, capsy
 
 
 def test_cli_help_lists_every_option(capsys):
-    sample.main(["--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--help"])
+    assert exit_info.value.code == 0
     stdout = capsys.readouterr().out
     for name, value in asdict(Settings()).items():
         assert f"--{name}={value}" in stdout
@@ -388,9 +400,11 @@ def test_cli_bad_checkpoint_gives_one_line_and_status_2():
 @pytest.mark.parametrize("flags, message", [
     (["--checkpoint=/no/such/file.pt"], "does not exist"),
     (["--checkpoint={text}"], "is not a checkpoint"),
-    (["--checkpoint={foreign}"], "is not a bd3lm-speedrun-v2 checkpoint"),
+    (["--checkpoint={foreign}"], f"is not a {common.CHECKPOINT_FORMAT} checkpoint"),
     (["--checkpoint={ckpt}", "--context=6"], "--context must be a positive multiple of the block size 4"),
-    (["--checkpoint={ckpt}", "--sampler=beam"], "--sampler must be one of"),
+    (["--checkpoint={ckpt}", "--sampler=beam"], "--sampler must be first_hitting, ddpm or confidence"),
+    (["--checkpoint={ckpt}", "--schedule=cubic"], "--schedule must be linear, cosine or sqrt"),
+    (["--checkpoint={ckpt}", "--sampler=confidence", "--schedule=cosine"], "--schedule applies to --sampler=ddpm"),
     (["--checkpoint={ckpt}", "--threshold=1.5"], "--threshold must lie in [0, 1]"),
     (["--checkpoint={ckpt}", "--steps_per_block=0"], "--steps_per_block must be at least 1"),
     (["--checkpoint={ckpt}", "--top_p=0"], "--top_p must lie in (0, 1]"),

@@ -1,5 +1,5 @@
 """bench.py and costmodel.py on CPU in seconds: the cost model's FLOP, byte and op counts against the model, the
-optimizers and model.model_flops_per_token, bench's estimate tables and its flags. Nothing here asserts on a time.
+optimizers and costmodel.model_flops_per_token, bench's estimate tables and its flags. Nothing here asserts on a time.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/tools/test_bench.py
 """
@@ -14,14 +14,14 @@ import torch
 from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import BD3LM, ModelConfig, model_flops_per_token, train_noise
+from model import BD3LM, ModelConfig, train_noise
 from sample import SAMPLERS, Stats
 from tools import bench
 from tools import costmodel as cm
-from train import Hyperparameters, Muon, make_optimizers, training_masked_fraction
+from train import Hyperparameters, Muon, make_optimizers
 
 RECORD = ModelConfig()
-TINY = ModelConfig(vocab_size=256, eot_id=255, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64)
+TINY = ModelConfig(vocab_size=256, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64)
 H100 = cm.gpu_spec("NVIDIA H100 80GB HBM3")
 
 
@@ -44,18 +44,18 @@ def test_flops_agree_with_model_flops_per_token():
     trunk = part(parts, "trunk matmuls").flops
     assert trunk == 6 * RECORD.n_layer * per_layer * 2 * seq_len
     # the compiled loss runs the head on every noisy row; the model's count only on the masked fraction of them
-    masked = training_masked_fraction(Hyperparameters())
+    masked = cm.training_masked_fraction(Hyperparameters())
     attention_forward = part(parts, "attention").flops / (1 + cm.FLASH_BACKWARD)
     model_count = trunk + 3 * attention_forward + masked * part(parts, "head").flops
-    assert model_count == pytest.approx(model_flops_per_token(RECORD, seq_len, masked) * seq_len, rel=0.02)
+    assert model_count == pytest.approx(cm.model_flops_per_token(RECORD, seq_len, masked) * seq_len, rel=0.02)
     assert part(parts, "head").flops == 6 * RECORD.model_dim * RECORD.padded_vocab * seq_len
 
 
-def test_masked_fraction_comes_from_the_estimator_and_the_schedule():
+def test_masked_fraction_comes_from_the_estimator_and_the_masking_range():
     # proposal: k drawn with probability k c_k / 16, E[k] / 16 = mean t + (1 - mean t) / 16; iid: the mean t
-    assert training_masked_fraction(Hyperparameters()) == pytest.approx(0.55 + 0.45 / 16)
-    assert training_masked_fraction(Hyperparameters(estimator="iid")) == pytest.approx(0.55)
-    assert training_masked_fraction(Hyperparameters(estimator="iid", schedule="cosine")) != pytest.approx(0.55)
+    assert cm.training_masked_fraction(Hyperparameters()) == pytest.approx(0.55 + 0.45 / 16)
+    assert cm.training_masked_fraction(Hyperparameters(estimator="iid")) == pytest.approx(0.55)
+    assert cm.training_masked_fraction(Hyperparameters(estimator="iid", t_lo=0.1, t_hi=0.5)) == pytest.approx(0.3)
 
 
 def test_masked_fraction_is_the_mean_of_drawn_training_noise():
@@ -65,7 +65,7 @@ def test_masked_fraction_is_the_mean_of_drawn_training_noise():
         masked = torch.stack([train_noise(4096, 16, 0.2, 0.7, generator, "linear", estimator,
                                           torch.rand(256, generator=generator)).masked for _ in range(64)])
         # 0.006: about 4 standard errors of the mean over 64 x 256 blocks
-        assert masked.float().mean().item() == pytest.approx(training_masked_fraction(hp), abs=0.006)
+        assert masked.float().mean().item() == pytest.approx(cm.training_masked_fraction(hp), abs=0.006)
 
 
 def test_memory_formula_matches_a_real_model_and_its_optimizers():
@@ -179,7 +179,7 @@ def test_bad_flag_is_one_line_and_exit_2(flag, capsys):
 def test_cli_help_lists_every_flag_and_a_bad_flag_exits_2():
     result = run_bench("--help")
     assert result.returncode == 0
-    for name in ("device", "quick", "repeats", "checkpoint", "estimate_only", "gpu_check"):
+    for name in ("device", "quick", "repeats", "checkpoint", "estimate_only"):
         assert f"--{name}=" in result.stdout
     result = run_bench("--nope=1")
     assert result.returncode == 2 and result.stderr == "error: unknown flag --nope (see --help)\n" and not result.stdout

@@ -6,14 +6,17 @@ bad flags as one line. A tiny random model on CPU, a few seconds.
 """
 
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
 from conftest import random_stream, save_checkpoint, small_model
 
+import common
 from data.shards import write_shard
 from tools import clip_search
 from tools.grad_variance import gradient_noise
+from train import Hyperparameters
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +56,26 @@ def test_table_lists_every_candidate_and_chooses_the_least_noisy(checkpoint_and_
     assert list(rows) == clip_search.candidates("0.5,1", 0.25)
     chosen = min(rows, key=rows.get)
     assert f"chosen:{chosen[0]:g}-{chosen[1]:g}" in out
-    cpu, common = torch.device("cpu"), clip_search.common
+    cpu = torch.device("cpu")
     model, _ = common.load_model(path, cpu)
     with common.autocast_context(cpu, common.fast_bf16(cpu)):  # as the tool measures
         direct = gradient_noise(model, clip_search.tail_chunks(data, 128, 32), 0.25, 0.75, "stratified", 3,
                                 clip_search.CLIP_SEARCH_NOISE_SEED)
     assert rows[(0.25, 0.75)] == pytest.approx(direct.relative, rel=1e-5)
+
+
+def test_without_train_files_it_reads_the_checkpoint_runs_data(tmp_path, capsys):
+    """A checkpoint names its run's corpus by --data's prefix; the tool measures on that prefix's train shards."""
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    write_shard(tmp_path / "corpus_train_000000.bin", random_stream(1000, gen).numpy().astype("uint16"))
+    model = small_model(block_size=4, seed=int(torch.randint(100, ())))
+    hparams = Hyperparameters(**asdict(model.config), seq_len=32, data=str(tmp_path / "corpus"), estimator="iid")
+    common.save_checkpoint(str(tmp_path / "run.pt"), model, asdict(hparams))
+    flags = [f"--checkpoint={tmp_path / 'run.pt'}", "--widths=1", "--step=1", "--tokens=64", "--draws=2",
+             "--device=cpu"]
+    table = [line for line in run(capsys, *flags).splitlines() if line.startswith("| 0-1 |")]
+    explicit = run(capsys, *flags, f"--train_files={tmp_path}/corpus_train_*.bin")
+    assert len(table) == 1 and table[0] in explicit.splitlines() and "estimator iid" in explicit
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import REPO, peaked_model, save_checkpoint
 
+import sample
 from model import BD3LM
-from tools import sample_quality as evaluation
+from tools import sample_quality
 
 VOCAB = 50257
 RESULT = re.compile(r"gen_ppl:(\S+) log_ppl_stderr:(\S+) entropy:(\S+) median_length:(\S+) max_length:(\d+) "
@@ -52,7 +53,7 @@ def test_repository_judge_equals_a_position_by_position_computation():
     """The judge scores all positions in one pass; the reference runs the judge once per position, on the
     context and the continuation up to that token only, so nothing after a token can reach its score."""
     judge = random_model(1, seed=1)
-    nll, _ = evaluation.repository_judge(judge, 64)
+    nll, _ = sample_quality.repository_judge(judge, 64)
     gen = torch.Generator().manual_seed(0)
     for context_len, continuation_len in ((0, 9), (5, 7), (3, 1)):
         sequence = torch.randint(0, VOCAB, (context_len + continuation_len,), generator=gen)
@@ -70,7 +71,7 @@ def test_repository_judge_equals_a_position_by_position_computation():
 def test_hugging_face_judge_equals_the_models_own_loss(gpt2):
     transformers = pytest.importorskip("transformers")
     lm = transformers.AutoModelForCausalLM.from_pretrained(gpt2).eval()
-    nll, max_len = evaluation.hugging_face_judge(gpt2, torch.device("cpu"))
+    nll, max_len = sample_quality.hugging_face_judge(gpt2, torch.device("cpu"))
     assert max_len == 63  # n_positions less the <|endoftext|> in front
     gen = torch.Generator().manual_seed(1)
     for context_len, continuation_len in ((0, 12), (6, 10)):
@@ -85,24 +86,25 @@ def test_hugging_face_judge_equals_the_models_own_loss(gpt2):
 
 
 def test_unigram_entropy():
-    assert evaluation.unigram_entropy([5] * 10) == 0
-    assert evaluation.unigram_entropy([1, 2, 3, 4] * 3) == pytest.approx(math.log(4))
-    assert evaluation.unigram_entropy([1, 1, 1, 2]) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert sample_quality.unigram_entropy([5] * 10) == 0
+    assert sample_quality.unigram_entropy([1, 2, 3, 4] * 3) == pytest.approx(math.log(4))
+    expected = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert sample_quality.unigram_entropy([1, 1, 1, 2]) == pytest.approx(expected)
 
 
 def test_sample_quality_scores_each_sample_up_to_its_end(checkpoints):
     """Gen PPL is the judge's total NLL over the scored tokens, each sample up to and with its first
     <|endoftext|>, checked against the judge called by hand on generate's own output."""
-    model, judge = random_model(4, 0, vocab_size=256), evaluation.repository_judge(random_model(1, 1, 256), 64)
+    model, judge = random_model(4, 0, vocab_size=256), sample_quality.repository_judge(random_model(1, 1, 256), 64)
     eot = model.config.eot_id
 
     def end_now_and_then(head, inputs, logits):  # <|endoftext|> near the top of every distribution
         return logits.index_fill(-1, torch.tensor([eot]), 8.0)
 
     model.head.register_forward_hook(end_now_and_then)
-    s = evaluation.Settings(num_samples=6, max_new_tokens=40, sampler="first_hitting", context=64, seed=3)
-    quality = evaluation.sample_quality(model, judge, [], s)
-    tokens, _ = evaluation.sample.generate(model, [], s, torch.Generator().manual_seed(3))
+    s = sample_quality.Settings(num_samples=6, max_new_tokens=40, sampler="first_hitting", context=64, seed=3)
+    quality = sample_quality.sample_quality(model, judge, [], s)
+    tokens, _ = sample.generate(model, [], s, torch.Generator().manual_seed(3))
     rows = tokens.tolist()
     scored = [row[: row.index(eot) + 1] if eot in row else row for row in rows]
     assert 0 < sum(eot in row for row in rows) < 6  # some samples end, some do not
@@ -114,27 +116,26 @@ def test_sample_quality_scores_each_sample_up_to_its_end(checkpoints):
     assert quality["tokens_per_forward"] == quality["batch_tokens_per_forward"] == 1.0 and quality["samples"] == 6
 
 
-def run_eval(*flags):
+def run_tool(*flags):
     return subprocess.run([sys.executable, "tools/sample_quality.py", *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def eval_here(capsys, *flags) -> str:
-    """eval.main in this process, as the command line runs it: what it printed."""
-    evaluation.main(list(flags))
+def main_here(capsys, *flags) -> str:
+    """sample_quality.main in this process, as the command line runs it: what it printed."""
+    sample_quality.main(list(flags))
     return capsys.readouterr().out
 
 
 def test_cli_reports_sample_quality_under_both_judges(checkpoints, gpt2, capsys, one_thread):
-    """The repository judge through the real command line, the Hugging Face one through eval.main."""
+    """The repository judge through the real command line, the Hugging Face one through sample_quality.main."""
     for judge in (checkpoints["judge"], gpt2):
         flags = [f"--checkpoint={checkpoints['model']}", f"--judge={judge}", "--num_samples=3", "--max_new_tokens=20",
                  "--sampler=ddpm", "--steps_per_block=2"]
         if judge == gpt2:
-            stdout = eval_here(capsys, *flags)
+            stdout = main_here(capsys, *flags)
         else:
-            completed = run_eval(*flags)
+            completed = run_tool(*flags)
             assert completed.returncode == 0, completed.stderr
             stdout = completed.stdout
         result = RESULT.fullmatch(stdout.strip().splitlines()[-1])
@@ -147,10 +148,10 @@ def test_cli_reports_sample_quality_under_both_judges(checkpoints, gpt2, capsys,
 
 
 def test_cli_sweep_prints_a_markdown_table(checkpoints, capsys, one_thread):
-    stdout = eval_here(capsys, f"--checkpoint={checkpoints['model']}", f"--judge={checkpoints['judge']}",
+    stdout = main_here(capsys, f"--checkpoint={checkpoints['model']}", f"--judge={checkpoints['judge']}",
                        "--sweep=True", "--num_samples=2", "--max_new_tokens=16")
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| sampler | knob | tokens/forward") and len(rows) == 1 + len(evaluation.SWEEP)
+    assert rows[0].startswith("| sampler | knob | tokens/forward") and len(rows) == 1 + len(sample_quality.SWEEP)
     cells = [row.split(" | ") for row in rows[1:]]
     assert cells[0][0] == "| first_hitting" and cells[0][2] == cells[0][3] == "1.00"
     assert cells[5][1] == "steps_per_block=1" and cells[5][2] == cells[5][3] == "4.00"  # one forward per block of 4
@@ -167,7 +168,7 @@ def test_cli_sweep_prints_a_markdown_table(checkpoints, capsys, one_thread):
     (["--judge={judge}", "--show_denoising=True"], "--show_denoising is sample.py's: this tool prints no samples"),
 ])
 def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, checkpoints, flags, message):
-    """In-process through eval.main; tests/test_eval.py runs a bad input through the real command line."""
+    """In-process through sample_quality.main, the command line's own entry point."""
     if "{small_vocab}" in flags[0]:
         transformers = pytest.importorskip("transformers")
         config = transformers.GPT2Config(vocab_size=1000, n_positions=32, n_embd=16, n_layer=1, n_head=2,
@@ -175,7 +176,7 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, checkpoints, fl
         transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "small_vocab")
     paths = dict(checkpoints, small_vocab=tmp_path / "small_vocab")
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main([f"--checkpoint={checkpoints['model']}", *(flag.format(**paths) for flag in flags),
+        sample_quality.main([f"--checkpoint={checkpoints['model']}", *(flag.format(**paths) for flag in flags),
                          "--num_samples=2"])
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2, stderr
