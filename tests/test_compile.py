@@ -12,12 +12,13 @@ inside (forward only: flex attention has no backward on CPU); and a warm-up that
 import copy
 import math
 import re
+import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
     EOT,
+    REPO,
     SMALL,
     TRAINED,
     VOCAB,
@@ -33,7 +34,7 @@ from torch._dynamo.utils import counters
 
 import train
 from data.loader import TokenLoader
-from data.shards import HEADER_BYTES, read_shard, write_shard
+from data.shards import read_shard, write_shard
 from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
 
 
@@ -45,11 +46,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def tiny_model(block_size: int = 4, attn_backend: str = "sdpa") -> BD3LM:
+def tiny_model(block_size: int = 4) -> BD3LM:
     """Two layers, every weight random (the zero-initialized head and projections would hide differences)."""
     torch.manual_seed(0)
-    model = BD3LM(ModelConfig(vocab_size=VOCAB, eot_id=EOT, n_layer=2, n_head=2, head_dim=16, model_dim=32,
-                              mlp_hidden=64, block_size=block_size, attn_backend=attn_backend))
+    model = BD3LM(ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+                              block_size=block_size))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -131,9 +132,9 @@ def test_inductor_loss_and_gradients_equal_eager_and_the_per_block_loop():
 def test_flex_graph_builds_its_block_mask_inside(rows):
     """The GPU path's BlockMask comes from the tokens inside the graph (one mask per row): new documents need no
     new graph."""
-    compiled, backend = tiny_model(block_size=16, attn_backend="flex"), CountingBackend()
+    compiled, backend = tiny_model(block_size=16), CountingBackend()
     eager = copy.deepcopy(compiled)
-    compiled.compile_loss(backend)
+    compiled.compile_loss(backend, flex=True)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
@@ -142,10 +143,8 @@ def test_flex_graph_builds_its_block_mask_inside(rows):
     assert backend.graphs == 1
 
 
-@pytest.mark.parametrize("softcap", [15.0, 0.0])
-def test_padded_logits_give_the_softmax_of_the_real_vocabulary(softcap):
+def test_padded_logits_give_the_softmax_of_the_real_vocabulary():
     model = tiny_model()
-    model.config.logit_softcap = softcap
     hidden = torch.randn(5, 32)
     padded = model._padded_logits(hidden)
     assert padded.shape[-1] == model.config.padded_vocab == 128
@@ -157,15 +156,36 @@ def test_padded_logits_give_the_softmax_of_the_real_vocabulary(softcap):
 # train.py
 
 
+# train.py with its eager loss flagged as compiled, so that it warms the model up as it does a compiled one
+WARM_DRIVER = f"""
+import sys
+sys.path.insert(0, {REPO!r})
+import train
+
+build_model = train.build_model
+
+def build_flagged_model(*args):
+    model = build_model(*args)
+    model.compiled = True
+    return model
+
+train.build_model = build_flagged_model
+train.main(sys.argv[1:])
+"""
+
+
 def test_warm_up_changes_nothing_in_the_run(tmp_path, trained_run):
-    """The shared trained run warmed up; the same run without the warm-up ends with the same weights."""
-    run_train(tmp_path, *TRAINED, "--run_id=cold", "--warm_up=False")
-    warm, cold = trained_run.text, read_log(tmp_path, "cold")
+    """The shared trained run (eager on a CPU: no warm-up) and the same run warmed up end with the same weights.
+    The warm run's loss is eager too, only flagged as compiled, so the warm-up is their one difference."""
+    driver = tmp_path / "warm.py"
+    driver.write_text(WARM_DRIVER)
+    run_train(tmp_path, *TRAINED, "--run_id=warm", launcher=(sys.executable, str(driver)))
+    warm, cold = read_log(tmp_path, "warm"), trained_run.text
     compile_time = re.compile(r"^compile_time:\d+ms$", re.M)
     assert compile_time.search(warm) and not compile_time.search(cold)
     assert val_losses(warm) == val_losses(cold)
-    weights_warm = torch.load(trained_run.final, weights_only=True)["model"]
-    weights_cold = load_final(tmp_path, "cold")["model"]
+    weights_warm = load_final(tmp_path, "warm")["model"]
+    weights_cold = torch.load(trained_run.final, weights_only=True)["model"]
     for name, tensor in weights_cold.items():
         assert torch.equal(weights_warm[name], tensor), name
 
@@ -188,16 +208,21 @@ def test_warm_up_compiles_every_graph_that_training_and_validation_run(tmp_path,
     assert backend.graphs == 2 and not counters["graph_break"]
 
 
-def test_bad_token_ids_are_caught_on_the_cpu(tmp_path, capsys, demo_corpus):
-    """The compiled loss cannot check ids; train.py does before the copy, and stops with one line."""
+def test_bad_token_ids_are_caught_on_the_cpu(tmp_path, monkeypatch, capsys, demo_corpus):
+    """The compiled loss cannot check ids; train.py does before the copy, and stops with one line. Ids the model
+    cannot take: a 1000-token vocabulary, val ids below 1000, training text in GPT-2 ids (they pass the unigram
+    count, which knows the data's vocabulary, not the model's)."""
     train_path, val_path = demo_corpus
-    bad = tmp_path / "bad_train_000000.bin"
-    write_shard(bad, read_shard(train_path)[:4096])
-    with open(bad, "r+b") as f:
-        f.seek(HEADER_BYTES + 2 * 100)
-        f.write(np.uint16(60000).tobytes())
+    train_shard = tmp_path / "small_train_000000.bin"
+    write_shard(train_shard, read_shard(train_path)[:4096])
+    write_shard(tmp_path / "small_val_000000.bin", read_shard(val_path)[:1024] % 1000)
+    flags = [*SMALL, "--vocab_size=1000", f"--data={tmp_path}/small"]
+    hp = train.parse_args(flags)
+    first = TokenLoader(str(train_shard), hp.seq_len, sequences=hp.micro_batch).next_batch()  # step 1's first forward
+    monkeypatch.chdir(tmp_path)  # train.py writes logs/ and checkpoints/ here
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*SMALL, f"--train_files={bad}", f"--log_dir={tmp_path}/logs", f"--checkpoint_dir={tmp_path}/ck"])
+        train.main(flags)
     stderr = capsys.readouterr().err
-    assert exit_info.value.code == 1 and stderr.count("\n") == 1
-    assert stderr.startswith("error: step 1 of ") and "token ids must lie in [0, 50257)" in stderr and "60000" in stderr
+    assert exit_info.value.code == 1 and stderr.count("\n") == 1 and int(first.max()) >= 1000
+    assert stderr.startswith("error: step 1 of ") and "token ids must lie in [0, 1000)" in stderr
+    assert f"got ids in [{int(first.min())}, {int(first.max())}]" in stderr

@@ -5,7 +5,7 @@
 FlexAttention refuses a backward on CPU through one private guard, which common.flex_backward_on_cpu lifts. Then
 compile_loss under aot_eager with fullgraph=True runs the Dynamo/AOTAutograd graph a GPU gets (flex forward and
 backward, the BlockMask built inside, on stacked rows [N, L]); only Inductor's Triton lowering is unseen. And whatever
-the device and backend setting, no eager call reaches flex_attention, whose eager fallback materializes every score.
+compile_loss chose, no eager call reaches flex_attention, whose eager fallback materializes every score.
 """
 
 import copy
@@ -31,11 +31,11 @@ def flex_backward_on_cpu():
     torch._dynamo.reset()
 
 
-def tiny_model(attn_backend: str) -> BD3LM:
+def tiny_model() -> BD3LM:
     """Two layers in 16-token blocks, every weight random (zero-initialized projections would hide differences)."""
     torch.manual_seed(0)
-    model = BD3LM(ModelConfig(vocab_size=VOCAB, eot_id=EOT, n_layer=2, n_head=2, head_dim=16, model_dim=32,
-                              mlp_hidden=64, block_size=16, attn_backend=attn_backend))
+    model = BD3LM(ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+                              block_size=16))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -64,29 +64,37 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x - reference).norm() / reference.norm())
 
 
-@pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
-def test_no_eager_call_reaches_flex_attention(backend, monkeypatch):
-    """Training, validation and the cache, all eager: flex_attention is never called; compiled, it is called
-    exactly where the backend setting asks for it (auto: on CUDA)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("flex_attention called outside a compiled graph")
+@pytest.mark.parametrize("flex", [None, True, False])
+def test_flex_attention_runs_only_compiled_and_where_compile_loss_chose_it(flex, monkeypatch):
+    """Training, validation and the cache, all eager, never call flex_attention, even where the model chose flex;
+    the compiled loss calls it in every layer exactly where compile_loss chose it (by default on a GPU only, and
+    this model is on the CPU)."""
+    calls, flex_attention = [], model_module.flex_attention
 
-    monkeypatch.setattr(model_module, "flex_attention", refuse)
-    model = tiny_model(backend)
-    gen = torch.Generator().manual_seed(1)
-    tokens, noise = stacked_batch(2, 128, gen)
-    model(tokens, noise).backward()
-    model.eval()
+    def recording(*args, **kwargs):
+        calls.append(torch.compiler.is_compiling())
+        return flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "flex_attention", recording)
+    tokens, noise = stacked_batch(2, 128, torch.Generator().manual_seed(1))
+    val_noise = eval_noise(128, 16, seed=0, offset=0)
+    eager, compiled = tiny_model(), tiny_model()
+    eager.flex = True  # as compile_loss(flex=True) chooses, without compiling
+    eager(tokens, noise).backward()
+    compiled.compile_loss("aot_eager", flex=flex)
+    assert compiled.compiled and compiled.flex == bool(flex)
     with torch.no_grad():
-        model(tokens[0], eval_noise(128, 16, seed=0, offset=0))
-        cache = model.new_cache(2, 48)
-        model.cache_append(cache, tokens[:, :32])
-        model.cache_logits(cache, torch.full((2, 16), model.config.mask_id))
-    wants_flex = {"auto": {"cuda"}, "flex": {"cpu", "cuda"}, "sdpa": set()}[backend]
-    for device in ("cpu", "cuda"):
-        assert not model._use_flex(torch.device(device))  # a device object needs no GPU
-        compiled = torch.compile(lambda x: x + model._use_flex(torch.device(device)), backend="eager", fullgraph=True)
-        assert bool(compiled(torch.zeros(()))) == (device in wants_flex), device
+        eager.eval()
+        eager(tokens[0], val_noise)
+        for model in (eager, compiled):  # the paths that compile_loss leaves eager
+            model.logits(tokens, tokens)
+            cache = model.new_cache(2, 48)
+            model.cache_append(cache, tokens[:, :32])
+            model.cache_logits(cache, torch.full((2, 16), model.config.mask_id))
+        assert not calls
+        compiled.eval()
+        compiled(tokens[0], val_noise)
+    assert calls == [True] * compiled.config.n_layer * compiled.flex
 
 
 def test_flex_training_graph_equals_sdpa_in_fp32_and_bf16_and_stays_two_graphs(flex_backward_on_cpu):
@@ -94,10 +102,10 @@ def test_flex_training_graph_equals_sdpa_in_fp32_and_bf16_and_stays_two_graphs(f
     gradients equal eager SDPA's in fp32 (1e-5 relative); under bf16 autocast flex is no further from the fp32
     gradients than SDPA in bf16 is (each run in bf16 errs by ~1e-3 here); one graph trains and one validates (a
     run has one precision: the bf16 twin has its own training graph)."""
-    flex, backend, bf16_backend = tiny_model("flex"), CountingBackend(), CountingBackend()
+    flex, backend, bf16_backend = tiny_model(), CountingBackend(), CountingBackend()
     sdpa, flex_bf16 = copy.deepcopy(flex), copy.deepcopy(flex)
-    flex.compile_loss(backend)
-    flex_bf16.compile_loss(bf16_backend)
+    flex.compile_loss(backend, flex=True)
+    flex_bf16.compile_loss(bf16_backend, flex=True)
     gen = torch.Generator().manual_seed(2)
     for step in range(4):
         tokens, noise = stacked_batch(3, 256, gen)
@@ -121,7 +129,8 @@ def test_flex_training_graph_equals_sdpa_in_fp32_and_bf16_and_stays_two_graphs(f
     assert backend.graphs == 2 and bf16_backend.graphs == 1 and not counters["graph_break"]
 
 
-# train.py itself, with the guard lifted and the loss compiled under aot_eager as train.py compiles it on CUDA
+# train.py itself, with the guard lifted and the loss compiled under aot_eager with flex, as train.py compiles it on
+# CUDA
 DRIVER = f"""
 import sys
 sys.path.insert(0, {REPO!r})
@@ -134,7 +143,7 @@ backend, build_model = CountingBackend(), train.build_model
 
 def build_compiled_model(*args):
     model = build_model(*args)
-    model.compile_loss(backend)
+    model.compile_loss(backend, flex=True)
     return model
 
 train.build_model = build_compiled_model
@@ -149,7 +158,7 @@ def test_train_py_on_the_flex_graph_one_process_and_two_gloo_ranks(tmp_path, dem
     training and one for validation, all compiled in the warm-up, and 2 gloo ranks train what 1 process does."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    flags = [*SMALL, "--attn_backend=flex", "--batch_size=4", "--micro_batch=2", "--steps=3", "--val_every=2"]
+    flags = [*SMALL, "--batch_size=4", "--micro_batch=2", "--steps=3", "--val_every=2"]
     one = run_train(tmp_path, *flags, "--run_id=one", launcher=(sys.executable, str(driver)))
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver))
     two = run_train(tmp_path, *flags, "--run_id=two", launcher=torchrun)

@@ -138,13 +138,13 @@ def test_flex_forward_equals_sdpa_forward(length, mean_doc):
     model = small_model(block_size=16, n_layer=2)
     noise = eval_noise(length, 16, seed=3, offset=0)
     x_t = torch.where(noise.masked, model.config.mask_id, tokens)
-    model.config.attn_backend = "flex"  # flex runs compiled only: every eager pass takes sdpa
     with torch.no_grad():
         dense = model._pass(x_t[None], tokens[None], dense=True)
-        flex = torch.compile(model._pass, backend="aot_eager", fullgraph=True)(x_t[None], tokens[None])
         dense_losses = model.token_losses(tokens, noise)
-        model.compile_loss("aot_eager")
+        model.compile_loss("aot_eager", flex=True)  # flex runs compiled only: every eager pass takes sdpa
+        flex = torch.compile(model._pass, backend="aot_eager", fullgraph=True)(x_t[None], tokens[None])
         flex_losses = model.token_losses(tokens, noise)
+    assert model.flex
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex_losses, dense_losses, atol=1e-5, rtol=1e-5)
 
@@ -157,9 +157,8 @@ def test_losses_of_a_batch_are_the_losses_of_each_row(backend):
     noise = [train_noise(256, 16, 0.0, 1.0, gen) for _ in rows]
     batch_noise = type(noise[0])(*(torch.stack(parts) for parts in zip(*noise)))
     model = small_model(block_size=16)
-    model.config.attn_backend = backend
     if backend == "flex":  # flex runs compiled only
-        model.compile_loss("aot_eager")
+        model.compile_loss("aot_eager", flex=True)
     with torch.no_grad():
         batched = model.token_losses(rows, batch_noise)
         alone = torch.stack([model.token_losses(row, row_noise) for row, row_noise in zip(rows, noise)])
@@ -320,7 +319,8 @@ def test_end_of_text_is_learned_where_a_document_ends():
     target only at a document's first position, with no past) is left with its training signal alone. That
     signal pushes <|endoftext|> down at every position with a past, so under the old rule the probability after
     the marker stays near that of any other position: it cannot pass by chance."""
-    vocab, eot, marker, block_size, length = 12, 11, 0, 4, 128
+    vocab, marker, block_size, length = 12, 0, 4, 128
+    eot = vocab - 1  # <|endoftext|> is the vocabulary's last id
     gen = torch.Generator().manual_seed(0)
 
     def documents(n_tokens):
@@ -331,8 +331,8 @@ def test_end_of_text_is_learned_where_a_document_ends():
         return torch.tensor(tokens[:n_tokens])
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab, eot_id=eot, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
-                      block_size=block_size, attn_backend="sdpa", logit_softcap=0)
+    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=2, head_dim=16, model_dim=32, mlp_hidden=64,
+                      block_size=block_size)
     model = BD3LM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(300):
@@ -392,8 +392,7 @@ def test_schedule_matches_its_formula(schedule):
 def test_uniform_logits_average_log_vocab(schedule):
     """Uniform logits cost ln(vocab) per masked token, so the loss is ln(vocab) * sum(masked * weight(t)) / L:
     checked exactly through the model on a few windows, then its average over 4M val positions within 1%."""
-    cfg = ModelConfig(n_layer=2, n_head=1, head_dim=16, model_dim=16, mlp_hidden=32, attn_backend="sdpa",
-                      schedule=schedule)
+    cfg = ModelConfig(n_layer=2, n_head=1, head_dim=16, model_dim=16, mlp_hidden=32)
     model = BD3LM(cfg)
     with torch.no_grad():
         model.head.weight.zero_()
@@ -417,7 +416,7 @@ def test_training_and_val_losses_equal_the_per_token_reference_of_the_schedule(s
     """The vectorized loss under training and validation noise against the per-block loop weighted by the
     reference weight of the schedule's own formula; the noise masks each block with the schedule's probability."""
     gen = torch.Generator().manual_seed(21)
-    model = small_model(block_size=4, schedule=schedule)
+    model = small_model(block_size=4)
     for tokens in tricky_streams(64, 4, gen):
         for noise in (train_noise(64, 4, 0.2, 0.9, gen, schedule), eval_noise(64, 4, 3, 64, schedule, "iid"),
                       eval_noise(64, 4, 3, 64, schedule, "exact_k")):
@@ -450,7 +449,7 @@ def real_text_tokens():
 
 def test_optimizer_steps_on_real_text():
     stream = real_text_tokens()
-    cfg = ModelConfig(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, attn_backend="sdpa")
+    cfg = ModelConfig(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128)
     torch.manual_seed(0)
     model = BD3LM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -481,7 +480,7 @@ def test_compiled_flex_eval_matches_eager():
     gen = torch.Generator().manual_seed(11)
     tokens = random_stream(256, gen, mean_doc=40)
     model = small_model(block_size=16, n_layer=2)  # Inductor's C++ compile time grows with the layers
-    model.config.attn_backend = "flex"
+    model.flex = True  # as compile_loss(flex=True) chooses; this test compiles the pass itself, under Inductor
     x_t = torch.where(eval_noise(len(tokens), 16, seed=0, offset=0).masked, model.config.mask_id, tokens)[None]
     with torch.no_grad():
         eager = model._pass(x_t, tokens[None])  # sdpa: flex runs compiled only
@@ -547,8 +546,6 @@ def test_bad_input_raises_value_error():
         BD3LM(ModelConfig(block_size=0))
     with pytest.raises(ValueError, match="n_layer must be even"):
         BD3LM(ModelConfig(n_layer=3))
-    with pytest.raises(ValueError, match="attn_backend"):
-        BD3LM(ModelConfig(attn_backend="xformers"))
     with pytest.raises(ValueError, match="divisible by 128"):
         block_diffusion_block_mask(torch.zeros(100, dtype=torch.long), 16, EOT)
 
@@ -615,9 +612,8 @@ def test_flex_backward_tiles_are_chosen_from_the_gpus_shared_memory(monkeypatch)
 
     monkeypatch.setattr(model_module, "flex_attention", recording_flex)
     model = small_model(block_size=16)
-    model.config.attn_backend = "flex"
     model.set_flex_options(model_module.flex_kernel_options(rtx_3090))
-    model.compile_loss("aot_eager")  # flex runs compiled only
+    model.compile_loss("aot_eager", flex=True)  # flex runs compiled only
     with torch.no_grad():
         model(random_stream(128, torch.Generator().manual_seed(4)), eval_noise(128, 16, seed=0, offset=0))
     assert len(seen) == model.config.n_layer and all(options == model_module.flex_kernel_options(rtx_3090)
