@@ -1,10 +1,5 @@
-"""
-What the scripts share: --name=value flags and --help, the device, precision and process group, the guards of
-every private or version-dependent torch call, checkpoints, peak memory, and the val NELBO (the protocol of
-train.py's validation and of eval.py).
-
-train.py, sample.py, eval.py and bench.py import this file; it imports only model.py and data/, never a script.
-"""
+"""What the scripts share: flags, device and process group, the guards of private or version-dependent torch
+calls, checkpoints, and the val NELBO of train.py and eval.py. It imports model.py and data/, never a script."""
 
 import contextlib
 import functools
@@ -24,8 +19,7 @@ from model import BD3LM, ModelConfig, Noise, check_token_ids, eval_noise
 
 CHECKPOINT_FORMAT = "bd3lm-speedrun-v3"
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
-# k masked tokens per block, k uniform on 1..16, weight 16 / k: the NELBO, at a fraction of iid t's standard error
-VAL_ESTIMATOR = "exact_k"
+VAL_ESTIMATOR = "exact_k"  # k masked tokens per block, k uniform on 1..16, weight 16 / k: the NELBO, low variance
 
 
 class ConfigError(ValueError):
@@ -38,17 +32,14 @@ class ConfigError(ValueError):
 
 def usage(command: str, settings_class) -> str:
     """--help: each field of a settings dataclass with its default and help text."""
-    lines = [f"usage: {command}", ""]
-    lines += [f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}" for f in fields(settings_class)]
-    return "\n".join(lines)
+    options = [f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}" for f in fields(settings_class)]
+    return "\n".join([f"usage: {command}", "", *options])
 
 
 def parse_value(name: str, kind: type, text: str):
+    if kind is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return text.lower() in ("true", "1", "yes")
     if kind is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
         raise ConfigError(f"--{name} takes True or False, got {text!r}")
     try:
         return kind(text)
@@ -70,8 +61,7 @@ def parse_flags(argv: list[str], settings_class) -> dict:
 
 
 def command_line(argv: list[str], settings_class, command: str, more_help: str = ""):
-    """A script's settings from its --name=value flags; --help prints them and exits, a bad flag is one line
-    and exit status 2."""
+    """A script's settings from its flags; --help prints them and exits, a bad flag is one line and exit status 2."""
     if "--help" in argv or "-h" in argv:
         print(usage(command, settings_class) + more_help)
         sys.exit(0)
@@ -81,8 +71,7 @@ def command_line(argv: list[str], settings_class, command: str, more_help: str =
 
 @contextlib.contextmanager
 def user_errors():
-    """What the user gave and the script cannot use (a ConfigError, a ShardError or another ValueError, a missing
-    file) ends the script with one line and exit status 2."""
+    """A bad input (any ValueError, ShardError and ConfigError included, or a missing file): one line, status 2."""
     try:
         yield
     except (ValueError, FileNotFoundError) as error:
@@ -90,7 +79,7 @@ def user_errors():
 
 
 def fail(message: str, status: int = 1):
-    """One line on stderr (from rank 0 only), then exit: user errors never print a traceback."""
+    """One line on stderr (rank 0 only), then exit: user errors never print a traceback."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
@@ -113,8 +102,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device=cuda but this machine has no CUDA device")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    user_set = any(name in os.environ for name in ALLOC_CONF_VARIABLES)
-    if not user_set and not allocator_settings():  # the user's setting wins
+    if not any(variable in os.environ for variable in ALLOC_CONF_VARIABLES) and not allocator_settings():
         set_allocator_settings("expandable_segments:True")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
@@ -134,8 +122,7 @@ def init_process_group(device: torch.device) -> None:
 
 
 def uses_bf16(autocast: str, device: torch.device) -> bool:
-    """`--autocast` (checked with the other flags): auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32),
-    bf16 or fp32."""
+    """`--autocast`: auto (bf16 where fast_bf16, else fp32), bf16 or fp32."""
     return autocast == "bf16" or (autocast == "auto" and fast_bf16(device))
 
 
@@ -156,26 +143,24 @@ def peak_memory_mib(device: torch.device) -> int:
 
 
 def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, Noise]:
-    """Check a chunk's token ids on the CPU (the compiled loss cannot without waiting for the device), then copy it
-    and its noise to `device`; to a GPU from pinned memory, without blocking."""
+    """Check token ids on the CPU (the compiled loss cannot without a sync), then copy tokens and noise to `device`,
+    to a GPU from pinned memory without blocking."""
     check_token_ids(tokens, vocab_size)
-
-    def copy(x: torch.Tensor) -> torch.Tensor:
-        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
-    return copy(tokens), Noise(*(copy(x) for x in noise))
+    cuda = device.type == "cuda"
+    tokens, *noise = [x.pin_memory().to(device, non_blocking=True) if cuda else x.to(device) for x in (tokens, *noise)]
+    return tokens, Noise(*noise)
 
 
 # -----------------------------------------------------------------------------
-# Torch versions: every private or version-dependent torch call of the scripts, each with a fallback that keeps
-# the behaviour on every supported release (2.11 to the newest; requirements.txt)
+# Torch versions: every private or version-dependent torch call, each with a fallback for every supported release
+# (2.11 to the newest; requirements.txt)
 
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the new name, then the older one
 
 
 def allocator_settings() -> str:
-    """The accelerator allocator's settings in effect (PYTORCH_ALLOC_CONF syntax); empty: torch's defaults.
-    torch 2.11 has no getter: there the settings are read back from the environment, which
-    set_allocator_settings keeps in step."""
+    """The allocator settings in effect (PYTORCH_ALLOC_CONF syntax; empty: torch's defaults). torch 2.11 has no
+    getter: there they are read from the environment, which set_allocator_settings keeps in step."""
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     if getter is not None:
         return getter()
@@ -183,30 +168,28 @@ def allocator_settings() -> str:
 
 
 def set_allocator_settings(settings: str) -> None:
-    """Apply allocator settings before the first CUDA allocation: torch may have read os.environ at import
-    already. The environment gets them too, for allocator_settings on torch 2.11 and for child processes."""
+    """Apply allocator settings (torch may have read os.environ at import already), and put them in the environment
+    for allocator_settings on torch 2.11 and for child processes."""
     torch._C._accelerator_setAllocatorSettings(settings)
     os.environ["PYTORCH_ALLOC_CONF"] = settings
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: on CUDA, and on CPUs for which oneDNN has bf16 kernels (x86 with
-    AVX-512, ARM with bf16); on AVX2-only CPUs they are far slower than fp32."""
+    """Whether bf16 matmuls are fast: on CUDA and on CPUs with oneDNN bf16 kernels (not on AVX2-only CPUs)."""
     return device.type == "cuda" or (torch.backends.mkldnn.is_available()
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @functools.cache
 def inductor_sorts_fall_back() -> bool:
-    """Whether Inductor honours model.py's `fallback_to_eager` annotation on the BlockMask's argsort (torch 2.13
-    and later do). Where it does not (2.11), each flex graph compiles Triton sorts: slower to compile, same
-    result."""
+    """Whether Inductor honours model.py's `fallback_to_eager` annotation on the BlockMask's argsort (torch 2.13+);
+    where not, each flex graph compiles Triton sorts: slower to compile, same result."""
     import torch._inductor.graph as lowering  # Inductor's lowering of each graph node reads the annotation
     return "fallback_to_eager" in inspect.getsource(lowering)
 
 
 def torch_limitations() -> list[str]:
-    """One line for each thing this torch cannot do that a GPU run would use: for the log header and gpu_check."""
+    """One line per thing this torch cannot do that a GPU run would use: for the log header and gpu_check."""
     if inductor_sorts_fall_back():
         return []
     return [f"torch {torch.__version__}: Inductor ignores the fallback_to_eager annotation on the BlockMask's "
@@ -215,8 +198,8 @@ def torch_limitations() -> list[str]:
 
 @contextlib.contextmanager
 def flex_backward_on_cpu():
-    """Lift FlexAttention's only refusal of a CPU backward (a private guard), so a CPU traces and runs the compiled
-    graph a GPU runs: for gpu_check's rehearsal and the tests, never for training."""
+    """Lift FlexAttention's private refusal of a CPU backward, so a CPU runs the compiled graph a GPU runs: for
+    gpu_check's rehearsal and the tests, never for training."""
     guard = flex_attention_module._validate_device
     flex_attention_module._validate_device = lambda *tensors: None
     try:
@@ -230,8 +213,7 @@ def flex_backward_on_cpu():
 
 
 def save_checkpoint(path: str, model: BD3LM, hparams: dict, **training_state) -> None:
-    """Write a checkpoint that load_model reads (and train.py's resume, given its training state), atomically: a
-    crash mid-write leaves the previous file intact."""
+    """Write a checkpoint for load_model (and train.py's resume) atomically: a crash leaves the previous file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
                  hparams=hparams, **training_state)
@@ -240,8 +222,7 @@ def save_checkpoint(path: str, model: BD3LM, hparams: dict, **training_state) ->
 
 
 def read_checkpoint(path: str, device) -> dict:
-    """A checkpoint of this code's format, loaded with weights_only=True; a ConfigError naming the problem
-    otherwise."""
+    """A checkpoint of this code's format, loaded with weights_only=True; else a ConfigError naming the problem."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path!r} does not exist" if path else "--checkpoint=PATH is required")
     try:
@@ -274,19 +255,16 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
 def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
               world_size: int = 1, progress: bool = False, estimator: str = VAL_ESTIMATOR,
               schedule: str = "linear") -> tuple[float, int]:
-    """NELBO in nats/token of the first `num_tokens` tokens of `files` (None: every whole chunk), cut into fixed
-    chunks of seq_len, under eval_noise(seed, estimator, schedule): the same chunks and noise whatever the world
-    size. Returns (NELBO, tokens) summed over all ranks."""
+    """(NELBO in nats/token, tokens) over all ranks of the first `num_tokens` tokens of `files` (None: every whole
+    chunk) in chunks of seq_len under eval_noise: the same chunks and noise whatever the world size."""
     device, config = model.head.weight.device, model.config
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    token_count = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [NELBO x tokens, tokens]
     chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
     for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
         noise = eval_noise(tokens.numel(), config.block_size, seed, offset, schedule, estimator)
         loss = model(*to_device(tokens, noise, device, config.vocab_size))
-        loss_sum += loss.double() * tokens.numel()
-        token_count += tokens.numel()
+        sums[0] += loss.double() * tokens.numel()
+        sums[1] += tokens.numel()
     if world_size > 1:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(token_count)
-    return (loss_sum / token_count).item(), int(token_count.item())
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item(), int(sums[1].item())

@@ -3,21 +3,12 @@ Generate text from a trained BD3-LM checkpoint, block by block.
 
     python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The history of" --max_new_tokens=256
 
-The prompt and the text after it are one sequence cut into fixed blocks, as in training (an empty prompt starts a
-new document). Each new block starts as all [MASK], or with the prompt's tail, and one of the SAMPLERS denoises it
-in a few steps; the finished block enters the KV cache as clean context, so a step costs one forward of one block.
-A sample ends at its first generated <|endoftext|> (`--stop_at_eot=False`: it goes on into new documents).
-
-Beyond `--context` tokens (default: the training length) a window slides by half a context; the cache is then
-re-encoded from the window's tokens, so it holds exactly what a pass over the window would, in bounded memory.
-`--kv_cache=False` recomputes the window at every step: the slow reference, with the same logits up to float
-rounding (about 1e-5), so the samples part only once a draw lands within that rounding of a step of the cumulative
-distribution (on the trained demo model, within a few hundred tokens).
-
-`generate` knows the model's inference API and the samplers, nothing about tokenizers or files; `main` is the
-command line around it: settings, checkpoint, prompt, printing.
+Prompt and new text are one sequence cut into blocks, as in training. Each new block starts as [MASK] (or the
+prompt's tail) and a sampler of SAMPLERS denoises it in a few steps; the finished block enters the KV cache, so a
+step costs one forward of one block. Past `--context` tokens the window slides by half a context and the cache is
+re-encoded from it. `--kv_cache=False` recomputes the window every step: the slow reference, with the same logits
+up to float rounding. `generate` knows the model and the samplers, not tokenizers or files; `main` is the CLI.
 """
-
 import os
 import sys
 import time
@@ -45,12 +36,9 @@ class Settings:
                                   "with one); empty: a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
     num_samples: int = setting(3, "samples generated together as one batch")
-    max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early); "
-                                       "any number: a window slides over a long text")
-    min_new_tokens: int = setting(64, "no <|endoftext|> among the first this many new tokens (its probability is "
-                                      "set to 0 there), so every sample is long enough to read")
-    context: int = setting(0, "tokens one forward sees, noisy block included, a multiple of the block size; "
-                              "0: the training seq_len")
+    max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
+    min_new_tokens: int = setting(64, "no <|endoftext|> among the first this many new tokens (probability 0)")
+    context: int = setting(0, "tokens one forward sees, a multiple of the block size; 0: the training seq_len")
     stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: go on into new documents, "
                                       "exactly max_new_tokens")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence (SAMPLERS)")
@@ -61,8 +49,7 @@ class Settings:
     top_p: float = setting(1.0, "nucleus: draw from the smallest set of tokens holding this much probability")
     seed: int = setting(0, "seed of the one generator all random draws come from")
     kv_cache: bool = setting(True, "False: recompute the whole context at every step (slow reference)")
-    show_denoising: bool = setting(True, f"print how the first {SHOWN_BLOCKS} blocks of sample 0 fill in from "
-                                         f"[MASK], step by step, before the samples")
+    show_denoising: bool = setting(True, f"print how the first {SHOWN_BLOCKS} blocks of sample 0 fill in, step by step")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
 
@@ -87,9 +74,8 @@ def check_settings(s: Settings) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Samplers: each chooses which masked positions [N, n] of a block to commit at denoising step `step` (from 0),
-# given the block's logits [N, n, V]; denoise_block then draws the committed tokens from the logits. A new
-# sampler is one function and one entry in SAMPLERS.
+# Samplers: each chooses which masked positions [N, n] of a block to commit at step `step` (from 0) given the
+# block's logits [N, n, V]; denoise_block draws the committed tokens. A new sampler is a function and an entry.
 
 
 def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
@@ -100,8 +86,7 @@ def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Sched
 
 
 def first_hitting(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
-    """Zheng et al.'s first-hitting sampler reveals one uniformly chosen masked token per step; its hitting times
-    only matter to a time-conditioned model, and ours takes no time input, so they are not drawn."""
+    """One uniformly chosen masked token per step (Zheng et al.; our model takes no time, so no hitting times)."""
     scores = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
     return best_of(scores, masked)
 
@@ -137,8 +122,7 @@ SAMPLERS = {
 
 
 def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Probabilities [..., V] to draw from, in float64, so that the rounding of this step adds nothing to the
-    rounding by which the cached and the reference path's logits differ."""
+    """Probabilities [..., V] to draw from, in float64 so that this step adds no rounding to the logits'."""
     if temperature == 0:
         return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax(logits.double() / temperature, -1)
@@ -158,9 +142,8 @@ def draw(cdf: Tensor, generator: torch.Generator) -> Tensor:
 
 def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, schedule_name: str, generator,
                   on_step=None) -> tuple[Tensor, Tensor]:
-    """Fill every [MASK] of `block` [N, n]; `block_logits(block)` runs the model. A step that commits nothing
-    reuses the last forward's logits. Returns the block and the forwards its rows would need one at a time (a row
-    counts a forward only if its block changed since its last one)."""
+    """Fill every [MASK] of `block` [N, n] (`block_logits` runs the model; a step that commits nothing reuses the
+    logits). Returns the block and the forwards of its rows one at a time (a row counts one only if it changed)."""
     masked, logits, step = block == mask_id, None, 0
     choose, schedule = SAMPLERS[s.sampler].choose, SCHEDULES[schedule_name]
     changed, row_forwards = masked.any(-1), torch.zeros((), dtype=torch.long, device=block.device)
@@ -195,8 +178,8 @@ def check_context(context: int, block_size: int) -> None:
 
 
 def window_start(begin: int, block_size: int, context: int) -> int:
-    """Where the clean context of the block at `begin` starts: at most context - block_size tokens back. The
-    window moves in steps of half the context, so a KV cache is re-encoded once per half window, not per block."""
+    """Start of the clean context of the block at `begin`: at most context - block_size back, in steps of half a
+    context, so the KV cache is re-encoded once per half window, not per block."""
     stride = max(block_size, context // 2 // block_size * block_size)
     return max(0, -(-(begin + block_size - context) // stride) * stride)
 
@@ -262,8 +245,7 @@ def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]
 
 
 def describe(row: int, generated: list[int], completion: list[int], s: Settings) -> tuple[str, list[int]]:
-    """A sample's header line (its length in tokens and why it ended) and the tokens to print: its completion
-    (cut before its first <|endoftext|>) if s.stop_at_eot, else everything generated."""
+    """A sample's header line (length, why it ended) and the tokens to print (its completion if s.stop_at_eot)."""
     if s.stop_at_eot and len(completion) < len(generated):
         return f"---- sample {row}: {len(completion)} tokens, ended at <|endoftext|> ----", completion
     return f"---- sample {row}: {len(generated)} tokens, stopped at --max_new_tokens={s.max_new_tokens} ----", generated
@@ -280,8 +262,8 @@ def read_prompt(s: Settings) -> list[int]:
 
 
 class DenoisingDisplay:
-    """generate's on_step for the command line: how the first SHOWN_BLOCKS blocks of sample 0 fill in, one line
-    per step that changed its block (a block's first line is its state before any step), wrapped to WIDTH."""
+    """generate's on_step: the first SHOWN_BLOCKS blocks of sample 0 before any step and after each that changed
+    them, wrapped to WIDTH."""
 
     def __init__(self, tokenizer, prompt: list[int], config):
         self.tokenizer, self.prompt, self.config, self.shown = tokenizer, prompt, config, -1

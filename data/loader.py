@@ -1,18 +1,12 @@
-"""Read token shards as one stream, in a fixed order, split across ranks; never reuse a token.
+"""Token shards as one stream in a fixed order, split across ranks; a token is never reused.
 
-The shards of a split are concatenated, in the order given, into one stream with global positions. The
-training stream is cut into chunks of `seq_len` tokens. One `next_batch` call on every rank reads the next
-window of `world_size` x `sequences` chunks, and rank r takes the r-th run of `sequences` consecutive chunks of
-it, so the chunks a run sees, and their order, do not depend on how it is spread over ranks, sequences per
-forward and gradient-accumulation steps. With `align_to_documents` each chunk starts at the first document that
-begins at or after the end of the previous chunk (the token after an `<|endoftext|>`); the tokens skipped to get
-there count as consumed and are never read. When the stream cannot fill the next window the loader raises
-DataExhausted: it never wraps around. Its position is one global offset, saved as (shard, offset). Validation
-(`val_batches`) reads fixed, unaligned chunks, so the tokens evaluated are the same for every world size.
-
-This file knows the shard format (through shards.py) and token ids only; it knows nothing about the model.
+The shards are concatenated into one stream, cut into chunks of `seq_len`. Each `next_batch` on every rank reads the
+next window of `world_size` x `sequences` chunks and rank r takes the r-th run of `sequences` of them, so what a run
+sees does not depend on how it is spread over ranks and micro-batches. With `align_to_documents` a chunk starts at
+the first document start at or after the previous chunk's end; skipped tokens count as consumed. At the end of the
+data the loader raises DataExhausted (it never wraps). Validation reads fixed, unaligned chunks. This file knows
+the shard format and token ids, nothing about the model.
 """
-
 import glob
 import os
 
@@ -27,8 +21,7 @@ MISSING_DATA_HINT = ("download FineWeb-Edu with `python data/cached_finewebedu10
 
 
 def train_val_paths(data: str) -> tuple[str, str]:
-    """The train shards' glob and the val shard of a corpus prefix, as cached_finewebedu10B.py and
-    tools/prepare_text.py name them."""
+    """The train shards' glob and the val shard of a corpus prefix (as cached_finewebedu10B.py names them)."""
     return f"{data}_train_*.bin", f"{data}_val_000000.bin"
 
 
@@ -37,7 +30,7 @@ class DataExhausted(RuntimeError):
 
 
 def find_shards(pattern: str) -> list[str]:
-    """The files matching a glob pattern, sorted; if there are none, an error that says how to get data."""
+    """The files matching a glob pattern, sorted; none: an error that says how to get data."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no shards match {pattern}: {MISSING_DATA_HINT}")
@@ -57,7 +50,7 @@ class TokenStream:
         self.shards = [read_shard(path) for path in self.files]
         self.starts = np.cumsum([0, *map(len, self.shards)]).tolist()  # global position of each file's start
         self.num_tokens = self.starts[-1]
-        self._eot_file, self._eot_positions = None, None
+        self._eot_file, self._eot_positions = None, None  # the <|endoftext|> positions of one file, read forward
 
     def file_of(self, position: int) -> int:
         """Index of the file holding `position` (len(files) at the end of the stream); skips empty files."""
@@ -78,7 +71,7 @@ class TokenStream:
         position = max(position - 1, 0)  # look for the <|endoftext|> that ends the document before
         index = self.file_of(position)
         while index < len(self.files):
-            if self._eot_file != index:  # one file's document ends at a time: the stream is read forward
+            if self._eot_file != index:
                 self._eot_file, self._eot_positions = index, np.flatnonzero(self.shards[index] == EOT)
             k = int(np.searchsorted(self._eot_positions, position - self.starts[index]))
             if k < len(self._eot_positions):
@@ -103,8 +96,7 @@ class TokenLoader:
         self.position = 0  # global position of the first token not yet consumed
 
     @property
-    def tokens_consumed(self) -> int:
-        """Tokens consumed by all ranks so far, including those skipped to reach a document start."""
+    def tokens_consumed(self) -> int:  # by all ranks, those skipped to reach a document start included
         return self.position
 
     def next_batch(self) -> torch.Tensor:
@@ -143,8 +135,8 @@ class TokenLoader:
 
 
 def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int = 0, world_size: int = 1):
-    """Iterate (global offset, int64 tokens [seq_len]) over this rank's chunks of the first `num_tokens` val
-    tokens: chunk i starts at i * seq_len and goes to rank i % world_size. None takes every whole chunk."""
+    """(offset, int64 tokens [seq_len]) of chunk i = rank, rank + world_size, ... of the first `num_tokens` val
+    tokens (None: every whole chunk)."""
     stream = TokenStream(path_or_files)
     if num_tokens is None:
         num_tokens = stream.num_tokens // seq_len * seq_len

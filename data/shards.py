@@ -1,21 +1,14 @@
-"""The `.bin` token shard format: write, read memory-mapped, validate.
-
-A shard is a header of 256 little-endian int32 values `[MAGIC, VERSION, num_tokens, 0, ...]` followed by
-`num_tokens` uint16 GPT-2 token ids: the format of the cached FineWeb-Edu shards on the Hugging Face Hub, so
-shards we write and shards we download are read by the same code. This file knows nothing of tokenizers,
-documents or where shards come from; it says clearly what is wrong with a file that is not a valid shard, and
-gives the sha256 that identifies a shard by its content.
-"""
+"""The `.bin` token shard: 256 little-endian int32 `[MAGIC, VERSION, num_tokens, 0, ...]`, then `num_tokens` uint16
+GPT-2 ids (the format of the cached FineWeb-Edu shards on the Hub). Write, read memory-mapped, validate, hash; this
+file knows nothing of tokenizers, documents or where shards come from."""
 
 import hashlib
 import os
 
 import numpy as np
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+MAGIC, VERSION = 20240520, 1  # the header's first two int32
+HEADER_BYTES = 256 * 4
 VOCAB_SIZE = 50257  # GPT-2; every token id in a shard must be below this
 EOT = 50256  # <|endoftext|>: stored before each document; the model reads it as the end of the one before
 
@@ -25,13 +18,13 @@ class ShardError(ValueError):
 
 
 def write_shard(path, tokens) -> None:
-    """Write `tokens` (ids < 50257) to `path` atomically: readers see the old file or the whole new one."""
+    """Write `tokens` (ids < VOCAB_SIZE) to `path` atomically: readers see the old file or the whole new one."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= VOCAB_SIZE):
         raise ValueError(f"{path}: ids must be in [0, {VOCAB_SIZE}), got {tokens.min()}..{tokens.max()}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header = np.zeros(HEADER_BYTES // 4, dtype="<i4")
     header[:3] = MAGIC, VERSION, len(tokens)
     tmp_path = f"{path}.{os.getpid()}.tmp"
     try:
@@ -45,7 +38,7 @@ def write_shard(path, tokens) -> None:
 
 
 def shard_num_tokens(path) -> int:
-    """Check the header of `path` against the file size and return the number of tokens it holds."""
+    """The number of tokens `path` holds, once its header is checked against the file size."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -59,17 +52,15 @@ def shard_num_tokens(path) -> int:
         raise ShardError(f"{path}: bad magic number {magic}, expected {MAGIC} (not a token shard)")
     if version != VERSION:
         raise ShardError(f"{path}: unsupported shard version {version}, expected {VERSION}")
-    expected_size = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size != expected_size:
-        what = "truncated" if size < expected_size else "longer than its header says"
-        raise ShardError(f"{path}: {what}: header says {num_tokens} tokens ({expected_size} bytes), "
-                         f"file has {size} bytes")
+    expected = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise ShardError(f"{path}: {what}: header says {num_tokens} tokens ({expected} bytes), file has {size} bytes")
     return num_tokens
 
 
 def read_shard(path, check_ids: bool = False) -> np.memmap:
-    """Validate `path` and return its tokens as a read-only uint16 memmap. `check_ids` also checks that every
-    token is a GPT-2 id; that reads the whole file, so it is off by default."""
+    """The tokens of `path` as a read-only uint16 memmap; `check_ids` (reads the whole file) checks every id."""
     num_tokens = shard_num_tokens(path)
     if num_tokens == 0:
         return np.zeros(0, dtype=np.uint16)
