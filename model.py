@@ -1,17 +1,11 @@
 """
-The block diffusion language model (BD3-LM, arXiv 2503.09573) and its exact training objective.
+The block diffusion language model (BD3-LM, arXiv 2503.09573), its noise and its exact training objective.
 
-A sequence is cut into fixed slots of `block_size` tokens: token i is in block i // block_size, and its rotary
-position is i. `<|endoftext|>` ends a document and is predicted like any other token. Each block is noised by
-masking every token with the schedule's probability p(t) (one t per block; p(t) = t by default), and the model
-predicts the clean tokens of a block from its noisy version and the clean earlier blocks of the document that the
-block starts in. Everything a noisy block sees is fixed by its own noisy tokens and the clean tokens before it, so
-the product over blocks is a distribution over the whole stream and the loss bounds its negative log-likelihood.
-Training runs one transformer pass over [x_t ; x_0] under the mask rule below; inference keeps the clean
-blocks in a KV cache and runs one noisy block at a time.
-
-This file knows nothing about data files, tokenizers, optimizers or distributed training; it imports
-only torch. Token ids are GPT-2 ids (the real vocabulary) plus one [MASK] id equal to `vocab_size`.
+Token i of a sequence is in block i // block_size, at rotary position i; `<|endoftext|>` ends a document and is a
+target like any other token. The model predicts a noisy block's clean tokens from that block and the clean earlier
+blocks of the document it starts in, nothing else, so the loss bounds the stream's negative log-likelihood. Training
+is one pass over [x_t ; x_0] under mask_rule; inference caches the clean blocks and runs one noisy block at a time.
+Imports only torch: no data files, tokenizer, optimizer or distributed training.
 """
 
 import functools
@@ -31,14 +25,13 @@ SMALL_GPU_SHARED_MEMORY = 101_376  # bytes of shared memory per block on sm_86 a
 
 
 def setting(default, help: str):
-    """A settings field with the help text that --help prints (every script's settings are such fields)."""
+    """A settings field with the help text that --help prints."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    """The model and its objective: the one declaration of the record model's sizes. train.py's Hyperparameters
-    extends it, so each field is also a --name=value flag."""
+    """The record model's sizes, declared once; train.py's Hyperparameters extends it, so each is a flag."""
     vocab_size: int = setting(50257, "real tokens (GPT-2); the [MASK] id is vocab_size")
     n_layer: int = setting(12, "transformer layers (even: U-net skips)")
     n_head: int = setting(6, "attention heads")
@@ -49,8 +42,7 @@ class ModelConfig:
     block_size: int = setting(16, "tokens per diffusion block (records: 16)")
 
     @property
-    def eot_id(self) -> int:
-        """<|endoftext|>, which ends a document: the last real token, as in GPT-2."""
+    def eot_id(self) -> int:  # <|endoftext|>: the last real token, as in GPT-2
         return self.vocab_size - 1
 
     @property
@@ -72,27 +64,12 @@ class ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# Documents and blocks
-
-
-def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token of a sequence [..., L]: its document (the number of <|endoftext|> strictly before it), its
-    block (index // block_size), and the document its block starts in (the only one the block may look back at)."""
-    eot = (tokens == eot_id).long()
-    doc = eot.cumsum(-1) - eot
-    block = torch.arange(tokens.size(-1), device=tokens.device) // block_size
-    return doc, block.expand_as(tokens), doc[..., block * block_size]
-
-
-# -----------------------------------------------------------------------------
-# The noise schedule and the noise of a sequence
-
+# The noise: schedules, estimators of the objective, and the noise of a sequence
 
 class Schedule(NamedTuple):
-    """At time t in [0, 1] each token of a block is [MASK] with probability p(t) (alpha_t = 1 - p(t), p(0) = 0,
-    p(1) = 1), and a masked token's cross-entropy weighs p'(t) / p(t) in the NELBO. With t ~ U(0, 1) every
-    schedule has the same expected NELBO (substitute p for t), not the same variance. A clipped training interval
-    [lo, hi] bounds the masking probability p(t), so it means the same under every schedule."""
+    """A token is [MASK] at time t with probability p(t) (p(0) = 0, p(1) = 1), and its cross-entropy weighs
+    p'(t) / p(t). With t ~ U(0, 1) all schedules have one expected NELBO (substitute p for t), not one variance.
+    A clipped interval [lo, hi] bounds p(t), so it means the same under every schedule."""
     mask_prob: Callable[[Tensor], Tensor]  # p(t)
     weight: Callable[[Tensor], Tensor]  # p'(t) / p(t)
     time_of: Callable[[Tensor], Tensor]  # the inverse of p
@@ -103,7 +80,7 @@ class Schedule(NamedTuple):
         return t_lo + (t_hi - t_lo) * u
 
     def unmask_prob(self, t: float, s: float) -> float:
-        """The sampler's step from time t down to s: the chance that a token masked at t is revealed at s."""
+        """The sampler's step from t down to s: the chance that a token masked at t is revealed at s."""
         p_t, p_s = (self.mask_prob(torch.tensor(x, dtype=torch.float64)) for x in (t, s))
         return float((p_t - p_s) / p_t)
 
@@ -129,15 +106,14 @@ class Noise(NamedTuple):
 
 
 class CountTable(NamedTuple):
-    """A masked-count draw for blocks of n = 1..N tokens. Row n - 1 of `bounds` holds q_1 + ... + q_k at column k - 1
-    for k < n and 2 after (above every level); row n - 1 of `weights`, a masked token's weight when k are masked."""
+    """A masked-count draw for blocks of n = 1..N tokens: row n - 1 of `bounds` holds q_1 + ... + q_k at column
+    k - 1 for k < n and 2 after (above every level); of `weights`, a masked token's weight when k are masked."""
     bounds: Tensor  # float64 [N, N]
     weights: Tensor  # float64 [N, N]
 
 
 class Estimator(NamedTuple):
-    """How a block of n tokens is noised, from its level u in [0, 1) and one uniform per token: a time t, or a masked
-    count k with its weight (a CountTable)."""
+    """How a block is noised from its level u in [0, 1) and one uniform per token: u is its t, or draws its count k."""
     count_table: Callable[[int, float, float], CountTable] | None  # of (block_size, lo, hi); None: the level is t
     stratified: bool  # the levels of a step's blocks are stratified (stratified_levels), not independent
 
@@ -166,8 +142,8 @@ def count_table(block_size: int, proposal: Callable[[int], Tensor], weight: Call
 
 @functools.cache
 def proposal_table(block_size: int, lo: float, hi: float) -> CountTable:
-    """k from q_k = k c_k / n (the k c_k of an n-token block sum to n), a masked token weighing c_k / q_k = n / k:
-    every block's expected loss is sum_k c_k L_k, whatever its size."""
+    """k from q_k = k c_k / n (the k c_k sum to n), a masked token weighing c_k / q_k = n / k: every block's
+    expected loss is sum_k c_k L_k, whatever its size."""
     def proposal(n: int) -> Tensor:
         return count_coefficients(n, lo, hi) * torch.arange(1, n + 1) / n
 
@@ -181,15 +157,12 @@ def uniform_count_table(block_size: int) -> CountTable:
                        lambda n: n / torch.arange(1, n + 1, dtype=torch.float64))
 
 
-# On [lo, hi] each estimates the records' objective: per block sum_k c_k L_k (count_coefficients; L_k: the expected
-# summed CE of k masked tokens chosen uniformly), the loss of iid's draw.
+# Each estimates the records' objective on [lo, hi]: per block sum_k c_k L_k, L_k the expected summed CE of k masked
+# tokens chosen uniformly (count_coefficients gives c_k).
 ESTIMATORS = {
-    # t ~ U(time_of(lo), time_of(hi)) per block, each token masked with probability p(t), weight p'(t) / p(t)
-    "iid": Estimator(count_table=None, stratified=False),
-    # iid's t, the t of a step's blocks stratified: each has iid's marginal, together they cover the interval evenly
-    "stratified": Estimator(count_table=None, stratified=True),
-    # k from proposal_table, stratified over the step's blocks (the linear schedule's c_k)
-    "proposal": Estimator(count_table=proposal_table, stratified=True),
+    "iid": Estimator(count_table=None, stratified=False),  # t per block, each token masked with probability p(t)
+    "stratified": Estimator(count_table=None, stratified=True),  # iid's t, stratified over a step's blocks
+    "proposal": Estimator(count_table=proposal_table, stratified=True),  # k from proposal_table, stratified
 }
 TRAIN_ESTIMATOR = "proposal"  # chosen by measured gradient variance (docs/training.md)
 
@@ -209,8 +182,7 @@ def mean_masked_fraction(estimator: str | Estimator, schedule: str, lo: float, h
 
 
 def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
-    """A uniform number in (0, 1) for every (seed, position): integer hashing, identical on any device.
-    Multipliers stay below 2**31 so no int64 product overflows."""
+    """A uniform in (0, 1) per (seed, position), the same on every device; multipliers < 2**31 never overflow int64."""
     mask32 = 0xFFFFFFFF
 
     def mix(x: Tensor) -> Tensor:
@@ -226,11 +198,9 @@ def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
 
 
 def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int) -> Tensor:
-    """The levels of the `blocks` blocks of chunk `chunk` (0 <= chunk < chunks) of optimizer step `step`:
-    (offset + (b * chunks + chunk) / (blocks * chunks)) mod 1 for block b, one offset per step from `seed`. Over a
-    step the levels hit each of the blocks * chunks equal strata of [0, 1) once (bd3lms's antithetic sampling), each
-    level is uniform on its own, and a chunk's blocks spread over the whole range. They depend on the chunk's place
-    in the step only, never on which rank or micro-step draws it."""
+    """The levels of the blocks of chunk `chunk` of `chunks` in optimizer step `step` (bd3lms's antithetic sampling):
+    over a step they hit each of blocks * chunks strata of [0, 1) once from one random offset, each level is
+    uniform on its own, and they depend on the chunk's place in the step, never on its rank or micro-step."""
     offset = _hash_uniform(seed, torch.tensor(step))
     return ((offset + (torch.arange(blocks) * chunks + chunk) / (blocks * chunks)) % 1).float()
 
@@ -243,8 +213,7 @@ def _block_sizes(length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
 
 
 def _masked_ranks(uniforms: Tensor, block_size: int) -> Tensor:
-    """Each token's rank among its block's uniforms (0 for the smallest): masking the k smallest is a uniformly
-    random k-subset."""
+    """Each token's rank among its block's uniforms: masking the k smallest is a uniformly random k-subset."""
     padded = F.pad(uniforms, (0, -len(uniforms) % block_size), value=2.0).view(-1, block_size)
     return padded.argsort(1).argsort(1).flatten()[: len(uniforms)]
 
@@ -273,9 +242,8 @@ def _count_noise(table: CountTable, levels: Tensor, uniforms: Tensor, block_size
 
 def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
                 schedule: str = "linear", estimator: str | Estimator = "iid", levels: Tensor | None = None) -> Noise:
-    """The training noise of a sequence under `estimator` (see ESTIMATORS), its masking probability in [lo, hi].
-    `levels`: one per block, from stratified_levels; the stratified estimators need them, the others draw
-    independent ones. All draws come from the caller's generator, so iid's are today's draws."""
+    """The training noise of a sequence on [lo, hi] under `estimator`, drawn from `generator`; a stratified
+    estimator takes each block's level from `levels` (stratified_levels)."""
     draws, rule = torch.rand(2, length, generator=generator, device=generator.device), estimator_of(estimator)
     start, _ = _block_sizes(length, block_size, generator.device)
     if rule.stratified:
@@ -289,9 +257,8 @@ def train_noise(length: int, block_size: int, lo: float, hi: float, generator: t
 
 def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
                schedule: str = "linear", estimator: str | Estimator = TRAIN_ESTIMATOR) -> Noise:
-    """The training noise of sequence `chunk` of the `chunks` of optimizer step `step`: from a generator seeded by
-    (seed, step, chunk) and the step's stratified levels, so it depends on the sequence's place in the step only,
-    never on which rank or micro-step draws it."""
+    """The training noise of sequence `chunk` of `chunks` in optimizer step `step`, seeded by (seed, step, chunk):
+    it depends on the sequence's place in the step, never on which rank or micro-step draws it."""
     generator = torch.Generator().manual_seed((seed << 32) + step * chunks + chunk)
     levels = stratified_levels(seed, step, chunk, chunks, -(-length // block_size)) \
         if estimator_of(estimator).stratified else None
@@ -303,9 +270,8 @@ VAL_ESTIMATORS = ("iid", "exact_k")  # the ones whose noise can come from positi
 
 def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear",
                estimator: str = "exact_k") -> Noise:
-    """The NELBO's noise on [0, 1] under `estimator` (iid: t ~ U(0, 1) per block; exact_k: k uniform on 1..n),
-    derived from `seed` and each token's global position (`offset` is the position of the sequence's first token
-    in the whole val stream), so the val loss does not depend on how the stream is split over ranks or steps."""
+    """The NELBO's noise on [0, 1] (iid: t ~ U(0, 1) per block; exact_k: k uniform on 1..n), hashed from `seed` and
+    each token's position in the val stream (`offset`: the first token's), so no split over ranks or steps moves it."""
     if estimator not in VAL_ESTIMATORS:
         raise ValueError(f"the val noise comes from positions alone: estimator {' or '.join(VAL_ESTIMATORS)}, "
                          f"not {estimator!r}")
@@ -318,14 +284,21 @@ def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: s
 
 
 # -----------------------------------------------------------------------------
-# The attention mask of the vectorized pass over [x_t ; x_0]
+# Documents, blocks and the attention mask of the vectorized pass over [x_t ; x_0]
+
+def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token of [..., L]: its document (the number of <|endoftext|> strictly before it), its block, and the
+    document its block starts in (the only one the block may look back at)."""
+    eot = (tokens == eot_id).long()
+    doc = eot.cumsum(-1) - eot
+    block = torch.arange(tokens.size(-1), device=tokens.device) // block_size
+    return doc, block.expand_as(tokens), doc[..., block * block_size]
 
 
 def mask_rule(doc_q, block_q, clean_q, doc_k, block_k, clean_k):
-    """BD3-LM attention (paper section 3.2), elementwise on broadcastable tensors. `doc` is, for a clean
-    position, its document; for a noisy one, the document its block starts in. A noisy block sees itself
-    whatever the documents, and the clean earlier blocks of the document it starts in; a clean token sees
-    the clean tokens of its document up to the end of its own block."""
+    """BD3-LM attention (paper section 3.2), elementwise; `doc` of a noisy position is the document its block starts
+    in. A noisy block sees itself whatever the documents, and the clean earlier blocks of its document; a clean
+    token sees the clean tokens of its document up to the end of its own block."""
     block_diagonal = ~clean_q & ~clean_k & (block_k == block_q)
     offset_block_causal = ~clean_q & clean_k & (block_k < block_q) & (doc_k == doc_q)
     block_causal = clean_q & clean_k & (block_k <= block_q) & (doc_k == doc_q)
@@ -333,41 +306,34 @@ def mask_rule(doc_q, block_q, clean_q, doc_k, block_k, clean_k):
 
 
 def _doubled_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Document (as mask_rule reads it), block and is-clean of every position of [x_t ; x_0]. Both halves take
-    their layout from the clean tokens before each block only, so nothing in x_t or in a later block moves it."""
+    """Document (as mask_rule reads it), block and is-clean of every position of [x_t ; x_0], from x_0 alone."""
     doc, block, block_doc = document_layout(tokens, block_size, eot_id)
     clean = torch.arange(2 * tokens.size(-1), device=tokens.device) >= tokens.size(-1)
     return torch.cat([block_doc, doc], -1), torch.cat([block, block], -1), clean.expand(*tokens.shape[:-1], -1)
 
 
 def block_diffusion_mask(tokens: Tensor, block_size: int, eot_id: int) -> Tensor:
-    """Dense boolean mask [2L, 2L] (queries by keys; the first L positions are the noisy half x_t)
-    for the vectorized pass over the clean sequence `tokens` [L]. Batched input [N, L] gives [N, 2L, 2L]."""
+    """Dense boolean mask [..., 2L, 2L] (queries by keys, x_t first) of the pass over `tokens` [..., L]."""
     doc, block, clean = _doubled_layout(tokens, block_size, eot_id)
     q, k = (..., slice(None), None), (..., None, slice(None))
     return mask_rule(doc[q], block[q], clean[q], doc[k], block[k], clean[k])
 
 
 def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> BlockMask:
-    """The same mask as a FlexAttention BlockMask, for a sequence [L] or a batch of sequences [N, L] (one mask
-    per row: each row has its own documents), built from per-tile summaries in O(N (2L/TILE)^2) instead of
-    evaluating all (2L)^2 pairs. Document and block indices only grow along each half, so a tile's first and
-    last values bound it: a tile pair is skipped when no pair in it can pass the rule (other documents, later
-    blocks), and marked full (no mask_mod needed) when every pair must."""
+    """The same mask as a FlexAttention BlockMask (one per row of [N, L]), from per-tile summaries in
+    O(N (2L/TILE)^2) instead of all (2L)^2 pairs. Documents and blocks only grow along each half, so a tile's first
+    and last values bound it: a tile pair is skipped when no pair in it can pass the rule, full when every pair must."""
     length = tokens.size(-1)
     if length % TILE:
         raise ValueError(f"the flex attention backend needs a sequence length divisible by {TILE}, got {length}")
     doc, block, clean = _doubled_layout(tokens.reshape(-1, length), block_size, eot_id)  # [N, 2L] each
-    tiles = 2 * length // TILE
 
     def tile_ends(x: Tensor) -> tuple[Tensor, Tensor]:
-        per_tile = x.reshape(x.size(0), tiles, TILE)
+        per_tile = x.reshape(x.size(0), 2 * length // TILE, TILE)
         return per_tile[..., 0], per_tile[..., -1]
 
-    (first_doc, last_doc), (first_block, last_block) = tile_ends(doc), tile_ends(block)
-    tile_clean = tile_ends(clean)[0]
+    (first_doc, last_doc), (first_block, last_block), (tile_clean, _) = map(tile_ends, (doc, block, clean))
     q, k = (..., slice(None), None), (..., None, slice(None))
-
     noisy_to_noisy = ~tile_clean[q] & ~tile_clean[k]
     noisy_to_clean = ~tile_clean[q] & tile_clean[k]
     clean_to_clean = tile_clean[q] & tile_clean[k]
@@ -381,7 +347,6 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
     all_allowed = (noisy_to_noisy & one_block) \
         | (noisy_to_clean & one_doc & (last_block[k] < first_block[q])) \
         | (clean_to_clean & one_doc & (last_block[k] <= first_block[q]))
-    partial = any_allowed & ~all_allowed
 
     def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:  # [N, tiles, tiles] -> [N, 1, ...] for the heads
         # eager even when compiled, as torch's own BlockMask code does: Triton sorts have a compile-time cliff
@@ -393,14 +358,13 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
         return mask_rule(doc[b, q_idx], block[b, q_idx], clean[b, q_idx], doc[b, kv_idx], block[b, kv_idx],
                          clean[b, kv_idx])
 
-    return BlockMask.from_kv_blocks(*as_kv_blocks(partial), *as_kv_blocks(all_allowed),
+    return BlockMask.from_kv_blocks(*as_kv_blocks(any_allowed & ~all_allowed), *as_kv_blocks(all_allowed),
                                     BLOCK_SIZE=TILE, mask_mod=mask_mod)
 
 
 def flex_kernel_options(device_properties) -> dict:
-    """FlexAttention options for a GPU (torch.cuda.get_device_properties): smaller tiles, each dividing TILE, where
-    the default tiles need more shared memory than a block has (RTX 3090/4090); larger GPUs keep the defaults.
-    docs/performance.md gives the sizes."""
+    """FlexAttention options for a GPU (torch.cuda.get_device_properties): tiles that fit where the default ones need
+    more shared memory than a block has (RTX 3090/4090; docs/performance.md); larger GPUs keep the defaults."""
     props = device_properties
     if getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block) > SMALL_GPU_SHARED_MEMORY:
         return {}
@@ -409,15 +373,13 @@ def flex_kernel_options(device_properties) -> dict:
 
 
 def check_token_ids(tokens: Tensor, top: int) -> None:
-    """Token ids must lie in [0, top). Reading them back waits for the device, so the compiled loss leaves this to
-    its callers, which check on the CPU before the copy (common.to_device)."""
+    """Token ids must lie in [0, top). Reading them waits for the device, so compiled callers check on the CPU."""
     if int(tokens.min()) < 0 or int(tokens.max()) >= top:
         raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
 
 
 # -----------------------------------------------------------------------------
 # The transformer
-
 
 def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -426,15 +388,14 @@ def norm(x: Tensor) -> Tensor:
 def rotary_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos and sin [N, S, 1, head_dim / 2] of the angles pos * base^(-2i/head_dim), once per pass."""
     half = head_dim // 2
-    # float64: far from position 0 a float32 angle drifts, and a sliding-window cache (positions far from 0) must
-    # agree with a recompute of the same window (positions from 0), where only position differences count
+    # float64: a cache window far from position 0 must agree with a recompute of the same window from 0
     inv_freq = base ** -(torch.arange(half, device=pos.device, dtype=torch.float64) / half)
     angle = pos[..., None, None].double() * inv_freq
     return angle.cos().float(), angle.sin().float()
 
 
 def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate the halves of x [N, S, H, D] by the angles of `rope` (from rotary_tables)."""
+    """Rotate the halves of x [N, S, H, D] by the angles of `rope`."""
     cos, sin = (table.to(x.dtype) for table in rope)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -466,12 +427,10 @@ class Attention(nn.Module):
         self.flex_options = {}  # set by BD3LM.set_flex_options for the GPU at hand
 
     def forward(self, x: Tensor, rope, mask, first_values, past=None):
-        """x [N, S, dim] attends to its own keys, preceded by the cached keys and values `past` if given.
-        `mask` is a BlockMask or a dense boolean [N, 1, S, S_past + S]. Returns (output, (k, v), values)."""
+        """x [N, S, dim] attends to its own keys after the cached (k, v) `past`, under a BlockMask or a dense
+        boolean [N, 1, S, S_past + S]. Returns (output, (k, v), values)."""
         N, S, _ = x.shape
-        q = self.q(x).view(N, S, self.n_head, self.head_dim)
-        k = self.k(x).view(N, S, self.n_head, self.head_dim)
-        v = self.v(x).view(N, S, self.n_head, self.head_dim)
+        q, k, v = (linear(x).view(N, S, self.n_head, self.head_dim) for linear in (self.q, self.k, self.v))
         if first_values is not None:
             v = (1 - self.value_mix) * v + self.value_mix * first_values
         values = v
@@ -511,8 +470,8 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    """Embedding and transformer blocks with U-net skips: token ids [N, S] -> final hidden states.
-    Kept as its own module so train.py can compile exactly the static-shape part."""
+    """Embedding and blocks with U-net skips: token ids [N, S] -> normed hidden states [N, S, dim] and each layer's
+    new (k, v). Its own module so that train.py can compile exactly the static-shape part."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -522,7 +481,6 @@ class Trunk(nn.Module):
         self.head_dim = config.head_dim
 
     def forward(self, idx: Tensor, pos: Tensor, mask, past=None):
-        """Returns the normed hidden states [N, S, dim] and each layer's new (k, v)."""
         x = norm(self.embed(idx))
         rope = rotary_tables(pos, self.head_dim, ROPE_BASE)
         skips, new_kvs, first_values = [], [], None
@@ -540,8 +498,7 @@ class Trunk(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens themselves. Slot 0 holds
-    the token at sequence position `start` (> 0 for a window that begins later in a long sequence)."""
+    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens; slot 0 is at position `start`."""
     keys: list[Tensor]
     values: list[Tensor]
     tokens: Tensor  # [N, max_len]
@@ -561,17 +518,14 @@ class BD3LM(nn.Module):
     # --- training and evaluation
 
     def forward(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Negative ELBO of the clean stream `tokens` under `noise`: sum over masked tokens of cross-entropy times
-        the schedule's weight, divided by the number of tokens (all of them). An upper bound on NLL in nats/token
-        when t ~ U(0,1). `tokens` is one sequence [L] or N sequences [N, L], each with its own documents and blocks."""
+        """Negative ELBO of the clean `tokens` ([L] or [N, L]) under `noise`: the summed token_losses over the number
+        of tokens, all of them; with t ~ U(0, 1) an upper bound on the NLL in nats per token."""
         return self.token_losses(tokens, noise).sum() / tokens.numel()
 
     def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Per-token terms of the loss, shaped like `tokens` ([L] or [N, L]; noise alike): CE times the noise's
-        weight where masked (1 / t for a t-estimator under the linear schedule, n / k for exact_k), 0 elsewhere
-        (SUBS: unmasked tokens are copied through). Eager, the head runs only on the masked positions of the noisy
-        half, over the real vocabulary; compiled (see compile_loss), on all of them with weight 0 where unmasked,
-        over the padded head, so every shape is fixed and nothing waits for the device to count masked tokens."""
+        """Per-token loss, shaped like `tokens`: CE times the noise's weight where masked, 0 elsewhere (SUBS: unmasked
+        tokens are copied through). Eager, the head runs on the masked positions only; compiled, on all of them at
+        weight 0 where unmasked, so every shape is fixed and nothing waits for the device to count masked tokens."""
         self._check_tokens(tokens, (1, 2))
         if noise.masked.shape != tokens.shape or noise.weight.shape != tokens.shape:
             raise ValueError(f"noise of shape {tuple(noise.masked.shape)} for tokens of shape {tuple(tokens.shape)}")
@@ -589,21 +543,18 @@ class BD3LM(nn.Module):
         return torch.zeros(targets.numel(), device=tokens.device).index_put((rows,), ce * weight[rows]).view_as(tokens)
 
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
-        """Full-vocabulary logits [N, L, vocab_size] of every noisy position of [x_t ; x_0] (rows
-        independent). The slow, obvious path, always with the dense mask: for tests and the reference sampler."""
-        self._check_tokens(x_0, (2,), allow_mask=True)
-        self._check_tokens(x_t, (2,), allow_mask=True)
+        """Logits [N, L, vocab_size] of the noisy half of [x_t ; x_0], by the slow, obvious path (the dense mask)."""
+        for x in (x_0, x_t):
+            self._check_tokens(x, (2,), allow_mask=True)
         return self.logits_of(self._pass(x_t, x_0, dense=True)[:, : x_0.size(1)])
 
     def logits_of(self, hidden: Tensor) -> Tensor:
-        """Head: hidden states -> logits over the real vocabulary. [MASK] and padding columns are dropped,
-        so they can never be predicted."""
+        """Logits over the real vocabulary: [MASK] and the padding can never be predicted."""
         return self._softcap(self.head(hidden)[..., : self.config.vocab_size])
 
     def _padded_logits(self, hidden: Tensor) -> Tensor:
-        """The logits of logits_of over the whole padded head, -inf on [MASK] and the padding: the same softmax,
-        and a width that is a multiple of 128 for the compiled loss. The -inf comes after the softcap, which
-        would turn it into -cap."""
+        """logits_of over the whole padded head (a width the compiled loss can tile), -inf on [MASK] and the padding:
+        the same softmax. The -inf comes after the softcap, which would turn it into -cap."""
         logits = self._softcap(self.head(hidden))
         return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= self.config.vocab_size,
                                   float("-inf"))
@@ -613,14 +564,14 @@ class BD3LM(nn.Module):
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     def _pass(self, x_t: Tensor, x_0: Tensor, dense: bool = False) -> Tensor:
+        """Hidden states of [x_t ; x_0]: BlockMask and flex inside a compiled flex loss, else the dense mask."""
         cfg = self.config
         if not dense and self.flex and torch.compiler.is_compiling():
             mask = block_diffusion_block_mask(x_0, cfg.block_size, cfg.eot_id)
         else:
             mask = block_diffusion_mask(x_0, cfg.block_size, cfg.eot_id)[:, None]
         pos = torch.arange(x_0.size(1), device=x_0.device)
-        hidden, _ = self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos])[None], mask)
-        return hidden
+        return self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos])[None], mask)[0]
 
     def _check_tokens(self, tokens: Tensor, dims: tuple[int, ...], allow_mask: bool = False) -> None:
         if tokens.dim() not in dims or tokens.numel() == 0:
@@ -633,8 +584,7 @@ class BD3LM(nn.Module):
     # --- inference with a KV cache of clean tokens
 
     def new_cache(self, batch_size: int, max_len: int, start: int = 0) -> KVCache:
-        """An empty cache for `max_len` clean tokens, the first of which will sit at sequence position `start`
-        (a multiple of the block size). Its contents equal a pass over the sequence from `start` on: a window."""
+        """An empty cache for `max_len` clean tokens from sequence position `start` (a multiple of the block size)."""
         cfg, param = self.config, self.head.weight
         if start % cfg.block_size:
             raise ValueError(f"a cache must start on a block boundary, not at {start} (block size {cfg.block_size})")
@@ -644,9 +594,8 @@ class BD3LM(nn.Module):
                        tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device), start=start)
 
     def _cached_pass(self, cache: KVCache, tokens: Tensor, clean: bool):
-        """Run `tokens` [N, n] after the cached clean context, under the training mask: clean tokens attend as
-        the clean half does (their document, up to the end of their block), a noisy block as the noisy half
-        (itself, and the cached blocks of the document it starts in)."""
+        """Run `tokens` [N, n] after the cached clean context under the training mask: as the clean half if `clean`,
+        else as one noisy block."""
         self._check_tokens(tokens, (2,), allow_mask=True)
         cfg, n, length = self.config, tokens.size(1), cache.length
         if tokens.size(0) != cache.tokens.size(0) or length + n > cache.tokens.size(1):
@@ -661,19 +610,17 @@ class BD3LM(nn.Module):
         history = torch.cat([cache.tokens[:, :length], tokens], 1)
         doc, block, block_doc = document_layout(history, cfg.block_size, cfg.eot_id)
         new = slice(length, length + n)
-        doc_q = (doc if clean else block_doc)[:, new, None]
         clean_k = (torch.arange(length + n, device=tokens.device) < length) | clean
-        mask = mask_rule(doc_q, block[:, new, None], torch.tensor(clean, device=tokens.device),
-                         doc[:, None, :], block[:, None, :], clean_k)[:, None]
+        mask = mask_rule((doc if clean else block_doc)[:, new, None], block[:, new, None],
+                         torch.tensor(clean, device=tokens.device), doc[:, None, :], block[:, None, :], clean_k)
         past = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.keys, cache.values)]
         pos = torch.arange(cache.start + length, cache.start + length + n, device=tokens.device)
-        return self.trunk(tokens, pos[None], mask, past)
+        return self.trunk(tokens, pos[None], mask[:, None], past)
 
     @torch.no_grad()
     def cache_logits(self, cache: KVCache, noisy_block: Tensor) -> Tensor:
         """Logits [N, n, vocab_size] of a noisy block [N, n] given the cached clean context."""
-        hidden, _ = self._cached_pass(cache, noisy_block, clean=False)
-        return self.logits_of(hidden)
+        return self.logits_of(self._cached_pass(cache, noisy_block, clean=False)[0])
 
     @torch.no_grad()
     def cache_append(self, cache: KVCache, clean_tokens: Tensor) -> None:
@@ -689,16 +636,14 @@ class BD3LM(nn.Module):
     # --- helpers for the scripts around the model
 
     def compile_loss(self, backend="inductor", flex: bool | None = None) -> None:
-        """Compile token_losses, which forward calls, as one full graph with static shapes: one graph for
-        training (with its backward) and one for evaluation, whatever the documents and masks. The compiled
-        loss does not check token ids; its callers do, on the CPU. `backend`: any torch.compile backend; `flex`:
-        attention by FlexAttention and a BlockMask (default: on a GPU), else SDPA and the dense mask. Flex runs
-        only compiled: eager flex falls back to a path that materializes the fp32 scores [N, H, 2L, 2L]."""
+        """Compile token_losses as one full graph with static shapes (one graph for training, one for evaluation),
+        without the token-id check (its callers check on the CPU). `flex`: FlexAttention and a BlockMask (default: on
+        a GPU), else SDPA and the dense mask; flex runs only compiled, as eager flex materializes every fp32 score."""
         self.flex, self.compiled = self.head.weight.is_cuda if flex is None else flex, True
         self.token_losses = torch.compile(self.token_losses, fullgraph=True, dynamic=False, backend=backend)
 
     def set_flex_options(self, options: dict) -> None:
-        """FlexAttention kernel options (see flex_kernel_options) for every layer."""
+        """FlexAttention kernel options (flex_kernel_options) for every layer."""
         for block in self.trunk.blocks:
             block.attn.flex_options = dict(options)
 
