@@ -1,18 +1,14 @@
-"""
-Train a block diffusion language model (BD3-LM), speedrun style.
+"""Train a block diffusion language model (BD3-LM), speedrun style.
 
-    python train.py --preset=demo                       # CPU demo on a built-in corpus, a few minutes
+    python train.py --preset=demo                       # CPU demo on a built-in corpus
     torchrun --standalone --nproc_per_node=8 train.py   # the record run on FineWeb-Edu
 
-Every setting is a field of Hyperparameters below (the model's own fields come from model.ModelConfig),
-overridable as --name=value (`--help` lists them). The log logs/<run_id>.txt starts with the source of every
-module of this repository the run imported, the versions and the config, so a run can be reproduced from its log
-alone. Whatever the number of ranks and of sequences per forward (`micro_batch`), a step consumes the same
-`batch_size` sequences of the token stream in the same order, with the same noise, so 1 GPU and 8 GPUs train the
-same model: presets `record` (8x H100) and `record_24gb` (one 24 GB GPU) differ only in how a step is cut.
-
-This file knows the training loop, the optimizers, distributed training, logs and checkpoints. The model and its
-objective live in model.py; flags, devices, checkpoint reading and the val NELBO in common.py; data in data/.
+Settings are the fields of Hyperparameters (--name=value; `--help` lists them). The log logs/<run_id>.txt opens with
+the source of every repository module the run imported, the versions and the config: a run reproduces from its log.
+Whatever the ranks and `micro_batch`, a step consumes the same `batch_size` sequences with the same noise, so presets
+record (8 GPUs) and record_24gb (one) train the same model. This file knows the training loop, the optimizers,
+distributed training, logs and checkpoints; the model and its objective live in model.py, flags, devices, checkpoint
+reading and the val NELBO in common.py, data in data/.
 """
 
 import glob
@@ -68,24 +64,20 @@ class Hyperparameters(ModelConfig):
     run_id: str = setting("", "names logs/<run_id>.txt and checkpoints/<run_id>/; empty: date, time, a random suffix")
     data: str = setting("data/finewebedu10B/finewebedu", "shards DATA_train_*.bin and DATA_val_000000.bin")
     val_tokens: int = setting(10_485_760, "val tokens per evaluation, a multiple of seq_len")
-    # 32 x 8K = 262K tokens a step, 917M in 3500 steps (10 shards hold 1B)
     seq_len: int = setting(8 * 1024, "tokens per sequence, a chunk of the stream that starts at a document")
     batch_size: int = setting(32, "sequences per optimizer step, all ranks together")
     micro_batch: int = setting(4, "sequences each rank stacks into one forward (documents never cross rows); "
                                "batch_size must be a multiple of micro_batch x ranks; the rest is accumulated")
     steps: int = setting(3500, "optimizer steps")
-    t_lo: float = setting(0.3, "training masks a block with a probability between t_lo and t_hi (validation never "
-                          "clips)")
+    t_lo: float = setting(0.3, "training masks each block with probability in [t_lo, t_hi] (validation never clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
-    estimator: str = setting(TRAIN_ESTIMATOR, "training noise (model.ESTIMATORS), each unbiased for the records' "
-                             "clipped loss: proposal (k masked tokens from a proposal, weight c_k / q_k), iid (t per "
-                             "block) or stratified (t stratified over the step's blocks)")
+    estimator: str = setting(TRAIN_ESTIMATOR, "training noise, unbiased for the records' clipped loss: proposal "
+                             "(k masked tokens, weight c_k / q_k), iid (t per block) or stratified (t over a step)")
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     embed_lr: float = setting(0.3, "Adam LR of the token embedding")
     head_lr: float = setting(0.004, "Adam LR of the output head")
     scalar_lr: float = setting(0.02, "Adam LR of the scalar parameters")
-    val_every: int = setting(250, "validate and write checkpoints/<run_id>/latest.pt every this many steps (0: "
-                             "only at the start and the end)")
+    val_every: int = setting(250, "validate and save latest.pt every this many steps (0: at the start and end only)")
     resume: str = setting("", "continue from this checkpoint; all other settings must match that run")
     seed: int = setting(0, "seed of the initial weights and of the training noise")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32")
@@ -100,15 +92,16 @@ class Hyperparameters(ModelConfig):
 
 
 LOG_DIR, CHECKPOINT_DIR = "logs", "checkpoints"
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON_FOLDERS = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
+                  *site.getsitepackages()}  # the Python installation and its packages
 COOLDOWN_FRAC = 0.45  # the LR decays linearly to 0 over this last fraction of the steps
 MUON_MOMENTUM = (0.85, 0.95)  # at step 0 and after MUON_MOMENTUM_WARMUP steps
 MUON_MOMENTUM_WARMUP = 300  # steps, a quarter of the run if that is shorter
-
-
 PRESETS = {
     "record": {},  # 8 x 80 GB GPUs, each rank one forward of 4 x 8K tokens a step
     "record_24gb": dict(micro_batch=1),  # the same run on 24 GB GPUs (RTX 3090/4090), 8K tokens per forward
-    # 2 CPU cores in under 5 minutes with sampling: many steps of few short sequences (docs/training.md)
+    # many steps of few short sequences: a small model learns on CPU cores (docs/training.md)
     "demo": dict(data=f"{DEMO_DIR}/demo", val_tokens=32 * 1024, n_layer=4, n_head=4, head_dim=64, model_dim=256,
                  mlp_hidden=1024, seq_len=256, batch_size=4, micro_batch=1, steps=220, val_every=110),
 }
@@ -180,9 +173,8 @@ def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: f
 
 
 def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
-    """The matrices in turns of up to world_size of one size; rank r orthogonalizes the r-th of each turn. Tall
-    and wide matrices of one size cost the same Newton-Schulz, so the ranks get equal work but for the last, partial
-    turn of each size."""
+    """The matrices in turns of up to world_size of one size (tall or wide, the same Newton-Schulz work); rank r
+    orthogonalizes the r-th of each turn."""
     by_size = {}
     for p in params:
         by_size.setdefault(p.numel(), []).append(p)
@@ -190,15 +182,10 @@ def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update step for step (Nesterov momentum, Newton-Schulz, lr scaled by
-    sqrt(max(1, rows / cols)), decoupled weight decay), with the Newton-Schulz dtype a choice: torch's bf16
-    where bf16 matmuls are fast, fp32 on CPUs without bf16 kernels, where they run hundreds of times slower.
-
-    Under torch.distributed the ranks share the Newton-Schulz work: each orthogonalizes its turns of the matrices
-    (see `turns`) and the updates are all-gathered, so every rank applies the same updates. The gradients must
-    already be summed over the ranks (all_reduce_grads). Every rank keeps every momentum buffer, a cheap elementwise
-    update: the state is the same on all ranks and on one process, so rank 0's checkpoint resumes on any number
-    of ranks."""
+    """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr scaled by sqrt(max(1, rows / cols)), decoupled
+    weight decay) with the Newton-Schulz dtype a choice: bf16 where bf16 matmuls are fast, else fp32. Under
+    torch.distributed each rank orthogonalizes its `turns` of the gradients, already summed (all_reduce_grads), and
+    the updates are all-gathered. Every rank keeps every momentum buffer: rank 0's checkpoint resumes on any ranks."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -210,10 +197,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                self.state[p]["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
             gathers = []  # all launched before any is waited for: each gather overlaps the next Newton-Schulz
             for turn in turns(params, world_size):
                 if rank < len(turn):
@@ -236,14 +222,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients over the ranks in one all-reduce after the backward (the compiled backward hands every
-    gradient over at its end, so there is nothing for a bucketed reduction to overlap). A gradient stays None only
-    where it is None on every rank, as on one process that ran every rank's micro-steps."""
+    """Sum the gradients over the ranks in one all-reduce (a compiled backward hands them all over at its end: nothing
+    for buckets to overlap). A gradient stays None only where it is None on every rank, as on one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     present = [p.grad is not None for p in params]
-    # the 1 or 0 per parameter that counts the ranks with its gradient is made on the device: a copy from the host
-    # would make the CPU wait for the backward
+    # the per-parameter 1 or 0 that counts the ranks with a gradient is made on the device: a host copy would wait
     flat = torch.cat([*((p.grad if has else torch.zeros_like(p)).flatten() for p, has in zip(params, present)),
                       *(p.new_ones(1) if has else p.new_zeros(1) for p, has in zip(params, present))])
     dist.all_reduce(flat)
@@ -338,14 +322,8 @@ class RunLog:
                 print(line, flush=True)
 
 
-def repository_modules() -> list[str]:
-    """Paths, relative to the repository, of its modules this process has imported (tests and a virtual environment
-    inside the checkout excluded)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    environments = [folder for folder in python_folders() if inside(folder, here)]
-    paths = [os.path.relpath(path, here) for path in module_files() if inside(path, here) and path.endswith(".py")
-             and not any(inside(path, folder) for folder in environments)]
-    return sorted(path for path in paths if not path.startswith("tests" + os.sep))
+def inside(path: str, folder: str) -> bool:
+    return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
 
 
 def module_files() -> set[str]:
@@ -354,36 +332,20 @@ def module_files() -> set[str]:
     return {os.path.abspath(path) for path in files if isinstance(path, str) and os.path.isfile(path)}
 
 
-def inside(path: str, folder: str) -> bool:
-    return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
-
-
-def python_folders() -> set[str]:
-    """The folders of the Python installation and of its packages."""
-    return {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
-            *site.getsitepackages()}
-
-
-def runtime_line() -> str:
-    """What started the process, the modules from outside the repository and the Python installation, and whether
-    the clock of train_time is the real one: code that ran but is not embedded shows here."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    entry = os.path.abspath(traceback.extract_stack()[0].filename)
-    outside = sorted(path for path in module_files()
-                     if not inside(path, here) and not any(inside(path, folder) for folder in python_folders()))
-    clock = time.perf_counter
-    genuine = (isinstance(clock, types.BuiltinFunctionType) and clock.__self__ is time
-               and clock.__name__ == "perf_counter")
-    return (f"runtime:entry={os.path.relpath(entry, here) if inside(entry, here) else entry} "
-            f"outside_modules={','.join(outside) or 'none'} clock={'genuine' if genuine else 'replaced'}")
+def repository_modules() -> list[str]:
+    """The repository's imported modules, relative to it (tests and a virtual environment inside it excluded)."""
+    environments = [folder for folder in PYTHON_FOLDERS if inside(folder, HERE)]
+    paths = [os.path.relpath(path, HERE) for path in module_files() if inside(path, HERE) and path.endswith(".py")
+             and not any(inside(path, folder) for folder in environments)]
+    return sorted(path for path in paths if not path.startswith("tests" + os.sep))
 
 
 def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
-    """The source of every repository module the run imported, the versions and the config: what it takes to
-    reproduce the run."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """What it takes to reproduce the run: the source of every repository module it imported, the versions, the
+    config, and a runtime line (what started the process, modules from outside the repository and the Python
+    installation, whether the clock is the real one) that shows code that ran without being embedded."""
     for name in repository_modules():
-        with open(os.path.join(here, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
+        with open(os.path.join(HERE, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
             log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
     log(f"python:{platform.python_version()}", console=False)
     log(f"torch:{torch.__version__} cuda:{torch.version.cuda or 'none'}", console=False)
@@ -391,7 +353,14 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
     for limitation in common.torch_limitations() if torch.cuda.is_available() else ():
         log(f"torch_limitation:{limitation}")
     log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
-    log(runtime_line(), console=False)
+    entry = os.path.abspath(traceback.extract_stack()[0].filename)
+    outside = sorted(path for path in module_files()
+                     if not inside(path, HERE) and not any(inside(path, folder) for folder in PYTHON_FOLDERS))
+    clock = time.perf_counter
+    genuine = (isinstance(clock, types.BuiltinFunctionType) and clock.__self__ is time
+               and clock.__name__ == "perf_counter")
+    log(f"runtime:entry={os.path.relpath(entry, HERE) if inside(entry, HERE) else entry} "
+        f"outside_modules={','.join(outside) or 'none'} clock={'genuine' if genuine else 'replaced'}", console=False)
     log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
     log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
         f"autocast:{'bf16' if bf16 else 'fp32'}")
@@ -407,11 +376,10 @@ def nvidia_smi() -> str:
 
 
 def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> TokenLoader:
-    """The train loader, after a check of the val shard. The demo corpus is prepared on first use."""
+    """The train loader, after a check of the val shard; the demo corpus is prepared on first use."""
     if rank == 0 and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
         # a subprocess, not an import: the corpus builder is a tool, and a log carries only what the run imported
-        builder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "demo_corpus.py")
-        subprocess.run([sys.executable, builder], check=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "tools", "demo_corpus.py")], check=True)
     if world_size > 1:
         dist.barrier()
     try:
@@ -422,21 +390,15 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         fail(str(error))
     log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
-    if rank == 0:
-        log_shards(log, train_files, hp.val_file)
+    if rank == 0:  # one line per shard with its size and sha256: the log names its data by content
+        started, named = time.perf_counter(), [("train", path) for path in train_files] + [("val", hp.val_file)]
+        with ThreadPoolExecutor(min(len(named), os.cpu_count() or 1)) as pool:
+            hashes = list(pool.map(file_sha256, [path for _, path in named]))
+        for (split, path), sha256 in zip(named, hashes):
+            log(f"shard:{split} path={path} tokens={shard_num_tokens(path)} bytes={os.path.getsize(path)} "
+                f"sha256={sha256}", console=False)
+        log(f"shard_hash_time:{1000 * (time.perf_counter() - started):.0f}ms")
     return loader
-
-
-def log_shards(log: RunLog, train_files: list[str], val_file: str) -> None:
-    """One line per shard with its size and sha256, so the log names its data by content, not by file name; the
-    shards are hashed in parallel (about 0.5 s per 100M-token shard and core)."""
-    started, named = time.perf_counter(), [("train", path) for path in train_files] + [("val", val_file)]
-    with ThreadPoolExecutor(min(len(named), os.cpu_count() or 1)) as pool:
-        hashes = list(pool.map(file_sha256, [path for _, path in named]))
-    for (split, path), sha256 in zip(named, hashes):
-        log(f"shard:{split} path={path} tokens={shard_num_tokens(path)} bytes={os.path.getsize(path)} "
-            f"sha256={sha256}", console=False)
-    log(f"shard_hash_time:{1000 * (time.perf_counter() - started):.0f}ms")
 
 
 def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
@@ -449,11 +411,9 @@ def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
 
 
 def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocast, device: torch.device) -> float:
-    """Run what training compiles, once, before the clock starts: the training forward and backward on
-    micro_batch sequences and the val forward on one, all copies of the first val chunk (only the shapes
-    matter). Nothing the run depends on changes: there is no optimizer step, the gradients are dropped, and
-    neither the loader nor the random state is used. Returns the milliseconds it took: the compile time, where
-    the loss is compiled."""
+    """Run what training compiles before the clock starts (the training forward and backward on micro_batch copies
+    of the first val chunk, the val forward on one) and return its milliseconds. Nothing the run depends on changes:
+    no optimizer step, the gradients dropped, neither the loader nor the random state used."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
     noise = eval_noise(seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0)
@@ -520,33 +480,35 @@ class Run:
                      f"step_avg:{elapsed_ms / (step + 1 - start_step):.2f}ms")
 
     def train_step(self, step: int) -> float:
-        """One optimizer step on batch_size sequences, batch_size / world_size of them on each rank in forwards of
-        micro_batch; returns the mean loss over all of them."""
-        loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(grad_accum(self.hp, self.world_size)):
-            tokens, noise = self.micro_batch(step, micro_step)
+        """One optimizer step on batch_size sequences (on each rank batch_size / world_size, in forwards of
+        micro_batch); returns their mean loss."""
+        hp, loss_sum = self.hp, torch.zeros((), device=self.device)
+        for micro_step in range(grad_accum(hp, self.world_size)):
+            try:
+                tokens = self.loader.next_batch()
+                noise = self.noise_of(step, micro_step, *tokens.shape)
+                tokens, noise = to_device(tokens, noise, self.device, self.model.config.vocab_size)
+            except (DataExhausted, ValueError) as error:
+                fail(f"step {step + 1} of {hp.steps}: {error}")
             with self.autocast:  # the model's mean over this forward's tokens, weighted by its share of the batch
-                loss = self.model(tokens, noise) * self.hp.micro_batch / self.hp.batch_size
+                loss = self.model(tokens, noise) * hp.micro_batch / hp.batch_size
             loss.backward()
             loss_sum += loss.detach()
         all_reduce_grads(list(self.model.parameters()))
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
-        self.update_weights(step)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_multiplier(hp, step)
+                if isinstance(optimizer, Muon):
+                    group["momentum"] = muon_momentum(hp, step)
+            optimizer.step()
+        self.model.zero_grad(set_to_none=True)
         train_loss = loss_sum.item()  # the step's one wait for the device, once the optimizers' work is queued
         if not math.isfinite(train_loss):
             fail(f"train loss is {train_loss} at step {step + 1}; stopped before saving this step's weights "
                  f"(last checkpoint: {self.last_checkpoint})")
         return train_loss
-
-    def micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, Noise]:
-        """This rank's next micro_batch sequences [micro_batch, seq_len] and their training noise, on the device."""
-        try:
-            tokens = self.loader.next_batch()
-            noise = self.noise_of(step, micro_step, *tokens.shape)
-            return to_device(tokens, noise, self.device, self.model.config.vocab_size)
-        except (DataExhausted, ValueError) as error:
-            fail(f"step {step + 1} of {self.hp.steps}: {error}")
 
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
         """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
@@ -556,17 +518,6 @@ class Run:
         noises = [step_noise(length, config.block_size, hp.t_lo, hp.t_hi, hp.seed, step, chunk, hp.batch_size,
                              estimator=hp.estimator) for chunk in chunks]
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
-
-    def update_weights(self, step: int) -> None:
-        """Step every optimizer at this step's LRs and Muon momentum, then drop the gradients."""
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(self.hp, step)
-        for group in self.optimizers[0].param_groups:
-            group["momentum"] = muon_momentum(self.hp, step)
-        for optimizer in self.optimizers:
-            optimizer.step()
-        self.model.zero_grad(set_to_none=True)
 
     def validate(self, step: int, train_time_ms: float) -> None:
         hp = self.hp
