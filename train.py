@@ -286,8 +286,6 @@ def main(argv: list[str]) -> None:
     write_header(log, hp, world_size, bf16, model)
     loader = load_data(hp, rank, world_size, log)
     log(f"params:{model.num_params()}")
-    if rank == 0:
-        log(f"unigram_baseline:{unigram_baseline(loader.stream.files, [hp.val_file]):.4f}")
     autocast = common.autocast_context(device, bf16)
     run = Run(hp, rank, world_size, device, autocast, model, make_optimizers(model, hp, common.fast_bf16(device)),
               loader, log, checkpoint_folder=os.path.join(CHECKPOINT_DIR, run_id))
@@ -302,6 +300,8 @@ def main(argv: list[str]) -> None:
         hint = "lower --micro_batch (--preset=record_24gb runs 1)" if hp.micro_batch > 1 else "lower --seq_len"
         fail(f"out of GPU memory with --micro_batch={hp.micro_batch} sequences of {hp.seq_len} tokens per forward: "
              f"{hint} (last checkpoint: {run.last_checkpoint})")
+    except ValueError as error:  # data the model cannot read, e.g. val token ids beyond --vocab_size
+        fail(f"{error} (last checkpoint: {run.last_checkpoint})")
     run.finish()
 
 
@@ -386,11 +386,12 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         train_files = find_shards(hp.train_files)
         loader = TokenLoader(train_files, hp.seq_len, rank, world_size, sequences=hp.micro_batch)
         val_batches(hp.val_file, hp.val_tokens, hp.seq_len)  # checks the val shard now, not at the first eval
+        unigram = unigram_baseline(train_files, [hp.val_file]) if rank == 0 else None  # the level to beat
     except (FileNotFoundError, ValueError) as error:  # ShardError is a ValueError
         fail(str(error))
     log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
-    if rank == 0:  # one line per shard with its size and sha256: the log names its data by content
+    if rank == 0:  # one line per shard with its size and sha256 (the log names its data by content), the unigram
         started, named = time.perf_counter(), [("train", path) for path in train_files] + [("val", hp.val_file)]
         with ThreadPoolExecutor(min(len(named), os.cpu_count() or 1)) as pool:
             hashes = list(pool.map(file_sha256, [path for _, path in named]))
@@ -398,6 +399,7 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
             log(f"shard:{split} path={path} tokens={shard_num_tokens(path)} bytes={os.path.getsize(path)} "
                 f"sha256={sha256}", console=False)
         log(f"shard_hash_time:{1000 * (time.perf_counter() - started):.0f}ms")
+        log(f"unigram_baseline:{unigram:.4f}")
     return loader
 
 
