@@ -107,7 +107,7 @@ def best_of(scores: Tensor, masked: Tensor) -> Tensor:
 class Sampler:
     choose: Callable[..., Tensor]
     knob: str = ""  # the Settings field it reads, if any
-    sweep: tuple = ()  # values of the knob that eval.py --sweep tries, one token per forward towards many
+    sweep: tuple = ()  # the knob's values that tools/sample_quality.py --sweep tries, one token a forward to many
 
 
 SAMPLERS = {

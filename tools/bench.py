@@ -2,10 +2,10 @@
 Measure training speed, its scaling with sequence length, the attention mask's cost and sampling speed; then print
 costmodel.py's estimate of the record run on GPUs. One markdown report; nothing is written to disk.
 
-    python bench.py                      # on the machine's accelerator if it has one, else the CPU
-    python bench.py --quick=True         # fewer and smaller runs: about 6 minutes on a 2-core CPU
-    python bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
-    python bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
+    python tools/bench.py                      # on the machine's accelerator if it has one, else the CPU
+    python tools/bench.py --quick=True         # fewer and smaller runs: about 6 minutes on a 2-core CPU
+    python tools/bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
+    python tools/bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
 
 Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
 costmodel.model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
