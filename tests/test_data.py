@@ -425,7 +425,10 @@ def test_near_duplicate_groups_match_a_slow_reference():
     val, train = demo.split_groups(docs, 2000)
     assert sorted(val + train) == list(range(len(docs)))
     assert not set().union(*(spans[i] for i in val)) & set().union(*(spans[i] for i in train))
-    assert sum(len(docs[i]) for i in val) >= 2000
+    groups = demo.near_duplicate_groups(docs)
+    sizes = {group: sum(len(docs[i]) for i in range(len(docs)) if groups[i] == group) for group in set(groups.tolist())}
+    small = sum(size for size in sizes.values() if size <= 2000 / 8)  # the groups val may take
+    assert sum(len(docs[i]) for i in val) >= min(2000, small)
 
 
 # ----------------------------------------------------------------------------------------------------------
