@@ -174,6 +174,13 @@ def set_allocator_settings(settings: str) -> None:
     os.environ["PYTORCH_ALLOC_CONF"] = settings
 
 
+def all_gather(output: torch.Tensor, tensor: torch.Tensor):
+    """Every rank's `tensor`, concatenated into `output`, started asynchronously (returns the work handle):
+    all_gather_single where torch has it (2.13+, which deprecates the older name), all_gather_into_tensor in 2.11."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, tensor, async_op=True)
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls are fast: on CUDA and on CPUs with oneDNN bf16 kernels (not on AVX2-only CPUs)."""
     return device.type == "cuda" or (torch.backends.mkldnn.is_available()

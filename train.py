@@ -211,7 +211,7 @@ class Muon(torch.optim.Optimizer):
                 updates, handle = mine[None], None
                 if world_size > 1:
                     updates = mine.new_empty(world_size, mine.numel())
-                    handle = dist.all_gather_into_tensor(updates.view(-1), mine, async_op=True)
+                    handle = common.all_gather(updates.view(-1), mine)
                 gathers.append((handle, turn, updates))
             for handle, turn, updates in gathers:
                 if handle is not None:

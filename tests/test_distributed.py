@@ -8,6 +8,7 @@ tests/test_train.py::test_presets_and_world_sizes_train_the_same_model.
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -96,7 +97,11 @@ def worker(rank: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(worker, args=(str(folder),), nprocs=WORLD_SIZE)
+    try:
+        mp.spawn(worker, args=(str(folder),), nprocs=WORLD_SIZE)
+    except mp.ProcessExitedException:  # gloo can abort in its own teardown, after both ranks saved their results
+        if not all(os.path.exists(f"{folder}/rank{rank}.pt") for rank in range(WORLD_SIZE)):
+            raise
     return [torch.load(f"{folder}/rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
