@@ -9,6 +9,7 @@ step costs one forward of one block. Past `--context` tokens the window slides b
 re-encoded from it. `--kv_cache=False` recomputes the window every step: the slow reference, with the same logits
 up to float rounding. `generate` knows the model and the samplers, not tokenizers or files; `main` is the CLI.
 """
+
 import os
 import sys
 import time
