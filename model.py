@@ -171,16 +171,6 @@ def estimator_of(estimator: str | Estimator) -> Estimator:
     return ESTIMATORS[estimator] if isinstance(estimator, str) else estimator
 
 
-def mean_masked_fraction(estimator: str | Estimator, schedule: str, lo: float, hi: float, block_size: int) -> float:
-    """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
-    rule = estimator_of(estimator)
-    if rule.count_table is None:
-        return SCHEDULES[schedule].mean_mask_prob(lo, hi)
-    cumulative = rule.count_table(block_size, lo, hi).bounds[-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
-    q = cumulative.diff(prepend=cumulative.new_zeros(1))
-    return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
-
-
 def _hash_uniform(seed: int, positions: Tensor) -> Tensor:
     """A uniform in (0, 1) per (seed, position), the same on every device; multipliers < 2**31 never overflow int64."""
     mask32 = 0xFFFFFFFF

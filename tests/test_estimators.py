@@ -23,11 +23,11 @@ from model import (
     count_coefficients,
     count_table,
     eval_noise,
-    mean_masked_fraction,
     step_noise,
     stratified_levels,
     train_noise,
 )
+from tools.costmodel import mean_masked_fraction
 
 N = 4  # tokens per block: 2**N masks, enumerated
 SUBSETS = [frozenset(i for i in range(N) if bits >> i & 1) for bits in range(2**N)]

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import train
-from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask, mean_masked_fraction
+from model import BD3LM, SCHEDULES, TILE, Estimator, ModelConfig, block_diffusion_block_mask, estimator_of
 
 RECIPE = ("the head and loss in one compiled graph on every noisy row (static shapes, no host sync); the preset's "
           "micro_batch rows per forward (the FLOPs and bytes of one row at a time: rows change the memory and the "
@@ -152,6 +152,16 @@ def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: fl
     trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
     head = masked_fraction * 2 * c.model_dim * c.padded_vocab
     return 3 * (trunk + head)
+
+
+def mean_masked_fraction(estimator: str | Estimator, schedule: str, lo: float, hi: float, block_size: int) -> float:
+    """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
+    rule = estimator_of(estimator)
+    if rule.count_table is None:
+        return SCHEDULES[schedule].mean_mask_prob(lo, hi)
+    cumulative = rule.count_table(block_size, lo, hi).bounds[-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
+    q = cumulative.diff(prepend=cumulative.new_zeros(1))
+    return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
 
 
 def training_masked_fraction(hp: train.Hyperparameters) -> float:
