@@ -252,6 +252,15 @@ def describe(row: int, generated: list[int], completion: list[int], s: Settings)
     return f"---- sample {row}: {len(generated)} tokens, stopped at --max_new_tokens={s.max_new_tokens} ----", generated
 
 
+def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
+    """The checkpoint's model on s.device, its run's settings and the prompt's ids; a context of 0 becomes the
+    training seq_len."""
+    model, hparams = common.load_model(s.checkpoint, common.pick_device(s.device))
+    s.context = s.context or hparams["seq_len"]
+    check_context(s.context, model.config.block_size)
+    return model, hparams, read_prompt(s)
+
+
 def read_prompt(s: Settings) -> list[int]:
     """The token ids of --prompt or --prompt_file (which then replaces s.prompt)."""
     if s.prompt_file:
@@ -300,11 +309,8 @@ def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python sample.py --checkpoint=PATH [--name=value ...]")
     with common.user_errors():
         check_settings(s)
-        device = common.pick_device(s.device)
-        model, hparams = common.load_model(s.checkpoint, device)
-        prompt = read_prompt(s)
-        s.context = s.context or hparams["seq_len"]
-        check_context(s.context, model.config.block_size)
+        model, hparams, prompt = load(s)
+        device = model.head.weight.device
         if s.context > hparams["seq_len"]:
             print(f"warning: --context={s.context} is longer than the {hparams['seq_len']} tokens this model was "
                   f"trained on; predictions that look further back may degrade", file=sys.stderr)

@@ -163,12 +163,8 @@ def main(argv: list[str]) -> None:
         sample.check_settings(s)
         if not s.judge:
             raise ConfigError("--judge=JUDGE is required (see --help)")
-        device = common.pick_device(s.device)
-        model, hparams = load_model(s.checkpoint, device)
-        s.context = s.context or hparams["seq_len"]
-        sample.check_context(s.context, model.config.block_size)
-        prompt = sample.read_prompt(s)
-        judge = load_judge(s.judge, model, device)
+        model, _, prompt = sample.load(s)
+        judge = load_judge(s.judge, model, model.head.weight.device)
     report_sample_quality(model, judge, prompt, s)
 
 
