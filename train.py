@@ -272,12 +272,10 @@ def main(argv: list[str]) -> None:
         print(usage())
         return
     rank, world_size = common.ranks()
-    try:
+    with common.user_errors():
         hp = parse_args(argv)
         check_settings(hp, world_size)
         device = common.pick_device()
-    except (ConfigError, ValueError) as error:
-        fail(str(error), status=2)
     common.init_process_group(device)
     bf16 = common.uses_bf16(hp.autocast, device)
     model = build_model(model_config(hp), hp.seed, device)
@@ -300,8 +298,6 @@ def main(argv: list[str]) -> None:
         hint = "lower --micro_batch (--preset=record_24gb runs 1)" if hp.micro_batch > 1 else "lower --seq_len"
         fail(f"out of GPU memory with --micro_batch={hp.micro_batch} sequences of {hp.seq_len} tokens per forward: "
              f"{hint} (last checkpoint: {run.last_checkpoint})")
-    except ValueError as error:  # data the model cannot read, e.g. val token ids beyond --vocab_size
-        fail(f"{error} (last checkpoint: {run.last_checkpoint})")
     run.finish()
 
 
@@ -524,10 +520,13 @@ class Run:
     def validate(self, step: int, train_time_ms: float) -> None:
         hp = self.hp
         self.model.eval()
-        with self.autocast:
-            val_loss, val_count = common.val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len,
-                                                   common.VAL_NOISE_SEED, self.rank, self.world_size,
-                                                   progress=self.rank == 0 and sys.stderr.isatty())
+        try:
+            with self.autocast:
+                val_loss, val_count = common.val_nelbo(self.model, hp.val_file, hp.val_tokens, hp.seq_len,
+                                                       common.VAL_NOISE_SEED, self.rank, self.world_size,
+                                                       progress=self.rank == 0 and sys.stderr.isatty())
+        except ValueError as error:  # val token ids the model cannot read (beyond --vocab_size)
+            fail(f"validation at step {step}: {error} (last checkpoint: {self.last_checkpoint})")
         self.model.train()
         self.log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} ppl:{math.exp(min(val_loss, 700)):.2f} "
                  f"train_time:{train_time_ms:.0f}ms tokens:{val_count}")

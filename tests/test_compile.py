@@ -226,3 +226,11 @@ def test_bad_token_ids_are_caught_on_the_cpu(tmp_path, monkeypatch, capsys, demo
     assert exit_info.value.code == 1 and stderr.count("\n") == 1 and int(first.max()) >= 1000
     assert stderr.startswith("error: step 1 of ") and "token ids must lie in [0, 1000)" in stderr
     assert f"got ids in [{int(first.min())}, {int(first.max())}]" in stderr
+
+    write_shard(tmp_path / "gpt2_train_000000.bin", read_shard(train_path)[:4096] % 1000)  # now val is the bad one
+    write_shard(tmp_path / "gpt2_val_000000.bin", read_shard(val_path)[:1024])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*SMALL, "--vocab_size=1000", f"--data={tmp_path}/gpt2"])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1 and stderr.count("\n") == 1
+    assert stderr.startswith("error: validation at step 0: token ids must lie in [0, 1000)")

@@ -74,11 +74,8 @@ def search(model: BD3LM, chunks: list[torch.Tensor], intervals: list[tuple[float
 
 
 def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(f"{__doc__.strip()}\n\n{common.usage('python tools/clip_search.py [--name=value ...]', Settings)}")
-        return
-    try:
-        s = Settings(**common.parse_flags(argv, Settings))
+    s = common.command_line(argv, Settings, "python tools/clip_search.py [--name=value ...]", f"\n\n{__doc__.strip()}")
+    with common.user_errors():
         if s.draws < 2:
             raise common.ConfigError(f"--draws must be at least 2 (a variance), got {s.draws}")
         intervals = candidates(s.widths, s.step)
@@ -89,8 +86,6 @@ def main(argv: list[str]) -> None:
         chunks = tail_chunks(s.train_files or train_val_paths(hp["data"])[0], s.tokens, hp["seq_len"])
         with common.autocast_context(device, common.fast_bf16(device)):
             noise = search(model, chunks, intervals, estimator, s.draws)
-    except (common.ConfigError, FileNotFoundError, ValueError) as error:
-        common.fail(str(error), status=2)
     print(f"# tools/clip_search.py, {time.strftime('%Y-%m-%d')}: {s.checkpoint}, estimator {estimator}, "
           f"{len(chunks)} x {hp['seq_len']} tokens, {s.draws} draws per interval\n\n"
           "| interval | grad variance / signal | grad variance | loss variance | mean loss |\n|---|---|---|---|---|")

@@ -129,11 +129,9 @@ def grad_variance_table(checkpoint: str, initial: bool, draws: int, seed: int, d
 
 
 def main(argv: list[str]) -> None:
-    if "--help" in argv or "-h" in argv:
-        print(f"{__doc__.strip()}\n\n{common.usage('python tools/grad_variance.py [--name=value ...]', Settings)}")
-        return
-    try:
-        s = Settings(**common.parse_flags(argv, Settings))
+    s = common.command_line(argv, Settings, "python tools/grad_variance.py [--name=value ...]",
+                            f"\n\n{__doc__.strip()}")
+    with common.user_errors():
         if not (s.checkpoint or s.initial):
             raise common.ConfigError("nothing to measure: give --checkpoint or leave --initial=True")
         if s.draws < 2:
@@ -141,8 +139,6 @@ def main(argv: list[str]) -> None:
         if s.checkpoint and not os.path.isfile(s.checkpoint):
             raise common.ConfigError(f"--checkpoint={s.checkpoint} is not a file")
         device = common.pick_device(s.device)
-    except common.ConfigError as error:
-        common.fail(str(error), status=2)
     print(f"# tools/grad_variance.py, {time.strftime('%Y-%m-%d')}")
     grad_variance_table(s.checkpoint, s.initial, s.draws, s.seed, device)
 
