@@ -15,7 +15,8 @@ import torch.nn.attention.flex_attention as flex_attention_module
 from tqdm import tqdm
 
 from data.loader import val_batches
-from model import BD3LM, ModelConfig, Noise, check_token_ids, eval_noise
+from model import BD3LM, ModelConfig, check_token_ids
+from noise import Noise, eval_noise
 
 CHECKPOINT_FORMAT = "bd3lm-speedrun-v3"
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise

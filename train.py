@@ -3,26 +3,12 @@
     python train.py --preset=demo                       # CPU demo on a built-in corpus
     torchrun --standalone --nproc_per_node=8 train.py   # the record run on FineWeb-Edu
 
-Settings are the fields of Hyperparameters (--name=value; `--help` lists them). The log logs/<run_id>.txt opens with
-the source of every repository module the run imported, the versions and the config: a run reproduces from its log.
-Whatever the ranks and `micro_batch`, a step consumes the same `batch_size` sequences with the same noise, so presets
-record (8 GPUs) and record_24gb (one) train the same model. This file knows the training loop, the optimizers,
-distributed training, logs and checkpoints; the model and its objective live in model.py, flags, devices, checkpoint
-reading and the val NELBO in common.py, data in data/.
+Flags are the fields of Hyperparameters (`--help`). The log logs/<run_id>.txt opens with the source of every repository
+module the run imported, the versions and the config. Whatever the ranks and micro_batch, a step consumes the same
+batch_size sequences with the same noise, so presets record (8 GPUs) and record_24gb (one) train the same model.
 """
 
-import glob
-import json
-import math
-import os
-import platform
-import site
-import subprocess
-import sys
-import time
-import traceback
-import types
-import uuid
+import glob, json, math, os, platform, site, subprocess, sys, time, traceback, types, uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
@@ -31,30 +17,11 @@ import torch.distributed as dist
 
 import common
 from common import ConfigError, fail, to_device
-from data.loader import (
-    DEMO_DIR,
-    DataExhausted,
-    TokenLoader,
-    find_shards,
-    train_val_paths,
-    unigram_baseline,
-    val_batches,
-)
+from data.loader import (DEMO_DIR, DataExhausted, TokenLoader, find_shards, train_val_paths, unigram_baseline,
+                         val_batches)
 from data.shards import file_sha256, shard_num_tokens
-from model import (
-    BD3LM,
-    ESTIMATORS,
-    TRAIN_ESTIMATOR,
-    ModelConfig,
-    Noise,
-    eval_noise,
-    flex_kernel_options,
-    setting,
-    step_noise,
-)
-
-# -----------------------------------------------------------------------------
-# Settings
+from model import BD3LM, ModelConfig, flex_kernel_options, setting
+from noise import TRAIN_ESTIMATOR, Noise, eval_noise, step_noise
 
 
 @dataclass
@@ -71,8 +38,6 @@ class Hyperparameters(ModelConfig):
     steps: int = setting(3500, "optimizer steps")
     t_lo: float = setting(0.3, "training masks each block with probability in [t_lo, t_hi] (validation never clips)")
     t_hi: float = setting(0.8, "upper end of the training masking probability")
-    estimator: str = setting(TRAIN_ESTIMATOR, "training noise, unbiased for the records' clipped loss: proposal "
-                             "(k masked tokens, weight c_k / q_k), iid (t per block) or stratified (t over a step)")
     muon_lr: float = setting(0.05, "Muon LR of the hidden matrices")
     embed_lr: float = setting(0.3, "Adam LR of the token embedding")
     head_lr: float = setting(0.004, "Adam LR of the output head")
@@ -82,13 +47,9 @@ class Hyperparameters(ModelConfig):
     seed: int = setting(0, "seed of the initial weights and of the training noise")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels, else fp32), bf16 or fp32")
 
-    @property
-    def train_files(self) -> str:
-        return train_val_paths(self.data)[0]
-
-    @property
-    def val_file(self) -> str:
-        return train_val_paths(self.data)[1]
+    train_files = property(lambda self: train_val_paths(self.data)[0])
+    val_file = property(lambda self: train_val_paths(self.data)[1])
+    estimator = TRAIN_ESTIMATOR  # the training noise (model.ESTIMATORS): a choice of the code, logged in the config
 
 
 LOG_DIR, CHECKPOINT_DIR = "logs", "checkpoints"
@@ -118,8 +79,7 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     """`--name=value` flags over the chosen preset over the defaults."""
     flags = common.parse_flags(argv, Hyperparameters)
     preset = flags.get("preset", Hyperparameters.preset)
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    common.check_choice("preset", preset, tuple(PRESETS))
     return Hyperparameters(**{**PRESETS[preset], **flags})
 
 
@@ -144,7 +104,6 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
     if not 0 <= hp.seed < 2**31:
         raise ConfigError(f"--seed must lie in [0, 2**31), got {hp.seed}")
     common.check_choice("autocast", hp.autocast, ("auto", "bf16", "fp32"))
-    common.check_choice("estimator", hp.estimator, tuple(ESTIMATORS))
     if hp.resume and not os.path.isfile(hp.resume):
         raise ConfigError(f"--resume={hp.resume} is not a file")
     model_config(hp).validate()
@@ -158,13 +117,11 @@ def grad_accum(hp: Hyperparameters, world_size: int) -> int:
 # -----------------------------------------------------------------------------
 # Optimizers
 
-
 def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """The quintic Newton-Schulz orthogonalization of torch.optim.Muon (and modded-nanogpt), in `dtype`."""
     a, b, c = 3.4445, -4.775, 2.0315
-    x = grad.to(dtype)
     tall = grad.size(0) > grad.size(1)
-    x = x.T if tall else x
+    x = grad.to(dtype).T if tall else grad.to(dtype)
     x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
@@ -173,8 +130,7 @@ def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: f
 
 
 def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
-    """The matrices in turns of up to world_size of one size (tall or wide, the same Newton-Schulz work); rank r
-    orthogonalizes the r-th of each turn."""
+    """The matrices in turns of up to world_size of one size; rank r orthogonalizes the r-th of each turn."""
     by_size = {}
     for p in params:
         by_size.setdefault(p.numel(), []).append(p)
@@ -183,9 +139,8 @@ def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor
 
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr scaled by sqrt(max(1, rows / cols)), decoupled
-    weight decay) with the Newton-Schulz dtype a choice: bf16 where bf16 matmuls are fast, else fp32. Under
-    torch.distributed each rank orthogonalizes its `turns` of the gradients, already summed (all_reduce_grads), and
-    the updates are all-gathered. Every rank keeps every momentum buffer: rank 0's checkpoint resumes on any ranks."""
+    weight decay), Newton-Schulz in `ns_dtype`. Distributed, each rank orthogonalizes its `turns` of the summed
+    gradients and the updates are all-gathered; every rank keeps every momentum buffer, so any can resume."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -203,8 +158,7 @@ class Muon(torch.optim.Optimizer):
             gathers = []  # all launched before any is waited for: each gather overlaps the next Newton-Schulz
             for turn in turns(params, world_size):
                 if rank < len(turn):
-                    p = turn[rank]
-                    nesterov = p.grad.lerp(self.state[p]["momentum_buffer"], group["momentum"])
+                    nesterov = turn[rank].grad.lerp(self.state[turn[rank]]["momentum_buffer"], group["momentum"])
                     mine = newton_schulz(nesterov, self.ns_dtype).flatten()
                 else:  # the last turn of a size can leave ranks without a matrix
                     mine = turn[0].new_zeros(turn[0].numel(), dtype=self.ns_dtype)
@@ -222,12 +176,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients over the ranks in one all-reduce (a compiled backward hands them all over at its end: nothing
-    for buckets to overlap). A gradient stays None only where it is None on every rank, as on one process."""
+    """Sum the gradients over the ranks in one all-reduce (a compiled backward hands them all over at its end). A
+    gradient stays None only where it is None on every rank, as on one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     present = [p.grad is not None for p in params]
-    # the per-parameter 1 or 0 that counts the ranks with a gradient is made on the device: a host copy would wait
+    # the per-parameter count of ranks with a gradient is made on the device: a host copy would wait
     flat = torch.cat([*((p.grad if has else torch.zeros_like(p)).flatten() for p, has in zip(params, present)),
                       *(p.new_ones(1) if has else p.new_zeros(1) for p, has in zip(params, present))])
     dist.all_reduce(flat)
@@ -236,8 +190,7 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         p.grad = grad.view_as(p)
     if not all(present):  # a rank that has every gradient keeps them all, with no read-back from the device
         for p, count in zip(params, ranks_with_grad.tolist()):
-            if count == 0:
-                p.grad = None
+            p.grad = None if count == 0 else p.grad
 
 
 def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[torch.optim.Optimizer]:
@@ -249,12 +202,10 @@ def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[
                 ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     adam_groups = [dict(params=groups[name], lr=lr) for name, lr in
                    (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
-    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)
-    return [muon, adam]
+    return [muon, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)]
 
 
 def lr_multiplier(hp: Hyperparameters, step: int) -> float:
-    """Constant, then a linear cool-down to 0 over the last COOLDOWN_FRAC of the steps."""
     return min(1.0, (hp.steps - step) / (COOLDOWN_FRAC * hp.steps))
 
 
@@ -266,11 +217,9 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
 # -----------------------------------------------------------------------------
 # Setup: the run's steps in order
 
-
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
-        print(usage())
-        return
+        return print(usage())
     rank, world_size = common.ranks()
     with common.user_errors():
         hp = parse_args(argv)
@@ -305,10 +254,9 @@ class RunLog:
     """log_dir/<run_id>.txt, written by rank 0 only; `log(line)` also prints the line unless console=False."""
 
     def __init__(self, log_dir: str, run_id: str, rank: int):
-        self.file = None
         if rank == 0:
             os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, f"{run_id}.txt"), "w")
+        self.file = open(os.path.join(log_dir, f"{run_id}.txt"), "w") if rank == 0 else None
 
     def __call__(self, line: str, console: bool = True) -> None:
         if self.file is not None:
@@ -338,8 +286,8 @@ def repository_modules() -> list[str]:
 
 def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
     """What it takes to reproduce the run: the source of every repository module it imported, the versions, the
-    config, and a runtime line (what started the process, modules from outside the repository and the Python
-    installation, whether the clock is the real one) that shows code that ran without being embedded."""
+    config, and a runtime line (the entry script, modules from outside the repository and the Python installation,
+    whether the clock is the real one) that shows code that ran without being embedded."""
     for name in repository_modules():
         with open(os.path.join(HERE, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
             log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
@@ -348,27 +296,24 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
     log(f"allocator:{common.allocator_settings() or 'default'}", console=False)
     for limitation in common.torch_limitations() if torch.cuda.is_available() else ():
         log(f"torch_limitation:{limitation}")
-    log(f"nvidia-smi:\n{nvidia_smi()}", console=False)
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
+    except (OSError, subprocess.SubprocessError):
+        smi = "(not available)"
+    log(f"nvidia-smi:\n{smi}", console=False)
     entry = os.path.abspath(traceback.extract_stack()[0].filename)
     outside = sorted(path for path in module_files()
                      if not inside(path, HERE) and not any(inside(path, folder) for folder in PYTHON_FOLDERS))
     clock = time.perf_counter
-    genuine = (isinstance(clock, types.BuiltinFunctionType) and clock.__self__ is time
-               and clock.__name__ == "perf_counter")
+    genuine = isinstance(clock, types.BuiltinFunctionType) and clock.__self__ is time \
+        and clock.__name__ == "perf_counter"
     log(f"runtime:entry={os.path.relpath(entry, HERE) if inside(entry, HERE) else entry} "
         f"outside_modules={','.join(outside) or 'none'} clock={'genuine' if genuine else 'replaced'}", console=False)
-    log(f"config:{json.dumps(asdict(hp), sort_keys=True)}")
+    log(f"config:{json.dumps({**asdict(hp), 'estimator': hp.estimator}, sort_keys=True)}")
     log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
         f"autocast:{'bf16' if bf16 else 'fp32'}")
     if torch.cuda.is_available():
         log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
-
-
-def nvidia_smi() -> str:
-    try:
-        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
-    except (OSError, subprocess.SubprocessError):
-        return "(not available)"
 
 
 def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> TokenLoader:
@@ -387,7 +332,7 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         fail(str(error))
     log(f"train_data:pattern={hp.train_files} shards={len(train_files)} tokens={loader.num_tokens}")
     log(f"val_data:path={hp.val_file} tokens={hp.val_tokens}")
-    if rank == 0:  # one line per shard with its size and sha256 (the log names its data by content), the unigram
+    if rank == 0:  # the log names its data by content: each shard's size and sha256
         started, named = time.perf_counter(), [("train", path) for path in train_files] + [("val", hp.val_file)]
         with ThreadPoolExecutor(min(len(named), os.cpu_count() or 1)) as pool:
             hashes = list(pool.map(file_sha256, [path for _, path in named]))
@@ -410,8 +355,8 @@ def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
 
 def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocast, device: torch.device) -> float:
     """Run what training compiles before the clock starts (the training forward and backward on micro_batch copies
-    of the first val chunk, the val forward on one) and return its milliseconds. Nothing the run depends on changes:
-    no optimizer step, the gradients dropped, neither the loader nor the random state used."""
+    of the first val chunk, the val forward on one) and return its milliseconds. No optimizer step, the gradients
+    dropped, neither the loader nor the random state used: nothing the run depends on changes."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
     noise = eval_noise(seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0)
@@ -431,13 +376,11 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
 
 
 # -----------------------------------------------------------------------------
-# Training loop: step S runs validation and checkpoints of the weights after S optimizer steps
-
+# Training loop: step S validates and saves the weights after S optimizer steps
 
 @dataclass
 class Run:
     """What the steps of a training run share; main builds it, `train` runs the loop."""
-
     hp: Hyperparameters
     rank: int
     world_size: int
@@ -452,25 +395,22 @@ class Run:
 
     def __post_init__(self):
         self.last_checkpoint = self.hp.resume or "none"
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["initial_lr"] = group["lr"]  # what lr_multiplier scales; checkpoints keep it
+        for group in (group for optimizer in self.optimizers for group in optimizer.param_groups):
+            group["initial_lr"] = group["lr"]  # what lr_multiplier scales; checkpoints keep it
 
     def train(self, start_step: int) -> None:
         """Steps start_step to hp.steps; the train time counts everything but validation."""
-        hp = self.hp
-        train_time_ms, step_start = 0.0, time.perf_counter()
+        hp, train_time_ms, step_start = self.hp, 0.0, time.perf_counter()
         for step in range(start_step, hp.steps + 1):
-            last_step = step == hp.steps
             resumed_here = hp.resume and step == start_step  # the checkpoint's run validated and saved here
-            if not resumed_here and (last_step or (hp.val_every and step % hp.val_every == 0) or step == 0):
+            if not resumed_here and (step in (0, hp.steps) or (hp.val_every and step % hp.val_every == 0)):
                 train_time_ms += 1000 * (self.sync_time() - step_start)
                 self.validate(step, train_time_ms)
                 if 0 < step < hp.steps:
                     self.last_checkpoint = self.save("latest.pt", step)
                     self.log(f"saved:{self.last_checkpoint} step:{step}")
                 step_start = self.sync_time()
-            if last_step:
+            if step == hp.steps:
                 break
             train_loss = self.train_step(step)
             elapsed_ms = train_time_ms + 1000 * (self.sync_time() - step_start)
@@ -478,8 +418,8 @@ class Run:
                      f"step_avg:{elapsed_ms / (step + 1 - start_step):.2f}ms")
 
     def train_step(self, step: int) -> float:
-        """One optimizer step on batch_size sequences (on each rank batch_size / world_size, in forwards of
-        micro_batch); returns their mean loss."""
+        """One optimizer step on batch_size sequences (each rank's share in forwards of micro_batch); their mean
+        loss."""
         hp, loss_sum = self.hp, torch.zeros((), device=self.device)
         for micro_step in range(grad_accum(hp, self.world_size)):
             try:
@@ -509,12 +449,11 @@ class Run:
         return train_loss
 
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
-        """The training noise [rows, length] of this rank's sequences in a micro-step. Each sequence's comes from its
-        place in the global batch, not from which rank or forward draws it."""
-        config, hp = self.model.config, self.hp
-        chunks = [(micro_step * self.world_size + self.rank) * rows + row for row in range(rows)]  # places in the batch
-        noises = [step_noise(length, config.block_size, hp.t_lo, hp.t_hi, hp.seed, step, chunk, hp.batch_size,
-                             estimator=hp.estimator) for chunk in chunks]
+        """The training noise [rows, length] of this rank's sequences in a micro-step, each from its place in the
+        global batch, not from which rank or forward draws it."""
+        hp, first = self.hp, (micro_step * self.world_size + self.rank) * rows
+        noises = [step_noise(length, self.model.config.block_size, hp.t_lo, hp.t_hi, hp.seed, step, chunk,
+                             hp.batch_size, hp.estimator) for chunk in range(first, first + rows)]
         return Noise(*(torch.stack(parts) for parts in zip(*noises)))
 
     def validate(self, step: int, train_time_ms: float) -> None:

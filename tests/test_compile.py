@@ -35,7 +35,8 @@ from torch._dynamo.utils import counters
 import train
 from data.loader import TokenLoader
 from data.shards import read_shard, write_shard
-from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
+from model import BD3LM, ModelConfig
+from noise import Noise, eval_noise, train_noise
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +147,7 @@ def test_flex_graph_builds_its_block_mask_inside(rows):
 def test_padded_logits_give_the_softmax_of_the_real_vocabulary():
     model = tiny_model()
     hidden = torch.randn(5, 32)
-    padded = model._padded_logits(hidden)
+    padded = model.logits_of(hidden, padded=True)
     assert padded.shape[-1] == model.config.padded_vocab == 128
     assert (padded[:, VOCAB:] == float("-inf")).all()  # [MASK] and the padding can never be predicted
     torch.testing.assert_close(padded.log_softmax(-1)[:, :VOCAB], model.logits_of(hidden).log_softmax(-1))

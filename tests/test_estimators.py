@@ -6,6 +6,7 @@ over ranks and micro-steps. A few seconds on CPU.
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_estimators.py
 """
 
+import functools
 import itertools
 import math
 from types import SimpleNamespace
@@ -15,18 +16,8 @@ import pytest
 import torch
 
 import train
-from model import (
-    ESTIMATORS,
-    TRAIN_ESTIMATOR,
-    Estimator,
-    Noise,
-    count_coefficients,
-    count_table,
-    eval_noise,
-    step_noise,
-    stratified_levels,
-    train_noise,
-)
+from noise import (ESTIMATORS, TRAIN_ESTIMATOR, Noise, count_coefficients, count_noise, eval_noise, step_noise,
+                   stratified_levels, train_noise)
 from tools.costmodel import mean_masked_fraction
 
 N = 4  # tokens per block: 2**N masks, enumerated
@@ -77,15 +68,19 @@ def quadrature_coefficients(n: int, lo: float, hi: float) -> np.ndarray:
     return np.array([(weights / 2) @ (math.comb(n, k) * t ** (k - 1) * (1 - t) ** (n - k)) for k in range(1, n + 1)])
 
 
-def stratified_k(lo: float, hi: float) -> Estimator:
-    """The old default: k uniform on the counts with lo <= k / n <= hi, stratified over the blocks, weight n / k."""
-    def proposal(n: int) -> torch.Tensor:
+def stratified_k(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int,
+                 chunks: int) -> Noise:
+    """The old default, as step_noise would draw it: k uniform on the counts with lo <= k / n <= hi, stratified over
+    the blocks, weight n / k."""
+    bounds = torch.full((block_size, block_size), 2.0, dtype=torch.float64)
+    weights = torch.zeros(block_size, block_size, dtype=torch.float64)
+    for n in range(1, block_size + 1):
         k = torch.arange(1, n + 1, dtype=torch.float64)
         allowed = (k >= lo * n - 1e-6) & (k <= hi * n + 1e-6)
-        return allowed / allowed.sum()
-
-    table = count_table(16, proposal, lambda n: n / torch.arange(1, n + 1, dtype=torch.float64))
-    return Estimator(count_table=lambda *_: table, stratified=True)
+        bounds[n - 1, : n - 1], weights[n - 1, :n] = (allowed / allowed.sum()).cumsum(0)[:-1], n / k
+    levels = stratified_levels(seed, step, chunk, chunks, -(-length // block_size)).repeat_interleave(block_size)
+    uniforms = torch.rand(length, generator=torch.Generator().manual_seed((seed << 32) + step * chunks + chunk))
+    return count_noise(bounds, weights, levels[:length], uniforms, block_size)
 
 
 def drawn_coefficients(estimator, lo: float, hi: float, n: int, steps: int, sequences: int,
@@ -97,7 +92,8 @@ def drawn_coefficients(estimator, lo: float, hi: float, n: int, steps: int, sequ
     bounds the error of stratified draws."""
     seed, length = int(np.random.default_rng().integers(2**31)), 16 * full_blocks + (n % 16)
     blocks = slice(0, 16 * full_blocks) if n == 16 else slice(16 * full_blocks, length)
-    noises = [step_noise(length, 16, lo, hi, seed, step, chunk, sequences, "linear", estimator)
+    draw = estimator if callable(estimator) else functools.partial(step_noise, estimator=estimator)
+    noises = [draw(length, 16, lo, hi, seed, step, chunk, sequences)
               for step in range(steps) for chunk in range(sequences)]
     masked = torch.stack([x.masked[blocks] for x in noises]).reshape(-1, n).double()
     weight = torch.stack([x.weight[blocks] for x in noises]).reshape(-1, n).double()
@@ -124,7 +120,7 @@ def test_each_estimator_weighs_every_count_by_the_records_coefficient(estimator)
     drawn = drawn_coefficients(estimator, lo, hi, 16, steps=100, sequences=8, full_blocks=128)
     assert drawn[1].max() < 0.02 * exact.max()  # sampling error far below stratified_k's bias (0.22 at k = 5)
     assert matches(drawn, exact), np.stack([np.arange(1, 17), exact, *drawn], 1)
-    old = drawn_coefficients(stratified_k(lo, hi), lo, hi, 16, steps=100, sequences=8, full_blocks=128)
+    old = drawn_coefficients(stratified_k, lo, hi, 16, steps=100, sequences=8, full_blocks=128)
     assert not matches(old, exact)
     assert np.all(old[0][:4] == 0) and np.all(old[0][12:] == 0)  # and 19.7% of the c_k lie outside 5..12
     assert 1 - exact[4:12].sum() / exact.sum() == pytest.approx(0.197, abs=0.001)
@@ -159,8 +155,8 @@ def monte_carlo(table: np.ndarray, estimator: str, lo: float, hi: float) -> tupl
     generator, steps, blocks = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31))), 200, 256
     means = []
     for step in range(steps):
-        levels = stratified_levels(7, step, 0, 1, blocks) if ESTIMATORS[estimator].stratified else None
-        noise = train_noise(blocks * N, N, lo, hi, generator, "linear", estimator, levels)
+        levels = stratified_levels(7, step, 0, 1, blocks) if estimator != "iid" else None
+        noise = train_noise(blocks * N, N, lo, hi, generator, estimator, levels)
         means.append(block_values(table, noise).mean())
     return float(np.mean(means)), float(np.std(means, ddof=1) / steps**0.5)
 
@@ -226,9 +222,9 @@ def test_bad_estimator_settings_are_one_clear_error():
         train_noise(32, 16, 0.3, 0.8, torch.Generator(), estimator="stratified")
     with pytest.raises(ValueError, match="from positions alone"):
         eval_noise(32, 16, 0, 0, estimator="stratified")
-    with pytest.raises(ValueError, match="the linear schedule's counts, not the cosine one"):
-        step_noise(32, 16, 0.3, 0.8, 0, 0, 0, 1, "cosine", "proposal")
-    assert ESTIMATORS[TRAIN_ESTIMATOR] == ESTIMATORS["proposal"]
+    with pytest.raises(ValueError, match="must be iid, stratified, proposal, not 'stratified_k'"):
+        step_noise(32, 16, 0.3, 0.8, 0, 0, 0, 1, "stratified_k")
+    assert TRAIN_ESTIMATOR == "proposal"
 
 
 def test_stratified_levels_cover_every_stratum_once_per_step():

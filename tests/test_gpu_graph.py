@@ -19,7 +19,8 @@ from torch._dynamo.utils import counters
 
 import common
 import model as model_module
-from model import BD3LM, ModelConfig, Noise, eval_noise, train_noise
+from model import BD3LM, ModelConfig
+from noise import Noise, eval_noise, train_noise
 
 
 @pytest.fixture

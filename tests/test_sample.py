@@ -18,7 +18,8 @@ from conftest import REPO, peaked_model, save_checkpoint
 
 import common
 import sample
-from model import BD3LM, SCHEDULES, ModelConfig
+from model import BD3LM, ModelConfig
+from noise import SCHEDULES
 from sample import SAMPLERS, Settings, completions, generate, window_start
 
 VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
@@ -300,7 +301,7 @@ def trained_model():
     import pydoc_data.topics
 
     from data.tokenizer import get_tokenizer
-    from model import train_noise
+    from noise import train_noise
 
     tokenizer = get_tokenizer()
     text = [t for doc in list(pydoc_data.topics.topics.values())[:40] for t in tokenizer.encode_ordinary(doc) + [50256]]

@@ -164,7 +164,7 @@ BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
     (["--stepz=3"], 2, "unknown flag --stepz"),
     (["--steps=many"], 2, "--steps takes a value of type int"),
     (["steps=3"], 2, "expected --name=value"),
-    (["--preset=huge"], 2, "unknown preset 'huge'"),
+    (["--preset=huge"], 2, "--preset must be record, record_24gb or demo, got 'huge'"),
     (["--steps=0"], 2, "--steps must be at least 1"),
     (["--block_size=0"], 2, "block_size must be at least 1"),
     (["--n_layer=3"], 2, "n_layer must be even"),

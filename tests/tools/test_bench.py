@@ -14,7 +14,8 @@ import torch
 from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import BD3LM, ModelConfig, train_noise
+from model import BD3LM, ModelConfig
+from noise import train_noise
 from sample import SAMPLERS, Stats
 from tools import bench
 from tools import costmodel as cm

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import small_model
 
-from model import ESTIMATORS, Noise, step_noise
+from noise import ESTIMATORS, Noise, step_noise
 from tools import grad_variance
 from tools.grad_variance import COMPARED, estimator_noise, gradient_noise
 

@@ -1,0 +1,143 @@
+"""
+The noise of the records' objective: per 16-token block, t ~ U(t_lo, t_hi), each token masked with probability t, a
+masked token's CE weighed 1 / t. Its estimators for training (model.BD3LM turns a Noise into the loss), and the
+NELBO's for validation, each drawn from seeds and positions alone so that no split over ranks or steps moves it.
+"""
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+class Schedule(NamedTuple):
+    """p(t), the chance a token is [MASK] at time t (p(0) = 0, p(1) = 1); a masked token's CE weighs p'(t) / p(t).
+    With t ~ U(0, 1) every schedule has the same expected NELBO (substitute p for t), not the same variance."""
+    mask_prob: Callable[[Tensor], Tensor]
+    weight: Callable[[Tensor], Tensor]
+
+
+SCHEDULES = {
+    "linear": Schedule(lambda t: t, lambda t: 1 / t),
+    # alpha_t = cos^2(pi t / 2): nano-dlm's cosine without its offset, so that p(0) = 0 and the NELBO stays exact
+    "cosine": Schedule(lambda t: torch.sin(math.pi / 2 * t).square(),
+                       lambda t: (math.pi / torch.tan(math.pi / 2 * t)).clamp(min=0)),
+    "sqrt": Schedule(lambda t: t.sqrt(), lambda t: 0.5 / t),
+}
+# Each estimates the records' objective on [lo, hi], per block sum_k c_k L_k (L_k: the expected summed CE of k masked
+# tokens chosen uniformly; c_k: count_coefficients). iid: t per block, each token masked with probability t;
+# stratified: iid's t stratified over a step's blocks; proposal: k from count_table, stratified.
+ESTIMATORS = ("iid", "stratified", "proposal")
+TRAIN_ESTIMATOR = "proposal"  # the least gradient variance (docs/training.md)
+VAL_ESTIMATORS = ("iid", "exact_k")  # the ones whose noise can come from positions alone
+
+
+class Noise(NamedTuple):
+    weight: Tensor  # float [L]: a masked token's loss weight; 0 where unmasked
+    masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
+
+
+def count_coefficients(n: int, lo: float, hi: float) -> Tensor:
+    """c_1..c_n of an n-token block, c_k = 1/(hi - lo) integral_lo^hi C(n, k) t^(k-1) (1-t)^(n-k) dt, in closed form:
+    k C(n, k) t^(k-1) (1-t)^(n-k) is the derivative of P(Binomial(n, t) >= k)."""
+    k = torch.arange(n + 1, dtype=torch.float64)
+    binomial = torch.tensor([math.comb(n, j) for j in range(n + 1)], dtype=torch.float64)
+
+    def tail(t: float) -> Tensor:  # P(Binomial(n, t) >= k) for k = 1..n
+        return (binomial * t**k * (1 - t) ** (n - k)).flip(0).cumsum(0).flip(0)[1:]
+
+    return (tail(hi) - tail(lo)) / (k[1:] * (hi - lo))
+
+
+@functools.cache
+def count_table(block_size: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    """Row n - 1, for blocks of n tokens: the bounds q_1 + ... + q_k of the proposal q_k = k c_k / n (2 past k = n - 1),
+    and the weight c_k / q_k = n / k of a masked token, so a block's expected loss is sum_k c_k L_k whatever its size.
+    On [0, 1], c_k = 1 / k: k is uniform, validation's exact_k."""
+    bounds = torch.full((block_size, block_size), 2.0, dtype=torch.float64)
+    weights = torch.zeros(block_size, block_size, dtype=torch.float64)
+    for n in range(1, block_size + 1):
+        k = torch.arange(1, n + 1, dtype=torch.float64)
+        bounds[n - 1, : n - 1] = (count_coefficients(n, lo, hi) * k / n).cumsum(0)[:-1]
+        weights[n - 1, :n] = n / k
+    return bounds, weights
+
+
+def hash_uniform(seed: int, positions: Tensor) -> Tensor:
+    """A uniform in (0, 1) per (seed, position), the same on every device; multipliers < 2**31 never overflow int64."""
+    mask32 = 0xFFFFFFFF
+
+    def mix(x: Tensor) -> Tensor:
+        x = ((x ^ (x >> 16)) * 0x7FEB352D) & mask32
+        x = ((x ^ (x >> 15)) * 0x1B873593) & mask32
+        return x ^ (x >> 16)
+
+    x = mix(mix((positions & mask32) ^ mix(torch.tensor(seed & mask32, dtype=torch.int64))) ^ (positions >> 32))
+    return ((x >> 8).double() + 0.5) / 2**24
+
+
+def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int) -> Tensor:
+    """The levels of the blocks of chunk `chunk` of `chunks` in optimizer step `step` (antithetic sampling): over a
+    step they hit each of blocks x chunks strata of [0, 1) once from one random offset, each uniform on its own."""
+    offset = hash_uniform(seed, torch.tensor(step))
+    return ((offset + (torch.arange(blocks) * chunks + chunk) / (blocks * chunks)) % 1).float()
+
+
+def count_noise(bounds: Tensor, weights: Tensor, levels: Tensor, uniforms: Tensor, block_size: int) -> Noise:
+    """Per-token levels (equal within a block) pick k among the bounds of the block's size; the k smallest uniforms
+    of the block are masked, a uniformly random k-subset."""
+    index = torch.arange(len(uniforms), device=uniforms.device)
+    sizes = (len(uniforms) - index + index % block_size).clamp(max=block_size)
+    bounds, weights = bounds.to(uniforms.device)[sizes - 1], weights.to(uniforms.device)[sizes - 1]
+    below = (bounds <= levels.double()[:, None]).sum(1, keepdim=True)  # k - 1
+    padded = F.pad(uniforms, (0, -len(uniforms) % block_size), value=2.0).view(-1, block_size)
+    masked = padded.argsort(1).argsort(1).flatten()[: len(uniforms)] <= below[:, 0]
+    return Noise(torch.where(masked, weights.gather(1, below)[:, 0], 0.0).float(), masked)
+
+
+def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
+                estimator: str = "iid", levels: Tensor | None = None) -> Noise:
+    """The training noise of a sequence on [lo, hi], drawn from `generator`; stratified estimators take each block's
+    level from `levels` (stratified_levels)."""
+    draws = torch.rand(2, length, generator=generator, device=generator.device)
+    index = torch.arange(length, device=generator.device)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"the training estimator must be {', '.join(ESTIMATORS)}, not {estimator!r}")
+    if estimator == "iid":
+        per_token = draws[0, index - index % block_size]
+    elif levels is None:
+        raise ValueError(f"the {estimator} estimator needs each block's level from stratified_levels")
+    else:
+        per_token = levels.to(generator.device)[index // block_size]
+    if estimator == "proposal":
+        return count_noise(*count_table(block_size, lo, hi), per_token, draws[1], block_size)
+    t = lo + (hi - lo) * per_token
+    masked = draws[1] < t
+    return Noise(torch.where(masked, 1 / t, 0.0).float(), masked)
+
+
+def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
+               estimator: str = TRAIN_ESTIMATOR) -> Noise:
+    """The training noise of sequence `chunk` of `chunks` in optimizer step `step`, seeded by (seed, step, chunk): it
+    depends on the sequence's place in the step, never on which rank or micro-step draws it."""
+    generator = torch.Generator().manual_seed((seed << 32) + step * chunks + chunk)
+    levels = None if estimator == "iid" else stratified_levels(seed, step, chunk, chunks, -(-length // block_size))
+    return train_noise(length, block_size, lo, hi, generator, estimator, levels)
+
+
+def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear",
+               estimator: str = "exact_k") -> Noise:
+    """The NELBO's noise on [0, 1] (iid: t ~ U(0, 1) per block; exact_k: k uniform on 1..n), hashed from `seed` and
+    each token's position in the val stream (`offset`: the first's), so no split over ranks or steps moves it."""
+    if estimator not in VAL_ESTIMATORS:
+        raise ValueError(f"the val noise comes from positions alone: estimator {' or '.join(VAL_ESTIMATORS)}, "
+                         f"not {estimator!r}")
+    index = torch.arange(length)
+    levels = hash_uniform(2 * seed, offset + index - index % block_size).float()
+    uniforms = hash_uniform(2 * seed + 1, offset + index).float()
+    if estimator == "exact_k":
+        return count_noise(*count_table(block_size, 0.0, 1.0), levels, uniforms, block_size)
+    masked = uniforms < SCHEDULES[schedule].mask_prob(levels)
+    return Noise(torch.where(masked, SCHEDULES[schedule].weight(levels), 0.0).float(), masked)
