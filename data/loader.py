@@ -1,12 +1,6 @@
-"""Token shards as one stream in a fixed order, split across ranks; a token is never reused.
+"""Token shards read as one stream in a fixed order, split across ranks; a token is never reused, and what a run sees
+does not depend on its ranks or micro-batches (docs/training.md, "Data"). Knows the shard format, not the model."""
 
-The shards are concatenated into one stream, cut into chunks of `seq_len`. Each `next_batch` on every rank reads the
-next window of `world_size` x `sequences` chunks and rank r takes the r-th run of `sequences` of them, so what a run
-sees does not depend on how it is spread over ranks and micro-batches. With `align_to_documents` a chunk starts at
-the first document start at or after the previous chunk's end; skipped tokens count as consumed. At the end of the
-data the loader raises DataExhausted (it never wraps). Validation reads fixed, unaligned chunks. This file knows
-the shard format and token ids, nothing about the model.
-"""
 import glob
 import os
 
@@ -38,13 +32,11 @@ def find_shards(pattern: str) -> list[str]:
 
 
 class TokenStream:
-    """Shard files as one concatenated stream of tokens with global positions, read through memmaps."""
+    """Shard files (a path or a list) as one concatenated stream of tokens with global positions, via memmaps."""
 
     def __init__(self, files):
         self.files = [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
-        if not self.files:
-            raise FileNotFoundError(f"no shard files given: {MISSING_DATA_HINT}")
-        for path in self.files:
+        for path in self.files or ["no shard files given"]:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: no such shard: {MISSING_DATA_HINT}")
         self.shards = [read_shard(path) for path in self.files]
@@ -61,38 +53,33 @@ class TokenStream:
         pieces, index = [], self.file_of(start)
         while start < end:
             take = min(end, self.starts[index + 1]) - start
-            local = start - self.starts[index]
-            pieces.append(self.shards[index][local : local + take])
+            pieces.append(self.shards[index][start - self.starts[index]:][:take])
             start, index = start + take, index + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def next_document_start(self, position: int) -> int | None:
         """The first position >= `position` right after an `<|endoftext|>`, or None if there is none."""
         position = max(position - 1, 0)  # look for the <|endoftext|> that ends the document before
-        index = self.file_of(position)
-        while index < len(self.files):
+        for index in range(self.file_of(position), len(self.files)):
             if self._eot_file != index:
                 self._eot_file, self._eot_positions = index, np.flatnonzero(self.shards[index] == EOT)
             k = int(np.searchsorted(self._eot_positions, position - self.starts[index]))
             if k < len(self._eot_positions):
                 return self.starts[index] + int(self._eot_positions[k]) + 1
-            index += 1
-            position = self.starts[index]
         return None
 
 
 class TokenLoader:
-    """This rank's batches [sequences, seq_len] of the training stream."""
+    """This rank's batches [sequences, seq_len]: each step every rank reads the next window of world_size x sequences
+    chunks and takes its own run of them; aligned chunks start at a document, skipped tokens count as consumed."""
 
     def __init__(self, files, seq_len: int, rank: int = 0, world_size: int = 1, align_to_documents: bool = True,
                  sequences: int = 1):
         if seq_len < 1 or sequences < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need seq_len >= 1, sequences >= 1, 0 <= rank < world_size: "
                              f"{seq_len=} {sequences=} {rank=} {world_size=}")
-        self.stream = TokenStream(files)
-        self.num_tokens = self.stream.num_tokens
-        self.seq_len, self.rank, self.world_size, self.sequences = seq_len, rank, world_size, sequences
-        self.align_to_documents = align_to_documents
+        self.stream, self.rank, self.world_size, self.sequences = TokenStream(files), rank, world_size, sequences
+        self.seq_len, self.align_to_documents, self.num_tokens = seq_len, align_to_documents, self.stream.num_tokens
         self.position = 0  # global position of the first token not yet consumed
 
     @property
@@ -100,16 +87,14 @@ class TokenLoader:
         return self.position
 
     def next_batch(self) -> torch.Tensor:
-        starts, position = [], self.position
-        for _ in range(self.world_size * self.sequences):
+        starts, position, window = [], self.position, self.world_size * self.sequences
+        for _ in range(window):
             if self.align_to_documents:
                 position = self.stream.next_document_start(position)
             if position is None or position + self.seq_len > self.num_tokens:
-                raise DataExhausted(
-                    f"training data exhausted after {self.position:,} of {self.num_tokens:,} tokens in "
-                    f"{len(self.stream.files)} shards: no room for another window of {self.world_size * self.sequences}"
-                    f"x{self.seq_len} tokens, and data is never repeated; train fewer steps or add shards "
-                    "(`python data/cached_finewebedu10B.py N` with a larger N)")
+                raise DataExhausted(f"training data exhausted after {self.position:,} of {self.num_tokens:,} tokens: "
+                                    f"no room for another {window}x{self.seq_len} window, and data is never repeated;"
+                                    " train fewer steps or add shards (`python data/cached_finewebedu10B.py N`)")
             starts.append(position)
             position += self.seq_len
         self.position = position
@@ -128,18 +113,16 @@ class TokenLoader:
         if not 0 <= shard < len(names) or names[shard] != state["shard_name"]:
             raise ValueError(f"saved loader position is in shard {state['shard_name']!r} (#{shard}), which is not "
                              f"shard #{shard} of the {len(names)} training shards given now")
-        size = len(self.stream.shards[shard])
-        if not 0 <= offset <= size:
+        if not 0 <= offset <= (size := len(self.stream.shards[shard])):
             raise ValueError(f"saved loader offset {offset} is outside shard {names[shard]} ({size} tokens)")
         self.position = self.stream.starts[shard] + offset
 
 
 def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int = 0, world_size: int = 1):
-    """(offset, int64 tokens [seq_len]) of chunk i = rank, rank + world_size, ... of the first `num_tokens` val
-    tokens (None: every whole chunk)."""
+    """(offset, int64 tokens [seq_len]) of fixed unaligned chunks rank, rank + world_size, ... of the first
+    `num_tokens` val tokens (None: every whole chunk)."""
     stream = TokenStream(path_or_files)
-    if num_tokens is None:
-        num_tokens = stream.num_tokens // seq_len * seq_len
+    num_tokens = stream.num_tokens // seq_len * seq_len if num_tokens is None else num_tokens
     if num_tokens % seq_len or num_tokens > stream.num_tokens:
         raise ValueError(f"val tokens {num_tokens} must be a multiple of seq_len {seq_len} and at most the "
                          f"{stream.num_tokens} tokens in {', '.join(stream.files)}")
@@ -154,10 +137,9 @@ def unigram_baseline(train_files, val_files) -> float:
     return float(-(val_counts * log_probs).sum() / val_counts.sum())
 
 
-def token_counts(files) -> np.ndarray:
-    stream = TokenStream(files)
-    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    step = 1 << 24  # bounded memory on 100M-token shards
+def token_counts(files, step: int = 1 << 24) -> np.ndarray:
+    """How often each id occurs in the shards, counted `step` tokens at a time (bounded memory on large shards)."""
+    stream, counts = TokenStream(files), np.zeros(VOCAB_SIZE, dtype=np.int64)
     for start in range(0, stream.num_tokens, step):
         found = np.bincount(stream.read(start, min(start + step, stream.num_tokens)), minlength=VOCAB_SIZE)
         if len(found) > VOCAB_SIZE:

@@ -1,6 +1,5 @@
-"""The `.bin` token shard: 256 little-endian int32 `[MAGIC, VERSION, num_tokens, 0, ...]`, then `num_tokens` uint16
-GPT-2 ids (the format of the cached FineWeb-Edu shards on the Hub). Write, read memory-mapped, validate, hash; this
-file knows nothing of tokenizers, documents or where shards come from."""
+"""The `.bin` token shard (cached FineWeb-Edu's format): 256 int32 `[MAGIC, VERSION, num_tokens, 0, ...]`, then
+`num_tokens` uint16 GPT-2 ids. Write, read memory-mapped, check, hash; nothing of tokenizers or documents."""
 
 import hashlib
 import os
@@ -24,13 +23,11 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= VOCAB_SIZE):
         raise ValueError(f"{path}: ids must be in [0, {VOCAB_SIZE}), got {tokens.min()}..{tokens.max()}")
-    header = np.zeros(HEADER_BYTES // 4, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
+    header = np.array([MAGIC, VERSION, len(tokens)], dtype="<i4").tobytes().ljust(HEADER_BYTES, b"\0")
     tmp_path = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp_path, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2", copy=False).tobytes())
+            f.write(header + tokens.astype("<u2").tobytes())
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
@@ -40,18 +37,14 @@ def write_shard(path, tokens) -> None:
 def shard_num_tokens(path) -> int:
     """The number of tokens `path` holds, once its header is checked against the file size."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
+        size, header = os.path.getsize(path), np.fromfile(path, dtype="<i4", count=3)
     except OSError as e:
         raise ShardError(f"{path}: cannot read shard ({e.strerror or e})") from e
-    if len(raw) < HEADER_BYTES:
+    if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated, {size} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, version, num_tokens = np.frombuffer(raw, dtype="<i4")[:3].tolist()
-    if magic != MAGIC:
-        raise ShardError(f"{path}: bad magic number {magic}, expected {MAGIC} (not a token shard)")
-    if version != VERSION:
-        raise ShardError(f"{path}: unsupported shard version {version}, expected {VERSION}")
+    magic, version, num_tokens = header.tolist()
+    if (magic, version) != (MAGIC, VERSION):
+        raise ShardError(f"{path}: bad magic {magic} or version {version}, not {MAGIC} and {VERSION}: not a shard")
     expected = HEADER_BYTES + 2 * num_tokens
     if num_tokens < 0 or size != expected:
         what = "truncated" if size < expected else "longer than its header says"
@@ -62,12 +55,9 @@ def shard_num_tokens(path) -> int:
 def read_shard(path, check_ids: bool = False) -> np.memmap:
     """The tokens of `path` as a read-only uint16 memmap; `check_ids` (reads the whole file) checks every id."""
     num_tokens = shard_num_tokens(path)
-    if num_tokens == 0:
-        return np.zeros(0, dtype=np.uint16)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-    if check_ids and int(tokens.max()) >= VOCAB_SIZE:
-        position = int(np.argmax(tokens >= VOCAB_SIZE))
-        raise ShardError(f"{path}: token {position} has id {tokens[position]}, not below {VOCAB_SIZE}")
+    if check_ids and (bad := np.flatnonzero(tokens >= VOCAB_SIZE)).size:
+        raise ShardError(f"{path}: token {bad[0]} has id {tokens[bad[0]]}, not below {VOCAB_SIZE}")
     return tokens
 
 
