@@ -1,17 +1,11 @@
-"""What the scripts share: flags, device and process group, the guards of private or version-dependent torch
-calls, checkpoints, and the val NELBO of train.py and eval.py. It imports model.py and data/, never a script."""
+"""What the scripts share: flags, device and process group, the guards of private or version-dependent torch calls,
+checkpoints, and the val NELBO of train.py and eval.py."""
 
-import contextlib
-import functools
-import inspect
-import os
-import resource
-import sys
+import contextlib, functools, inspect, os, resource, sys
 from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
-import torch.nn.attention.flex_attention as flex_attention_module
 from tqdm import tqdm
 
 from data.loader import val_batches
@@ -28,24 +22,12 @@ class ConfigError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Flags
-
+# Flags and errors
 
 def usage(command: str, settings_class) -> str:
     """--help: each field of a settings dataclass with its default and help text."""
-    options = [f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}" for f in fields(settings_class)]
-    return "\n".join([f"usage: {command}", "", *options])
-
-
-def parse_value(name: str, kind: type, text: str):
-    if kind is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
-        return text.lower() in ("true", "1", "yes")
-    if kind is bool:
-        raise ConfigError(f"--{name} takes True or False, got {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"--{name} takes a value of type {kind.__name__}, got {text!r}") from None
+    return "\n".join([f"usage: {command}", "", *(f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}"
+                                                 for f in fields(settings_class))])
 
 
 def parse_flags(argv: list[str], settings_class) -> dict:
@@ -57,7 +39,15 @@ def parse_flags(argv: list[str], settings_class) -> dict:
             raise ConfigError(f"expected --name=value, got {arg!r} (see --help)")
         if name not in kinds:
             raise ConfigError(f"unknown flag --{name} (see --help)")
-        flags[name] = parse_value(name, kinds[name], text)
+        if kinds[name] is bool:
+            if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+                raise ConfigError(f"--{name} takes True or False, got {text!r}")
+            flags[name] = text.lower() in ("true", "1", "yes")
+            continue
+        try:
+            flags[name] = kinds[name](text)
+        except ValueError:
+            raise ConfigError(f"--{name} takes a value of type {kinds[name].__name__}, got {text!r}") from None
     return flags
 
 
@@ -88,13 +78,11 @@ def fail(message: str, status: int = 1):
 
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        *others, last = choices
-        raise ConfigError(f"--{name} must be {', '.join(others)} or {last}, got {value!r}")
+        raise ConfigError(f"--{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
 
 
 # -----------------------------------------------------------------------------
 # Device, precision, process group
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """`--device`: auto (this rank's GPU if there is one, else the CPU), cpu or cuda."""
@@ -118,8 +106,8 @@ def ranks() -> tuple[int, int]:
 def init_process_group(device: torch.device) -> None:
     """Join torchrun's ranks, NCCL on GPUs and gloo on CPUs; nothing for one process."""
     if ranks()[1] > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
 
 
 def uses_bf16(autocast: str, device: torch.device) -> bool:
@@ -153,8 +141,7 @@ def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_si
 
 
 # -----------------------------------------------------------------------------
-# Torch versions: every private or version-dependent torch call, each with a fallback for every supported release
-# (2.11 to the newest; requirements.txt)
+# Torch versions: every private or version-dependent torch call, with a fallback for each supported release
 
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the new name, then the older one
 
@@ -176,8 +163,8 @@ def set_allocator_settings(settings: str) -> None:
 
 
 def all_gather(output: torch.Tensor, tensor: torch.Tensor):
-    """Every rank's `tensor`, concatenated into `output`, started asynchronously (returns the work handle):
-    all_gather_single where torch has it (2.13+, which deprecates the older name), all_gather_into_tensor in 2.11."""
+    """Every rank's `tensor` concatenated into `output`, asynchronously (returns the work handle): all_gather_single
+    where torch has it (2.13+ deprecates the older name), all_gather_into_tensor in 2.11."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, tensor, async_op=True)
 
@@ -190,42 +177,26 @@ def fast_bf16(device: torch.device) -> bool:
 
 @functools.cache
 def inductor_sorts_fall_back() -> bool:
-    """Whether Inductor honours model.py's `fallback_to_eager` annotation on the BlockMask's argsort (torch 2.13+);
-    where not, each flex graph compiles Triton sorts: slower to compile, same result."""
+    """Whether Inductor honours model.py's `fallback_to_eager` annotation on the BlockMask's argsort (torch 2.13+)."""
     import torch._inductor.graph as lowering  # Inductor's lowering of each graph node reads the annotation
     return "fallback_to_eager" in inspect.getsource(lowering)
 
 
 def torch_limitations() -> list[str]:
     """One line per thing this torch cannot do that a GPU run would use: for the log header and gpu_check."""
-    if inductor_sorts_fall_back():
-        return []
-    return [f"torch {torch.__version__}: Inductor ignores the fallback_to_eager annotation on the BlockMask's "
-            "argsort, so every flex graph compiles Triton sorts (pytorch#182060): minutes more compile, same results"]
-
-
-@contextlib.contextmanager
-def flex_backward_on_cpu():
-    """Lift FlexAttention's private refusal of a CPU backward, so a CPU runs the compiled graph a GPU runs: for
-    gpu_check's rehearsal and the tests, never for training."""
-    guard = flex_attention_module._validate_device
-    flex_attention_module._validate_device = lambda *tensors: None
-    try:
-        yield
-    finally:
-        flex_attention_module._validate_device = guard
+    return [] if inductor_sorts_fall_back() else [
+        f"torch {torch.__version__}: Inductor ignores the fallback_to_eager annotation on the BlockMask's argsort, so "
+        "every flex graph compiles Triton sorts (pytorch#182060): minutes more compile, same results"]
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-
+# Checkpoints and the val NELBO
 
 def save_checkpoint(path: str, model: BD3LM, hparams: dict, **training_state) -> None:
     """Write a checkpoint for load_model (and train.py's resume) atomically: a crash leaves the previous file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
-                 hparams=hparams, **training_state)
-    torch.save(state, path + ".tmp")
+    torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
+                    hparams=hparams, **training_state), path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -237,8 +208,8 @@ def read_checkpoint(path: str, device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception:
         raise ConfigError(f"{path} is not a checkpoint of this project (torch.load cannot read it)") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        said = state.get("format") if isinstance(state, dict) else None
+    said = state.get("format") if isinstance(state, dict) else None
+    if said != CHECKPOINT_FORMAT:
         found = f" (it says {said!r}: retrain with this code)" if said else ""
         raise ConfigError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
     return state
@@ -255,10 +226,6 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
         raise ConfigError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
 
 
-# -----------------------------------------------------------------------------
-# Validation
-
-
 @torch.no_grad()
 def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
               world_size: int = 1, progress: bool = False, estimator: str = VAL_ESTIMATOR,
@@ -267,11 +234,10 @@ def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: i
     chunk) in chunks of seq_len under eval_noise: the same chunks and noise whatever the world size."""
     device, config = model.head.weight.device, model.config
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [NELBO x tokens, tokens]
-    chunks = val_batches(files, num_tokens, seq_len, rank, world_size)
-    for offset, tokens in tqdm(chunks, unit="chunk", disable=not progress, leave=False):
+    for offset, tokens in tqdm(val_batches(files, num_tokens, seq_len, rank, world_size), unit="chunk",
+                               disable=not progress, leave=False):
         noise = eval_noise(tokens.numel(), config.block_size, seed, offset, schedule, estimator)
-        loss = model(*to_device(tokens, noise, device, config.vocab_size))
-        sums[0] += loss.double() * tokens.numel()
+        sums[0] += model(*to_device(tokens, noise, device, config.vocab_size)).double() * tokens.numel()
         sums[1] += tokens.numel()
     if world_size > 1:
         dist.all_reduce(sums)

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import common
 from common import VAL_NOISE_SEED, ConfigError, load_model
 from data.loader import find_shards, train_val_paths, val_batches
-from model import BD3LM, SCHEDULES, VAL_ESTIMATORS, setting
+from model import BD3LM, setting
+from noise import SCHEDULES, VAL_ESTIMATORS
 
 
 @dataclass
