@@ -1,9 +1,6 @@
-"""Generate text from a trained BD3-LM checkpoint, block by block (docs/sampling.md):
-
-    python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The history of" --max_new_tokens=256
-
-A sampler of SAMPLERS denoises each new block from [MASK] (or the prompt's tail), then the block enters the KV cache.
-`generate` knows the model and the samplers, not tokenizers or files; `main` is the CLI.
+"""Generate text from a trained BD3-LM checkpoint, block by block: a sampler of SAMPLERS denoises each new block from
+[MASK], then the block enters the KV cache (docs/sampling.md). `generate` knows the model and the samplers, not
+tokenizers or files; `main` is the CLI: python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The"
 """
 
 import sys
@@ -23,7 +20,6 @@ from model import BD3LM, SCHEDULES, setting
 MASK_GLYPH = "░"
 SHOWN_BLOCKS = 4  # of the denoising display: a screenful
 WIDTH = 80  # of the terminal the denoising display fits
-
 
 @dataclass
 class Settings:
@@ -46,7 +42,6 @@ class Settings:
     show_denoising: bool = setting(True, f"print how the first {SHOWN_BLOCKS} blocks of sample 0 fill in, step by step")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
-
 def check_settings(s: Settings) -> None:
     common.check_choice("sampler", s.sampler, tuple(SAMPLERS))
     common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
@@ -66,11 +61,9 @@ def check_settings(s: Settings) -> None:
         if not valid:
             raise common.ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
 
-
 # -----------------------------------------------------------------------------
 # Samplers: each chooses which masked positions [N, n] of a block to commit at step `step` (from 0) given the
 # block's logits [N, n, V]; denoise_block draws the committed tokens. A new sampler is a function and an entry.
-
 
 def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> Tensor:
     """Ancestral step from time t to the next, r: a masked token is revealed with probability (p(t) - p(r)) / p(t)."""
@@ -79,24 +72,20 @@ def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> T
     u = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
     return masked & (u < float((p_t - p_r) / p_t))
 
-
 def first_hitting(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> Tensor:
     """One uniformly chosen masked token per step (Zheng et al.; our model takes no time, so no hitting times)."""
     scores = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
     return best_of(scores, masked)
-
 
 def confidence(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> Tensor:
     """Every masked token whose top probability (before temperature and top-p) reaches s.threshold; at least one."""
     scores = (logits.amax(-1) - logits.logsumexp(-1)).exp()
     return best_of(scores, masked) | (masked & (scores >= s.threshold))
 
-
 def best_of(scores: Tensor, masked: Tensor) -> Tensor:
     """The masked position of highest score in each row."""
     best = scores.masked_fill(~masked, -1).argmax(-1, keepdim=True)
     return torch.zeros_like(masked).scatter_(-1, best, True) & masked
-
 
 @dataclass(frozen=True)
 class Sampler:
@@ -104,21 +93,17 @@ class Sampler:
     knob: str = ""  # the Settings field it reads, if any
     sweep: tuple = ()  # the knob's values that tools/sample_quality.py --sweep tries, one token a forward to many
 
-
 SAMPLERS = {
     "first_hitting": Sampler(first_hitting),
     "ddpm": Sampler(ddpm, "steps_per_block", (16, 8, 4, 2, 1)),
     "confidence": Sampler(confidence, "threshold", (0.9, 0.7, 0.5, 0.3, 0.1)),
 }
 
-
 # -----------------------------------------------------------------------------
 # Denoising and generation
 
-
 def draw(logits: Tensor, s: Settings, generator: torch.Generator) -> Tensor:
-    """One token per row of `logits` [M, V], from one uniform number each, in float64 so that drawing adds no rounding
-    to the logits'; temperature 0 takes the most likely token, top_p < 1 draws from the nucleus."""
+    """One token per row of `logits` [M, V] from one uniform each, in float64 to add no rounding to the logits'."""
     if s.temperature == 0:
         probs = torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     else:
@@ -132,10 +117,8 @@ def draw(logits: Tensor, s: Settings, generator: torch.Generator) -> Tensor:
     u = (u.to(cdf.device) * cdf[..., -1])[..., None]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
-
 def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator, on_step=None):
-    """Fill every [MASK] of `block` [N, n] (`block_logits` runs the model; a step that commits nothing reuses the
-    logits). Returns the block and the forwards of its rows one at a time (a row counts one only if it changed)."""
+    """Fill every [MASK] of `block` [N, n]; returns it and the forwards of its rows one at a time (of changed rows)."""
     masked, logits, step, choose = block == mask_id, None, 0, SAMPLERS[s.sampler].choose
     changed, row_forwards = masked.any(-1), torch.zeros((), dtype=torch.long, device=block.device)
     while masked.any():
@@ -152,7 +135,6 @@ def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, genera
         step += 1
     return block, int(row_forwards)
 
-
 @dataclass
 class Stats:
     new_tokens: int = 0  # generated positions per sample
@@ -161,18 +143,14 @@ class Stats:
     cache_appends: int = 0  # forward passes that put finished clean tokens into the KV cache
     seconds: float = 0.0
 
-
 def check_context(context: int, block_size: int) -> None:
     if context < block_size or context % block_size:
         raise common.ConfigError(f"--context must be a positive multiple of the block size {block_size}, got {context}")
 
-
 def window_start(begin: int, block_size: int, context: int) -> int:
-    """Start of the clean context of the block at `begin`: at most context - block_size back, in steps of half a
-    context, so the KV cache is re-encoded once per half window, not per block."""
+    """The clean context's start for the block at `begin`, moved by half a context: a re-encode per half window."""
     stride = max(block_size, context // 2 // block_size * block_size)
     return max(0, -(-(begin + block_size - context) // stride) * stride)
-
 
 @torch.no_grad()
 def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Generator, on_step=None,
@@ -219,19 +197,15 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
     stats.new_tokens, stats.seconds = tokens.size(1) - len(prompt), time.perf_counter() - start_time
     return tokens, stats
 
-
 def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]:
     """Each row's generated tokens as a reader gets them: cut before its first <|endoftext|>."""
     return [row[: row.index(eot)] if eot in row else row for row in tokens[:, prompt_length:].tolist()]
 
-
 # -----------------------------------------------------------------------------
 # Command line
 
-
 def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
-    """The checkpoint's model on s.device, its run's settings and the prompt's ids (--prompt_file replaces
-    s.prompt); a context of 0 becomes the training seq_len."""
+    """The checkpoint's model on s.device, its run's settings and the prompt's ids; context 0 becomes seq_len."""
     model, hparams = common.load_model(s.checkpoint, common.pick_device(s.device))
     s.context = s.context or hparams["seq_len"]
     check_context(s.context, model.config.block_size)
@@ -241,17 +215,14 @@ def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
         s.prompt = Path(s.prompt_file).read_text()
     return model, hparams, get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
 
-
 def describe(row: int, generated: list[int], completion: list[int], s: Settings) -> tuple[str, list[int]]:
     """A sample's header line (length, why it ended) and the tokens to print (its completion if s.stop_at_eot)."""
     if s.stop_at_eot and len(completion) < len(generated):
         return f"---- sample {row}: {len(completion)} tokens, ended at <|endoftext|> ----", completion
     return f"---- sample {row}: {len(generated)} tokens, stopped at --max_new_tokens={s.max_new_tokens} ----", generated
 
-
 def denoising_display(tokenizer, prompt: list[int], config) -> Callable[[int, Tensor], None]:
-    """Prints the header and returns generate's on_step: the first SHOWN_BLOCKS blocks of sample 0 before any step
-    and after each step that changed them, one line a step wrapped to WIDTH."""
+    """Prints a header; returns the on_step that writes the first blocks of sample 0 after each step changing them."""
     print(f"---- sample 0 denoised block by block ({MASK_GLYPH} = [MASK]), its first {SHOWN_BLOCKS} blocks ----")
     shown = {}  # block index -> the states of its row 0 written so far
 
@@ -269,7 +240,6 @@ def denoising_display(tokenizer, prompt: list[int], config) -> Callable[[int, Te
         if index < SHOWN_BLOCKS and block[0].tolist() != shown[index][-1]:  # the step may have changed other rows only
             write(index, block[0].tolist())
     return on_step
-
 
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python sample.py --checkpoint=PATH [--name=value ...]")
@@ -289,10 +259,8 @@ def main(argv: list[str]) -> None:
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
           f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} (one sample at a time "
-          f"{stats.row_forwards / total:.3f}; {stats.forwards} forwards + {stats.cache_appends} cache appends, "
-          f"sampler {s.sampler}, kv_cache {s.kv_cache}, context {s.context}, "
-          f"peak memory {common.peak_memory_mib(device)} MiB)")
-
+          f"{stats.row_forwards / total:.3f}; {stats.forwards} forwards + {stats.cache_appends} cache appends, sampler "
+          f"{s.sampler}, kv_cache {s.kv_cache}, context {s.context}, peak memory {common.peak_memory_mib(device)} MiB)")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
