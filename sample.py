@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -87,8 +87,7 @@ def best_of(scores: Tensor, masked: Tensor) -> Tensor:
     best = scores.masked_fill(~masked, -1).argmax(-1, keepdim=True)
     return torch.zeros_like(masked).scatter_(-1, best, True) & masked
 
-@dataclass(frozen=True)
-class Sampler:
+class Sampler(NamedTuple):
     choose: Callable[..., Tensor]
     knob: str = ""  # the Settings field it reads, if any
     sweep: tuple = ()  # the knob's values that tools/sample_quality.py --sweep tries, one token a forward to many
@@ -209,10 +208,9 @@ def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
     model, hparams = common.load_model(s.checkpoint, common.pick_device(s.device))
     s.context = s.context or hparams["seq_len"]
     check_context(s.context, model.config.block_size)
-    if s.prompt_file:
-        if not Path(s.prompt_file).is_file():
-            raise common.ConfigError(f"prompt file {s.prompt_file!r} does not exist")
-        s.prompt = Path(s.prompt_file).read_text()
+    if s.prompt_file and not Path(s.prompt_file).is_file():
+        raise common.ConfigError(f"prompt file {s.prompt_file!r} does not exist")
+    s.prompt = Path(s.prompt_file).read_text() if s.prompt_file else s.prompt  # printed before each sample
     return model, hparams, get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
 
 def describe(row: int, generated: list[int], completion: list[int], s: Settings) -> tuple[str, list[int]]:
