@@ -1,47 +1,37 @@
-"""
-Generate text from a trained BD3-LM checkpoint, block by block.
-
-    python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The history of" --max_new_tokens=256
-
-Prompt and new text are one sequence cut into blocks, as in training. Each new block starts as [MASK] (or the
-prompt's tail) and a sampler of SAMPLERS denoises it in a few steps; the finished block enters the KV cache, so a
-step costs one forward of one block. Past `--context` tokens the window slides by half a context and the cache is
-re-encoded from it. `--kv_cache=False` recomputes the window every step: the slow reference, with the same logits
-up to float rounding. `generate` knows the model and the samplers, not tokenizers or files; `main` is the CLI.
+"""Generate text from a trained BD3-LM checkpoint, block by block: a sampler of SAMPLERS denoises each new block from
+[MASK], then the block enters the KV cache (docs/sampling.md). `generate` knows the model and the samplers, not
+tokenizers or files; `main` is the CLI: python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The"
 """
 
-import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 import common
-from common import ConfigError
 from data.tokenizer import get_tokenizer
-from model import BD3LM, SCHEDULES, Schedule, setting
+from model import BD3LM, setting
+from noise import SCHEDULES
 
 MASK_GLYPH = "░"
 SHOWN_BLOCKS = 4  # of the denoising display: a screenful
 WIDTH = 80  # of the terminal the denoising display fits
 
-
 @dataclass
 class Settings:
     checkpoint: str = setting("", "checkpoint written by train.py (required)")
-    prompt: str = setting("", "text to continue (an <|endoftext|> in it ends a document there: do not start "
-                                  "with one); empty: a new document")
+    prompt: str = setting("", "text to continue (an <|endoftext|> in it ends a document there); empty: a new document")
     prompt_file: str = setting("", "read the prompt from this file instead")
     num_samples: int = setting(3, "samples generated together as one batch")
     max_new_tokens: int = setting(256, "tokens to generate after the prompt (fewer if every sample ends early)")
     min_new_tokens: int = setting(64, "no <|endoftext|> among the first this many new tokens (probability 0)")
     context: int = setting(0, "tokens one forward sees, a multiple of the block size; 0: the training seq_len")
-    stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: go on into new documents, "
-                                      "exactly max_new_tokens")
+    stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: exactly max_new_tokens")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence (SAMPLERS)")
     schedule: str = setting("linear", "ddpm: the masking schedule of its steps (model.SCHEDULES)")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
@@ -53,12 +43,13 @@ class Settings:
     show_denoising: bool = setting(True, f"print how the first {SHOWN_BLOCKS} blocks of sample 0 fill in, step by step")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
-
 def check_settings(s: Settings) -> None:
     common.check_choice("sampler", s.sampler, tuple(SAMPLERS))
     common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
     if s.schedule != "linear" and s.sampler != "ddpm":
-        raise ConfigError(f"--schedule applies to --sampler=ddpm only: {s.sampler} takes no steps of a schedule")
+        raise common.ConfigError(f"--schedule applies to --sampler=ddpm only: {s.sampler} takes no steps of a schedule")
+    if s.prompt and s.prompt_file:
+        raise common.ConfigError("give --prompt or --prompt_file, not both")
     for name, valid, rule in [("num_samples", s.num_samples >= 1, "be at least 1"),
                               ("max_new_tokens", s.max_new_tokens >= 1, "be at least 1"),
                               ("min_new_tokens", s.min_new_tokens >= 0, "not be negative"),
@@ -69,47 +60,38 @@ def check_settings(s: Settings) -> None:
                               ("temperature", s.temperature >= 0, "not be negative"),
                               ("seed", 0 <= s.seed < 2**63, "lie in [0, 2**63)")]:
         if not valid:
-            raise ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
-    if s.prompt and s.prompt_file:
-        raise ConfigError("give --prompt or --prompt_file, not both")
-
+            raise common.ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
 
 # -----------------------------------------------------------------------------
 # Samplers: each chooses which masked positions [N, n] of a block to commit at step `step` (from 0) given the
 # block's logits [N, n, V]; denoise_block draws the committed tokens. A new sampler is a function and an entry.
 
-
-def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
-    """Ancestral step from time t to the next, s: a masked token is revealed with probability (p(t) - p(s)) / p(t)."""
-    t, t_next = 1 - step / s.steps_per_block, 1 - (step + 1) / s.steps_per_block
+def ddpm(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> Tensor:
+    """Ancestral step from time t to the next, r: a masked token is revealed with probability (p(t) - p(r)) / p(t)."""
+    times = 1 - torch.tensor([step, step + 1], dtype=torch.float64) / s.steps_per_block
+    p_t, p_r = SCHEDULES[s.schedule].mask_prob(times)
     u = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
-    return masked & (u < schedule.unmask_prob(t, t_next))
+    return masked & (u < float((p_t - p_r) / p_t))
 
-
-def first_hitting(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
+def first_hitting(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> Tensor:
     """One uniformly chosen masked token per step (Zheng et al.; our model takes no time, so no hitting times)."""
     scores = torch.rand(masked.shape, generator=generator, device=generator.device).to(masked.device)
     return best_of(scores, masked)
 
-
-def confidence(step: int, masked: Tensor, logits: Tensor, s: Settings, schedule: Schedule, generator) -> Tensor:
+def confidence(step: int, masked: Tensor, logits: Tensor, s: Settings, generator) -> Tensor:
     """Every masked token whose top probability (before temperature and top-p) reaches s.threshold; at least one."""
     scores = (logits.amax(-1) - logits.logsumexp(-1)).exp()
     return best_of(scores, masked) | (masked & (scores >= s.threshold))
-
 
 def best_of(scores: Tensor, masked: Tensor) -> Tensor:
     """The masked position of highest score in each row."""
     best = scores.masked_fill(~masked, -1).argmax(-1, keepdim=True)
     return torch.zeros_like(masked).scatter_(-1, best, True) & masked
 
-
-@dataclass(frozen=True)
-class Sampler:
+class Sampler(NamedTuple):
     choose: Callable[..., Tensor]
     knob: str = ""  # the Settings field it reads, if any
     sweep: tuple = ()  # the knob's values that tools/sample_quality.py --sweep tries, one token a forward to many
-
 
 SAMPLERS = {
     "first_hitting": Sampler(first_hitting),
@@ -117,52 +99,41 @@ SAMPLERS = {
     "confidence": Sampler(confidence, "threshold", (0.9, 0.7, 0.5, 0.3, 0.1)),
 }
 
-
 # -----------------------------------------------------------------------------
 # Denoising and generation
 
-
-def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Probabilities [..., V] to draw from, in float64 so that this step adds no rounding to the logits'."""
-    if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    probs = torch.softmax(logits.double() / temperature, -1)
-    if top_p < 1:
+def draw(logits: Tensor, s: Settings, generator: torch.Generator) -> Tensor:
+    """One token per row of `logits` [M, V] from one uniform each, in float64 to add no rounding to the logits'."""
+    if s.temperature == 0:
+        probs = torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    else:
+        probs = torch.softmax(logits.double() / s.temperature, -1)
+    if s.top_p < 1:
         sorted_probs, order = probs.sort(-1, descending=True)
-        kept = sorted_probs.cumsum(-1) - sorted_probs < top_p  # mass before a token below top_p; keeps the top one
+        kept = sorted_probs.cumsum(-1) - sorted_probs < s.top_p  # mass before a token below top_p; keeps the top one
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * kept)
-    return probs / probs.sum(-1, keepdim=True)
-
-
-def draw(cdf: Tensor, generator: torch.Generator) -> Tensor:
-    """One token per position by inverting the cumulative distribution with one uniform number each."""
+    cdf = (probs / probs.sum(-1, keepdim=True)).cumsum_(-1)
     u = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64, device=generator.device)
     u = (u.to(cdf.device) * cdf[..., -1])[..., None]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
-
-def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, schedule_name: str, generator,
-                  on_step=None) -> tuple[Tensor, Tensor]:
-    """Fill every [MASK] of `block` [N, n] (`block_logits` runs the model; a step that commits nothing reuses the
-    logits). Returns the block and the forwards of its rows one at a time (a row counts one only if it changed)."""
-    masked, logits, step = block == mask_id, None, 0
-    choose, schedule = SAMPLERS[s.sampler].choose, SCHEDULES[schedule_name]
+def denoise_block(block: Tensor, block_logits, s: Settings, mask_id: int, generator, on_step=None):
+    """Fill every [MASK] of `block` [N, n]; returns it and the forwards of its rows one at a time (of changed rows)."""
+    masked, logits, step, choose = block == mask_id, None, 0, SAMPLERS[s.sampler].choose
     changed, row_forwards = masked.any(-1), torch.zeros((), dtype=torch.long, device=block.device)
     while masked.any():
         if logits is None:
             logits = block_logits(block)
             row_forwards += changed.sum()
-        commit = choose(step, masked, logits, s, schedule, generator)
+        commit = choose(step, masked, logits, s, generator)
         if commit.any():
-            cdf = token_distribution(logits[commit], s.temperature, s.top_p).cumsum_(-1)
-            block = block.masked_scatter(commit, draw(cdf, generator))
+            block = block.masked_scatter(commit, draw(logits[commit], s, generator))
             masked, logits = masked & ~commit, None
             changed = commit.any(-1) & masked.any(-1)
             if on_step:
                 on_step(block)
         step += 1
-    return block, row_forwards
-
+    return block, int(row_forwards)
 
 @dataclass
 class Stats:
@@ -172,40 +143,36 @@ class Stats:
     cache_appends: int = 0  # forward passes that put finished clean tokens into the KV cache
     seconds: float = 0.0
 
-
 def check_context(context: int, block_size: int) -> None:
     if context < block_size or context % block_size:
-        raise ConfigError(f"--context must be a positive multiple of the block size {block_size}, got {context}")
-
+        raise common.ConfigError(f"--context must be a positive multiple of the block size {block_size}, got {context}")
 
 def window_start(begin: int, block_size: int, context: int) -> int:
-    """Start of the clean context of the block at `begin`: at most context - block_size back, in steps of half a
-    context, so the KV cache is re-encoded once per half window, not per block."""
+    """The clean context's start for the block at `begin`, moved by half a context: a re-encode per half window."""
     stride = max(block_size, context // 2 // block_size * block_size)
     return max(0, -(-(begin + block_size - context) // stride) * stride)
-
 
 @torch.no_grad()
 def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Generator, on_step=None,
              progress: bool = False) -> tuple[Tensor, Stats]:
-    """Continue `prompt` (token ids, possibly none) in s.num_samples rows at once: the tokens [N, len(prompt) +
-    generated] and stats. `on_step(block_index, block)` sees each block after every step that changed it."""
-    cfg, device = model.config, model.head.weight.device
+    """Continue `prompt` (token ids, possibly none) in s.num_samples rows: the tokens [N, len(prompt) + generated]
+    and stats. `on_step(block_index, block)` sees each block after every step that changed it."""
+    cfg, device, start_time, stats = model.config, model.head.weight.device, time.perf_counter(), Stats()
     total = len(prompt) + s.max_new_tokens
     context = s.context or -(-total // cfg.block_size) * cfg.block_size  # 0: the whole text in one window
     check_context(context, cfg.block_size)
-    start_time, stats = time.perf_counter(), Stats()
     tokens = torch.full((s.num_samples, total), cfg.mask_id, device=device)
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     starts = range(len(prompt) - len(prompt) % cfg.block_size, total, cfg.block_size)  # the first has the prompt's tail
     cache, bar = None, tqdm(total=len(starts), unit="block", disable=not progress)
     for index, begin in enumerate(starts):
         end, window = min(begin + cfg.block_size, total), window_start(begin, cfg.block_size, context)
-        if s.kv_cache and (cache is None or cache.start != window):  # (re-)encode the window's clean tokens
-            cache = model.new_cache(s.num_samples, context, start=window)
-            if begin > window:
-                model.cache_append(cache, tokens[:, window:begin])
-                stats.cache_appends += 1
+        if s.kv_cache and (cache is None or cache.start != window):  # re-encode the moved window's clean tokens
+            cache, cached = model.new_cache(s.num_samples, context, start=window), window
+        if cache and cached < begin:  # the clean tokens not yet in the cache: the window's or the last block
+            model.cache_append(cache, tokens[:, cached:begin])
+            stats.cache_appends, cached = stats.cache_appends + 1, begin
+        early = torch.arange(begin, end, device=device) < len(prompt) + s.min_new_tokens
 
         def block_logits(block: Tensor) -> Tensor:
             stats.forwards += 1
@@ -214,36 +181,38 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
             else:
                 history = torch.cat([tokens[:, window:begin], block], 1)  # clean context in both halves, noisy in x_t
                 logits = model.logits(history, history)[:, begin - window:]
-            early = torch.arange(begin, end, device=device) < len(prompt) + s.min_new_tokens
             logits[:, early, cfg.eot_id] = float("-inf")
             return logits
 
         show = (lambda block: on_step(index, block)) if on_step else None
         tokens[:, begin:end], row_forwards = denoise_block(tokens[:, begin:end], block_logits, s, cfg.mask_id,
-                                                           s.schedule, generator, show)
-        stats.row_forwards += int(row_forwards)
+                                                           generator, show)
+        stats.row_forwards += row_forwards
         bar.update()
-        ended = s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all()
-        if end == total or ended:
+        if s.stop_at_eot and (tokens[:, len(prompt):end] == cfg.eot_id).any(-1).all():
             tokens = tokens[:, :end]
             break
-        if cache and window_start(end, cfg.block_size, context) == window:
-            model.cache_append(cache, tokens[:, begin:end])
-            stats.cache_appends += 1
     bar.close()
     common.synchronize(device)
     stats.new_tokens, stats.seconds = tokens.size(1) - len(prompt), time.perf_counter() - start_time
     return tokens, stats
 
-
 def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]:
     """Each row's generated tokens as a reader gets them: cut before its first <|endoftext|>."""
     return [row[: row.index(eot)] if eot in row else row for row in tokens[:, prompt_length:].tolist()]
 
-
 # -----------------------------------------------------------------------------
 # Command line
 
+def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
+    """The checkpoint's model on s.device, its run's settings and the prompt's ids; context 0 becomes seq_len."""
+    model, hparams = common.load_model(s.checkpoint, common.pick_device(s.device))
+    s.context = s.context or hparams["seq_len"]
+    check_context(s.context, model.config.block_size)
+    if s.prompt_file and not Path(s.prompt_file).is_file():
+        raise common.ConfigError(f"prompt file {s.prompt_file!r} does not exist")
+    s.prompt = Path(s.prompt_file).read_text() if s.prompt_file else s.prompt  # printed before each sample
+    return model, hparams, get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
 
 def describe(row: int, generated: list[int], completion: list[int], s: Settings) -> tuple[str, list[int]]:
     """A sample's header line (length, why it ended) and the tokens to print (its completion if s.stop_at_eot)."""
@@ -251,73 +220,37 @@ def describe(row: int, generated: list[int], completion: list[int], s: Settings)
         return f"---- sample {row}: {len(completion)} tokens, ended at <|endoftext|> ----", completion
     return f"---- sample {row}: {len(generated)} tokens, stopped at --max_new_tokens={s.max_new_tokens} ----", generated
 
+def denoising_display(tokenizer, prompt: list[int], config) -> Callable[[int, Tensor], None]:
+    """Prints a header; returns the on_step that writes the first blocks of sample 0 after each step changing them."""
+    print(f"---- sample 0 denoised block by block ({MASK_GLYPH} = [MASK]), its first {SHOWN_BLOCKS} blocks ----")
+    shown = {}  # block index -> the states of its row 0 written so far
 
-def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
-    """The checkpoint's model on s.device, its run's settings and the prompt's ids; a context of 0 becomes the
-    training seq_len."""
-    model, hparams = common.load_model(s.checkpoint, common.pick_device(s.device))
-    s.context = s.context or hparams["seq_len"]
-    check_context(s.context, model.config.block_size)
-    return model, hparams, read_prompt(s)
+    def write(index: int, ids: list[int]) -> None:
+        shown.setdefault(index, []).append(ids)
+        text = "".join(MASK_GLYPH if i == config.mask_id else tokenizer.decode([i]) for i in ids)
+        text, label = text.replace("\n", "⏎").replace("\t", " "), f"block {index} step {len(shown[index]) - 1:2d} | "
+        tqdm.write("\n".join((label if i == 0 else " " * len(label)) + text[i:i + WIDTH - len(label)]
+                             for i in range(0, max(len(text), 1), WIDTH - len(label))))
 
-
-def read_prompt(s: Settings) -> list[int]:
-    """The token ids of --prompt or --prompt_file (which then replaces s.prompt)."""
-    if s.prompt_file:
-        if not os.path.isfile(s.prompt_file):
-            raise ConfigError(f"prompt file {s.prompt_file!r} does not exist")
-        with open(s.prompt_file) as f:
-            s.prompt = f.read()
-    return get_tokenizer().encode(s.prompt, allowed_special={"<|endoftext|>"})
-
-
-class DenoisingDisplay:
-    """generate's on_step: the first SHOWN_BLOCKS blocks of sample 0 before any step and after each that changed
-    them, wrapped to WIDTH."""
-
-    def __init__(self, tokenizer, prompt: list[int], config):
-        self.tokenizer, self.prompt, self.config, self.shown = tokenizer, prompt, config, -1
-        self.first_begin = len(prompt) - len(prompt) % config.block_size
-
-    def __call__(self, index: int, block: Tensor) -> None:
-        if index >= SHOWN_BLOCKS:
-            return
-        if index != self.shown:
-            if index == 0:
-                tqdm.write(f"---- sample 0 denoised block by block ({MASK_GLYPH} = [MASK]), its first "
-                           f"{SHOWN_BLOCKS} blocks ----")
-            begin = self.first_begin + index * self.config.block_size
-            before = [self.prompt[i] if i < len(self.prompt) else self.config.mask_id
-                      for i in range(begin, begin + block.size(1))]
-            self.shown, self.step = index, 0
-            self.write(before)
-        if block[0].tolist() != self.last:  # the step may have changed only the other samples
-            self.step += 1
-            self.write(block[0].tolist())
-
-    def write(self, ids: list[int]) -> None:
-        self.last = ids
-        text = "".join(MASK_GLYPH if i == self.config.mask_id else self.tokenizer.decode([i]) for i in ids)
-        text = text.replace("\n", "⏎").replace("\t", " ")
-        label = f"block {self.shown} step {self.step:2d} | "
-        width = WIDTH - len(label)
-        lines = [text[i:i + width] for i in range(0, len(text), width)] or [""]
-        tqdm.write("\n".join(f"{label if n == 0 else ' ' * len(label)}{line}" for n, line in enumerate(lines)))
-
+    def on_step(index: int, block: Tensor) -> None:
+        if index < SHOWN_BLOCKS and index not in shown:  # first its state before any step: [MASK] or the prompt's tail
+            begin = len(prompt) - len(prompt) % config.block_size + index * config.block_size
+            write(index, (prompt[begin:] + [config.mask_id] * block.size(1))[:block.size(1)])
+        if index < SHOWN_BLOCKS and block[0].tolist() != shown[index][-1]:  # the step may have changed other rows only
+            write(index, block[0].tolist())
+    return on_step
 
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python sample.py --checkpoint=PATH [--name=value ...]")
     with common.user_errors():
         check_settings(s)
         model, hparams, prompt = load(s)
-        device = model.head.weight.device
         if s.context > hparams["seq_len"]:
             print(f"warning: --context={s.context} is longer than the {hparams['seq_len']} tokens this model was "
                   f"trained on; predictions that look further back may degrade", file=sys.stderr)
-    tokenizer = get_tokenizer()
-    display = DenoisingDisplay(tokenizer, prompt, model.config) if s.show_denoising else None
-    tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed), on_step=display,
-                             progress=True)
+    tokenizer, device = get_tokenizer(), model.head.weight.device
+    display = denoising_display(tokenizer, prompt, model.config) if s.show_denoising else None
+    tokens, stats = generate(model, prompt, s, torch.Generator(device).manual_seed(s.seed), display, progress=True)
     documents = completions(tokens, len(prompt), model.config.eot_id)
     for row, (generated, completion) in enumerate(zip(tokens[:, len(prompt):].tolist(), documents)):
         header, shown = describe(row, generated, completion, s)
@@ -325,10 +258,8 @@ def main(argv: list[str]) -> None:
     total = s.num_samples * stats.new_tokens
     print(f"---- {s.num_samples} x {stats.new_tokens} tokens in {stats.seconds:.2f}s: {total / stats.seconds:.1f} "
           f"tokens/s, NFE/token {stats.forwards / stats.new_tokens:.3f} (one sample at a time "
-          f"{stats.row_forwards / total:.3f}; {stats.forwards} forwards + "
-          f"{stats.cache_appends} cache appends, sampler {s.sampler}, kv_cache {s.kv_cache}, context {s.context}, "
-          f"peak memory {common.peak_memory_mib(device)} MiB)")
-
+          f"{stats.row_forwards / total:.3f}; {stats.forwards} forwards + {stats.cache_appends} cache appends, sampler "
+          f"{s.sampler}, kv_cache {s.kv_cache}, context {s.context}, peak memory {common.peak_memory_mib(device)} MiB)")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

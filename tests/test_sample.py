@@ -139,7 +139,7 @@ def test_first_hitting_commits_one_token_per_step(model):
 def test_a_new_sampler_is_one_function_and_one_registry_entry(model, monkeypatch):
     """A left-to-right sampler (the leftmost masked token each step), registered and nothing else: the settings
     check accepts it and generation uses it, with the cached path still equal to the reference."""
-    def left_to_right(step, masked, logits, s, schedule, generator):
+    def left_to_right(step, masked, logits, s, generator):
         return masked & (masked.cumsum(-1) == 1)
 
     monkeypatch.setitem(SAMPLERS, "left_to_right", sample.Sampler(left_to_right))
@@ -301,17 +301,16 @@ def trained_model():
     import pydoc_data.topics
 
     from data.tokenizer import get_tokenizer
-    from noise import train_noise
+    from noise import step_noise
 
     tokenizer = get_tokenizer()
     text = [t for doc in list(pydoc_data.topics.topics.values())[:40] for t in tokenizer.encode_ordinary(doc) + [50256]]
     torch.manual_seed(0)
     model = BD3LM(ModelConfig(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, block_size=BLOCK))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
     for step in range(60):
         window = torch.tensor(text[step * 128:(step + 1) * 128])
-        loss = model(window, train_noise(128, BLOCK, 0.0, 1.0, gen))
+        loss = model(window, step_noise(128, BLOCK, 0.0, 1.0, seed=0, step=step, chunk=0, chunks=1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
