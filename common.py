@@ -16,10 +16,8 @@ CHECKPOINT_FORMAT = "bd3lm-speedrun-v3"
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
 VAL_ESTIMATOR = "exact_k"  # k masked tokens per block, k uniform on 1..16, weight 16 / k: the NELBO, low variance
 
-
 class ConfigError(ValueError):
     """A flag, file or combination of settings a script cannot use: one line on stderr, exit status 2."""
-
 
 # -----------------------------------------------------------------------------
 # Flags and errors
@@ -28,7 +26,6 @@ def usage(command: str, settings_class) -> str:
     """--help: each field of a settings dataclass with its default and help text."""
     return "\n".join([f"usage: {command}", "", *(f"  {f'--{f.name}={f.default}':<44} {f.metadata['help']}"
                                                  for f in fields(settings_class))])
-
 
 def parse_flags(argv: list[str], settings_class) -> dict:
     """`--name=value` flags for the fields of a settings dataclass, each value converted to its field's type."""
@@ -50,7 +47,6 @@ def parse_flags(argv: list[str], settings_class) -> dict:
             raise ConfigError(f"--{name} takes a value of type {kinds[name].__name__}, got {text!r}") from None
     return flags
 
-
 def command_line(argv: list[str], settings_class, command: str, more_help: str = ""):
     """A script's settings from its flags; --help prints them and exits, a bad flag is one line and exit status 2."""
     if "--help" in argv or "-h" in argv:
@@ -58,7 +54,6 @@ def command_line(argv: list[str], settings_class, command: str, more_help: str =
         sys.exit(0)
     with user_errors():
         return settings_class(**parse_flags(argv, settings_class))
-
 
 @contextlib.contextmanager
 def user_errors():
@@ -68,18 +63,15 @@ def user_errors():
     except (ValueError, FileNotFoundError) as error:
         fail(str(error), status=2)
 
-
 def fail(message: str, status: int = 1):
     """One line on stderr (rank 0 only), then exit: user errors never print a traceback."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
-
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"--{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
-
 
 # -----------------------------------------------------------------------------
 # Device, precision, process group
@@ -97,11 +89,9 @@ def pick_device(name: str = "auto") -> torch.device:
     torch.cuda.set_device(device)
     return device
 
-
 def ranks() -> tuple[int, int]:
     """(rank, world size) as torchrun sets them; (0, 1) for a plain `python script.py`."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def init_process_group(device: torch.device) -> None:
     """Join torchrun's ranks, NCCL on GPUs and gloo on CPUs; nothing for one process."""
@@ -109,27 +99,22 @@ def init_process_group(device: torch.device) -> None:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
 
-
 def uses_bf16(autocast: str, device: torch.device) -> bool:
     """`--autocast`: auto (bf16 where fast_bf16, else fp32), bf16 or fp32."""
     return autocast == "bf16" or (autocast == "auto" and fast_bf16(device))
 
-
 def autocast_context(device: torch.device, bf16: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
 
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on a GPU, so that a clock read next counts it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
 def peak_memory_mib(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() // 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
-
 
 def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, Noise]:
     """Check token ids on the CPU (the compiled loss cannot without a sync), then copy tokens and noise to `device`,
@@ -139,12 +124,10 @@ def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_si
     tokens, *noise = [x.pin_memory().to(device, non_blocking=True) if cuda else x.to(device) for x in (tokens, *noise)]
     return tokens, Noise(*noise)
 
-
 # -----------------------------------------------------------------------------
 # Torch versions: every private or version-dependent torch call, with a fallback for each supported release
 
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the new name, then the older one
-
 
 def allocator_settings() -> str:
     """The allocator settings in effect (PYTORCH_ALLOC_CONF syntax; empty: torch's defaults). torch 2.11 has no
@@ -154,13 +137,11 @@ def allocator_settings() -> str:
         return getter()
     return next((os.environ[name] for name in ALLOC_CONF_VARIABLES if os.environ.get(name)), "")
 
-
 def set_allocator_settings(settings: str) -> None:
     """Apply allocator settings (torch may have read os.environ at import already), and put them in the environment
     for allocator_settings on torch 2.11 and for child processes."""
     torch._C._accelerator_setAllocatorSettings(settings)
     os.environ["PYTORCH_ALLOC_CONF"] = settings
-
 
 def all_gather(output: torch.Tensor, tensor: torch.Tensor):
     """Every rank's `tensor` concatenated into `output`, asynchronously (returns the work handle): all_gather_single
@@ -168,12 +149,10 @@ def all_gather(output: torch.Tensor, tensor: torch.Tensor):
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, tensor, async_op=True)
 
-
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls are fast: on CUDA and on CPUs with oneDNN bf16 kernels (not on AVX2-only CPUs)."""
     return device.type == "cuda" or (torch.backends.mkldnn.is_available()
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
 
 @functools.cache
 def inductor_sorts_fall_back() -> bool:
@@ -181,13 +160,11 @@ def inductor_sorts_fall_back() -> bool:
     import torch._inductor.graph as lowering  # Inductor's lowering of each graph node reads the annotation
     return "fallback_to_eager" in inspect.getsource(lowering)
 
-
 def torch_limitations() -> list[str]:
     """One line per thing this torch cannot do that a GPU run would use: for the log header and gpu_check."""
     return [] if inductor_sorts_fall_back() else [
         f"torch {torch.__version__}: Inductor ignores the fallback_to_eager annotation on the BlockMask's argsort, so "
         "every flex graph compiles Triton sorts (pytorch#182060): minutes more compile, same results"]
-
 
 # -----------------------------------------------------------------------------
 # Checkpoints and the val NELBO
@@ -198,7 +175,6 @@ def save_checkpoint(path: str, model: BD3LM, hparams: dict, **training_state) ->
     torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
                     hparams=hparams, **training_state), path + ".tmp")
     os.replace(path + ".tmp", path)
-
 
 def read_checkpoint(path: str, device) -> dict:
     """A checkpoint of this code's format, loaded with weights_only=True; else a ConfigError naming the problem."""
@@ -214,7 +190,6 @@ def read_checkpoint(path: str, device) -> dict:
         raise ConfigError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
     return state
 
-
 def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
     """The trained model of a checkpoint, in eval mode, and the settings of the run that wrote it."""
     state = read_checkpoint(path, device)
@@ -224,7 +199,6 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
         return model.eval(), state["hparams"]
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited checkpoint
         raise ConfigError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
-
 
 @torch.no_grad()
 def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,

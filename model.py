@@ -21,11 +21,9 @@ ROPE_BASE = 10_000.0
 LOGIT_SOFTCAP = 15.0  # logits = c * tanh(logits / c)
 SMALL_GPU_SHARED_MEMORY = 101_376  # bytes of shared memory per block on sm_86 and sm_89 (RTX 3090, RTX 4090)
 
-
 def setting(default, help: str):
     """A settings field with the help text that --help prints."""
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class ModelConfig:
@@ -50,7 +48,6 @@ class ModelConfig:
             if getattr(self, name) % 2:
                 raise ValueError(f"{name} must be even for {why}, got {getattr(self, name)}")
 
-
 # -----------------------------------------------------------------------------
 # Documents, blocks and the attention mask of the pass over [x_t ; x_0]
 
@@ -62,7 +59,6 @@ def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tenso
     block = torch.arange(tokens.size(-1), device=tokens.device) // block_size
     return doc, block.expand_as(tokens), doc[..., block * block_size]
 
-
 def mask_rule(doc_q, block_q, clean_q, doc_k, block_k, clean_k):
     """BD3-LM attention (paper section 3.2); `doc` of a noisy position is the document its block starts in. A noisy
     block sees itself and the clean earlier blocks of its document; a clean token sees the clean tokens of its
@@ -72,20 +68,17 @@ def mask_rule(doc_q, block_q, clean_q, doc_k, block_k, clean_k):
     block_causal = clean_q & clean_k & (block_k <= block_q) & (doc_k == doc_q)
     return block_diagonal | offset_block_causal | block_causal
 
-
 def doubled_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Document (as mask_rule reads it), block and is-clean of every position of [x_t ; x_0], from x_0 alone."""
     doc, block, block_doc = document_layout(tokens, block_size, eot_id)
     clean = torch.arange(2 * tokens.size(-1), device=tokens.device) >= tokens.size(-1)
     return torch.cat([block_doc, doc], -1), torch.cat([block, block], -1), clean.expand(*tokens.shape[:-1], -1)
 
-
 def block_diffusion_mask(tokens: Tensor, block_size: int, eot_id: int) -> Tensor:
     """Dense boolean mask [..., 2L, 2L] (queries by keys, x_t first) of the pass over `tokens` [..., L]."""
     doc, block, clean = doubled_layout(tokens, block_size, eot_id)
     q, k = (..., slice(None), None), (..., None, slice(None))
     return mask_rule(doc[q], block[q], clean[q], doc[k], block[k], clean[k])
-
 
 def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> BlockMask:
     """The same mask as a FlexAttention BlockMask (one per row of [N, L]) from per-tile summaries, in O(N (2L/TILE)^2):
@@ -128,7 +121,6 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
     return BlockMask.from_kv_blocks(*as_kv_blocks(any_allowed & ~all_allowed), *as_kv_blocks(all_allowed),
                                     BLOCK_SIZE=TILE, mask_mod=mask_mod)
 
-
 def flex_kernel_options(props) -> dict:
     """FlexAttention options for a GPU (torch.cuda.get_device_properties): smaller tiles where the default ones need
     more shared memory than a block has (RTX 3090/4090; docs/performance.md)."""
@@ -137,19 +129,16 @@ def flex_kernel_options(props) -> dict:
     return {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2,
             "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
 
-
 def check_token_ids(tokens: Tensor, top: int) -> None:
     """Token ids must lie in [0, top). Reading them waits for the device, so compiled callers check on the CPU."""
     if int(tokens.min()) < 0 or int(tokens.max()) >= top:
         raise ValueError(f"token ids must lie in [0, {top}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
-
 
 # -----------------------------------------------------------------------------
 # The transformer
 
 def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 def rotary_tables(pos: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
     """cos and sin [N, S, 1, head_dim / 2] of the angles pos * ROPE_BASE^(-2i/head_dim), once per pass."""
@@ -159,19 +148,16 @@ def rotary_tables(pos: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
     angle = pos[..., None, None].double() * inv_freq
     return angle.cos().float(), angle.sin().float()
 
-
 def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     cos, sin = (table.to(x.dtype) for table in rope)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)
-
 
 def linear(dim_in: int, dim_out: int, zero: bool = False) -> nn.Linear:
     layer = nn.Linear(dim_in, dim_out, bias=False)
     bound = 3**0.5 * 0.5 * dim_in**-0.5
     nn.init.zeros_(layer.weight) if zero else nn.init.uniform_(layer.weight, -bound, bound)
     return layer
-
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, first_layer: bool):
@@ -201,7 +187,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(N, S, -1)), new_kv, values
 
-
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -210,7 +195,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.relu(self.up(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, first_layer: bool):
@@ -221,7 +205,6 @@ class Block(nn.Module):
         y, new_kv, values = self.attn(norm(x), rope, mask, first_values, past)
         x = x + y
         return x + self.mlp(norm(x)), new_kv, values
-
 
 class Trunk(nn.Module):
     """Embedding and blocks with U-net skips: token ids [N, S] -> normed hidden states [N, S, dim] and each layer's
@@ -247,7 +230,6 @@ class Trunk(nn.Module):
                 skips.append(x)
         return norm(x), new_kvs
 
-
 @dataclass
 class KVCache:
     """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens; slot 0 is at position `start`."""
@@ -256,7 +238,6 @@ class KVCache:
     tokens: Tensor  # [N, max_len]
     length: int = 0
     start: int = 0
-
 
 class BD3LM(nn.Module):
     def __init__(self, config: ModelConfig):

@@ -18,7 +18,6 @@ class Schedule(NamedTuple):
     mask_prob: Callable[[Tensor], Tensor]
     weight: Callable[[Tensor], Tensor]
 
-
 SCHEDULES = {
     "linear": Schedule(lambda t: t, lambda t: 1 / t),
     # alpha_t = cos^2(pi t / 2): nano-dlm's cosine without its offset, so that p(0) = 0 and the NELBO stays exact
@@ -33,11 +32,9 @@ ESTIMATORS = ("iid", "stratified", "proposal")
 TRAIN_ESTIMATOR = "proposal"  # the least gradient variance (docs/training.md)
 VAL_ESTIMATORS = ("iid", "exact_k")  # the ones whose noise can come from positions alone
 
-
 class Noise(NamedTuple):
     weight: Tensor  # float [L]: a masked token's loss weight; 0 where unmasked
     masked: Tensor  # bool [L]: which tokens are replaced by [MASK]
-
 
 def count_coefficients(n: int, lo: float, hi: float) -> Tensor:
     """c_1..c_n of an n-token block, c_k = 1/(hi - lo) integral_lo^hi C(n, k) t^(k-1) (1-t)^(n-k) dt, in closed form:
@@ -49,7 +46,6 @@ def count_coefficients(n: int, lo: float, hi: float) -> Tensor:
         return (binomial * t**k * (1 - t) ** (n - k)).flip(0).cumsum(0).flip(0)[1:]
 
     return (tail(hi) - tail(lo)) / (k[1:] * (hi - lo))
-
 
 @functools.cache
 def count_table(block_size: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
@@ -64,7 +60,6 @@ def count_table(block_size: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
         weights[n - 1, :n] = n / k
     return bounds, weights
 
-
 def hash_uniform(seed: int, positions: Tensor) -> Tensor:
     """A uniform in (0, 1) per (seed, position), the same on every device; multipliers < 2**31 never overflow int64."""
     mask32 = 0xFFFFFFFF
@@ -77,13 +72,11 @@ def hash_uniform(seed: int, positions: Tensor) -> Tensor:
     x = mix(mix((positions & mask32) ^ mix(torch.tensor(seed & mask32, dtype=torch.int64))) ^ (positions >> 32))
     return ((x >> 8).double() + 0.5) / 2**24
 
-
 def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int) -> Tensor:
     """The levels of the blocks of chunk `chunk` of `chunks` in optimizer step `step` (antithetic sampling): over a
     step they hit each of blocks x chunks strata of [0, 1) once from one random offset, each uniform on its own."""
     offset = hash_uniform(seed, torch.tensor(step))
     return ((offset + (torch.arange(blocks) * chunks + chunk) / (blocks * chunks)) % 1).float()
-
 
 def count_noise(bounds: Tensor, weights: Tensor, levels: Tensor, uniforms: Tensor, block_size: int) -> Noise:
     """Per-token levels (equal within a block) pick k among the bounds of the block's size; the k smallest uniforms
@@ -95,7 +88,6 @@ def count_noise(bounds: Tensor, weights: Tensor, levels: Tensor, uniforms: Tenso
     padded = F.pad(uniforms, (0, -len(uniforms) % block_size), value=2.0).view(-1, block_size)
     masked = padded.argsort(1).argsort(1).flatten()[: len(uniforms)] <= below[:, 0]
     return Noise(torch.where(masked, weights.gather(1, below)[:, 0], 0.0).float(), masked)
-
 
 def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
                 estimator: str = "iid", levels: Tensor | None = None) -> Noise:
@@ -117,7 +109,6 @@ def train_noise(length: int, block_size: int, lo: float, hi: float, generator: t
     masked = draws[1] < t
     return Noise(torch.where(masked, 1 / t, 0.0).float(), masked)
 
-
 def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
                estimator: str = TRAIN_ESTIMATOR) -> Noise:
     """The training noise of sequence `chunk` of `chunks` in optimizer step `step`, seeded by (seed, step, chunk): it
@@ -125,7 +116,6 @@ def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, st
     generator = torch.Generator().manual_seed((seed << 32) + step * chunks + chunk)
     levels = None if estimator == "iid" else stratified_levels(seed, step, chunk, chunks, -(-length // block_size))
     return train_noise(length, block_size, lo, hi, generator, estimator, levels)
-
 
 def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear",
                estimator: str = "exact_k") -> Noise:

@@ -23,7 +23,6 @@ from data.shards import file_sha256, shard_num_tokens
 from model import BD3LM, ModelConfig, flex_kernel_options, setting
 from noise import TRAIN_ESTIMATOR, Noise, eval_noise, step_noise
 
-
 @dataclass
 class Hyperparameters(ModelConfig):
     preset: str = setting("record", "record (FineWeb-Edu speedrun, 80 GB GPUs), record_24gb (the same run on 24 GB "
@@ -51,7 +50,6 @@ class Hyperparameters(ModelConfig):
     val_file = property(lambda self: train_val_paths(self.data)[1])
     estimator = TRAIN_ESTIMATOR  # the training noise (model.ESTIMATORS): a choice of the code, logged in the config
 
-
 LOG_DIR, CHECKPOINT_DIR = "logs", "checkpoints"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON_FOLDERS = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
@@ -67,13 +65,11 @@ PRESETS = {
                  mlp_hidden=1024, seq_len=256, batch_size=4, micro_batch=1, steps=220, val_every=110),
 }
 
-
 def usage() -> str:
     presets = [f"preset {name}: " + (" ".join(f"--{k}={v}" for k, v in overrides.items()) or "the defaults")
                for name, overrides in PRESETS.items()]
     return "\n\n".join([common.usage("python train.py [--preset=record|record_24gb|demo] [--name=value ...]",
                                      Hyperparameters), *presets])
-
 
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--name=value` flags over the chosen preset over the defaults."""
@@ -82,10 +78,8 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     common.check_choice("preset", preset, tuple(PRESETS))
     return Hyperparameters(**{**PRESETS[preset], **flags})
 
-
 def model_config(hp: Hyperparameters) -> ModelConfig:
     return ModelConfig(**{f.name: getattr(hp, f.name) for f in fields(ModelConfig)})
-
 
 def check_settings(hp: Hyperparameters, world_size: int) -> None:
     for name in ("steps", "seq_len", "batch_size", "micro_batch", "val_tokens"):
@@ -108,11 +102,9 @@ def check_settings(hp: Hyperparameters, world_size: int) -> None:
         raise ConfigError(f"--resume={hp.resume} is not a file")
     model_config(hp).validate()
 
-
 def grad_accum(hp: Hyperparameters, world_size: int) -> int:
     """Forwards (micro-steps) per optimizer step on each rank."""
     return hp.batch_size // (world_size * hp.micro_batch)
-
 
 # -----------------------------------------------------------------------------
 # Optimizers
@@ -128,14 +120,12 @@ def newton_schulz(grad: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: f
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
 
-
 def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
     """The matrices in turns of up to world_size of one size; rank r orthogonalizes the r-th of each turn."""
     by_size = {}
     for p in params:
         by_size.setdefault(p.numel(), []).append(p)
     return [same[i:i + world_size] for same in by_size.values() for i in range(0, len(same), world_size)]
-
 
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr scaled by sqrt(max(1, rows / cols)), decoupled
@@ -174,7 +164,6 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update.view_as(p), alpha=-group["lr"] * max(1, p.size(0) / p.size(1)) ** 0.5)
 
-
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients over the ranks in one all-reduce (a compiled backward hands them all over at its end). A
     gradient stays None only where it is None on every rank, as on one process."""
@@ -192,7 +181,6 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         for p, count in zip(params, ranks_with_grad.tolist()):
             p.grad = None if count == 0 else p.grad
 
-
 def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[torch.optim.Optimizer]:
     """Muon for the hidden matrices, Adam for the embedding, the head and the scalars."""
     groups = model.param_groups()
@@ -204,15 +192,12 @@ def make_optimizers(model: BD3LM, hp: Hyperparameters, fast_bf16: bool) -> list[
                    (("embed", hp.embed_lr), ("head", hp.head_lr), ("scalars", hp.scalar_lr)) if groups[name]]
     return [muon, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)]
 
-
 def lr_multiplier(hp: Hyperparameters, step: int) -> float:
     return min(1.0, (hp.steps - step) / (COOLDOWN_FRAC * hp.steps))
-
 
 def muon_momentum(hp: Hyperparameters, step: int) -> float:
     frac = min(step / min(MUON_MOMENTUM_WARMUP, max(1, hp.steps // 4)), 1.0)
     return (1 - frac) * MUON_MOMENTUM[0] + frac * MUON_MOMENTUM[1]
-
 
 # -----------------------------------------------------------------------------
 # Setup: the run's steps in order
@@ -249,7 +234,6 @@ def main(argv: list[str]) -> None:
              f"{hint} (last checkpoint: {run.last_checkpoint})")
     run.finish()
 
-
 class RunLog:
     """log_dir/<run_id>.txt, written by rank 0 only; `log(line)` also prints the line unless console=False."""
 
@@ -265,16 +249,13 @@ class RunLog:
             if console:
                 print(line, flush=True)
 
-
 def inside(path: str, folder: str) -> bool:
     return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
-
 
 def module_files() -> set[str]:
     """The files of the imported modules (runpy leaves a script's own __file__ relative)."""
     files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
     return {os.path.abspath(path) for path in files if isinstance(path, str) and os.path.isfile(path)}
-
 
 def repository_modules() -> list[str]:
     """The repository's imported modules, relative to it (tests and a virtual environment inside it excluded)."""
@@ -282,7 +263,6 @@ def repository_modules() -> list[str]:
     paths = [os.path.relpath(path, HERE) for path in module_files() if inside(path, HERE) and path.endswith(".py")
              and not any(inside(path, folder) for folder in environments)]
     return sorted(path for path in paths if not path.startswith("tests" + os.sep))
-
 
 def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
     """What it takes to reproduce the run: the source of every repository module it imported, the versions, the
@@ -315,7 +295,6 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
     if torch.cuda.is_available():
         log(f"flex_options:{json.dumps(model.trunk.blocks[0].attn.flex_options)}")
 
-
 def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> TokenLoader:
     """The train loader, after a check of the val shard; the demo corpus is prepared on first use."""
     if rank == 0 and not glob.glob(hp.train_files) and os.path.dirname(os.path.abspath(hp.train_files)) == DEMO_DIR:
@@ -343,7 +322,6 @@ def load_data(hp: Hyperparameters, rank: int, world_size: int, log: RunLog) -> T
         log(f"unigram_baseline:{unigram:.4f}")
     return loader
 
-
 def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
     """The initial weights drawn from `seed`, on `device`; on a GPU, with its FlexAttention kernel options."""
     torch.manual_seed(seed)
@@ -351,7 +329,6 @@ def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
     if device.type == "cuda":
         model.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
     return model
-
 
 def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocast, device: torch.device) -> float:
     """Run what training compiles before the clock starts (the training forward and backward on micro_batch copies
@@ -373,7 +350,6 @@ def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocas
     if dist.is_initialized():
         dist.barrier()  # every rank starts its clock together, so no first step waits for a slower compile
     return 1000 * (time.perf_counter() - started)
-
 
 # -----------------------------------------------------------------------------
 # Training loop: step S validates and saves the weights after S optimizer steps
@@ -521,7 +497,6 @@ class Run:
         """The clock, once the GPU has done the work queued so far."""
         common.synchronize(self.device)
         return time.perf_counter()
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -13,15 +13,12 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")  # t
 MISSING_DATA_HINT = ("download FineWeb-Edu with `python data/cached_finewebedu10B.py 10` (10 train shards, 1B "
                      "tokens), or train on the built-in demo corpus with `python train.py --preset=demo`")
 
-
 def train_val_paths(data: str) -> tuple[str, str]:
     """The train shards' glob and the val shard of a corpus prefix (as cached_finewebedu10B.py names them)."""
     return f"{data}_train_*.bin", f"{data}_val_000000.bin"
 
-
 class DataExhausted(RuntimeError):
     """The training shards have no room for another window; the loader never repeats data."""
-
 
 def find_shards(pattern: str) -> list[str]:
     """The files matching a glob pattern, sorted; none: an error that says how to get data."""
@@ -29,7 +26,6 @@ def find_shards(pattern: str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no shards match {pattern}: {MISSING_DATA_HINT}")
     return files
-
 
 class TokenStream:
     """Shard files (a path or a list) as one concatenated stream of tokens with global positions, via memmaps."""
@@ -67,7 +63,6 @@ class TokenStream:
             if k < len(self._eot_positions):
                 return self.starts[index] + int(self._eot_positions[k]) + 1
         return None
-
 
 class TokenLoader:
     """This rank's batches [sequences, seq_len]: each step every rank reads the next window of world_size x sequences
@@ -117,7 +112,6 @@ class TokenLoader:
             raise ValueError(f"saved loader offset {offset} is outside shard {names[shard]} ({size} tokens)")
         self.position = self.stream.starts[shard] + offset
 
-
 def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int = 0, world_size: int = 1):
     """(offset, int64 tokens [seq_len]) of fixed unaligned chunks rank, rank + world_size, ... of the first
     `num_tokens` val tokens (None: every whole chunk)."""
@@ -129,13 +123,11 @@ def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int =
     offsets = range(rank * seq_len, num_tokens, world_size * seq_len)  # not a generator: bad arguments fail at once
     return ((offset, torch.from_numpy(stream.read(offset, offset + seq_len).astype(np.int64))) for offset in offsets)
 
-
 def unigram_baseline(train_files, val_files) -> float:
     """Cross-entropy in nats/token of the val tokens under the train tokens' unigram frequencies (add-one)."""
     train_counts, val_counts = token_counts(train_files), token_counts(val_files)
     log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + VOCAB_SIZE)
     return float(-(val_counts * log_probs).sum() / val_counts.sum())
-
 
 def token_counts(files, step: int = 1 << 24) -> np.ndarray:
     """How often each id occurs in the shards, counted `step` tokens at a time (bounded memory on large shards)."""

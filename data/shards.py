@@ -11,10 +11,8 @@ HEADER_BYTES = 256 * 4
 VOCAB_SIZE = 50257  # GPT-2; every token id in a shard must be below this
 EOT = 50256  # <|endoftext|>: stored before each document; the model reads it as the end of the one before
 
-
 class ShardError(ValueError):
     """A file that is not a valid token shard; the message names the file and the problem."""
-
 
 def write_shard(path, tokens) -> None:
     """Write `tokens` (ids < VOCAB_SIZE) to `path` atomically: readers see the old file or the whole new one."""
@@ -33,7 +31,6 @@ def write_shard(path, tokens) -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
-
 def shard_num_tokens(path) -> int:
     """The number of tokens `path` holds, once its header is checked against the file size."""
     try:
@@ -51,7 +48,6 @@ def shard_num_tokens(path) -> int:
         raise ShardError(f"{path}: {what}: header says {num_tokens} tokens ({expected} bytes), file has {size} bytes")
     return num_tokens
 
-
 def read_shard(path, check_ids: bool = False) -> np.memmap:
     """The tokens of `path` as a read-only uint16 memmap; `check_ids` (reads the whole file) checks every id."""
     num_tokens = shard_num_tokens(path)
@@ -59,7 +55,6 @@ def read_shard(path, check_ids: bool = False) -> np.memmap:
     if check_ids and (bad := np.flatnonzero(tokens >= VOCAB_SIZE)).size:
         raise ShardError(f"{path}: token {bad[0]} has id {tokens[bad[0]]}, not below {VOCAB_SIZE}")
     return tokens
-
 
 def file_sha256(path) -> str:
     """The sha256 of the whole file, header included: the hash the Hugging Face Hub keeps for each shard."""

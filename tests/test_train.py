@@ -35,7 +35,7 @@ def test_demo_run_end_to_end(tmp_path):
                     "--val_tokens=4096", "--batch_size=4")
     text = read_log(tmp_path, "demo")
     parsed = parse_log(text)  # the records checker must be able to read what train.py writes
-    assert set(parsed.files) == {"train.py", "model.py", "common.py", "data/__init__.py", "data/loader.py",
+    assert set(parsed.files) == {"train.py", "model.py", "noise.py", "common.py", "data/__init__.py", "data/loader.py",
                                  "data/shards.py"}
     for name, body in parsed.files.items():  # every repository module the run imported, as it is on disk
         with open(os.path.join(REPO, name)) as f:
@@ -176,7 +176,7 @@ BAD_FLAGS = [  # (flags, exit status, a piece of the one error line)
     (["--muon_lr=-1"], 2, "--muon_lr must not be negative"),
     (["--resume=/nonexistent/latest.pt"], 2, "is not a file"),
     (["--data=/nonexistent/fineweb"], 1, "python data/cached_finewebedu10B.py 10"),
-    (["--estimator=stratified_k"], 2, "--estimator must be iid, stratified or proposal"),
+    (["--estimator=iid"], 2, "unknown flag --estimator"),  # the training noise is noise.TRAIN_ESTIMATOR, not a flag
     (["--schedule=cosine"], 2, "unknown flag --schedule"),
 ]
 
@@ -218,7 +218,7 @@ def run_here(tmp_path, capsys, *flags) -> tuple[int, str]:
 def test_bad_data_exits_with_one_line(tmp_path, capsys, one_thread):
     bad = bad_shard(tmp_path)
     status, stderr = run_here(tmp_path, capsys, *SMALL, f"--data={bad}")
-    assert status == 1 and stderr.count("\n") == 1 and "bad magic number" in stderr
+    assert status == 1 and stderr.count("\n") == 1 and "bad magic 0" in stderr
 
     data = write_local_shards(tmp_path / "tiny", 1_000, 1_024)
     status, stderr = run_here(tmp_path, capsys, *SMALL, f"--data={data}", "--steps=50")
