@@ -230,15 +230,6 @@ class Trunk(nn.Module):
                 skips.append(x)
         return norm(x), new_kvs
 
-@dataclass
-class KVCache:
-    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens; slot 0 is at position `start`."""
-    keys: list[Tensor]
-    values: list[Tensor]
-    tokens: Tensor  # [N, max_len]
-    length: int = 0
-    start: int = 0
-
 class BD3LM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -256,7 +247,7 @@ class BD3LM(nn.Module):
         """Per-token loss shaped like `tokens`: CE times the noise's weight where masked, 0 elsewhere (unmasked tokens
         are copied through). Eager, the head runs on the masked positions only; compiled, on all of them at weight 0
         where unmasked, so every shape is fixed and nothing waits for the device to count masked tokens."""
-        self._check_tokens(tokens, (1, 2))
+        self.check_tokens(tokens, (1, 2))
         if noise.masked.shape != tokens.shape or noise.weight.shape != tokens.shape:
             raise ValueError(f"noise of shape {tuple(noise.masked.shape)} for tokens of shape {tuple(tokens.shape)}")
         x_0 = tokens.reshape(-1, tokens.size(-1))
@@ -272,7 +263,7 @@ class BD3LM(nn.Module):
     def logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
         """Logits [N, L, vocab_size] of the noisy half of [x_t ; x_0], by the slow, obvious path (the dense mask)."""
         for x in (x_0, x_t):
-            self._check_tokens(x, (2,), allow_mask=True)
+            self.check_tokens(x, (2,), allow_mask=True)
         return self.logits_of(self._pass(x_t, x_0, dense=True)[:, : x_0.size(1)])
 
     def logits_of(self, hidden: Tensor, padded: bool = False) -> Tensor:
@@ -292,64 +283,12 @@ class BD3LM(nn.Module):
             mask = block_diffusion_mask(x_0, cfg.block_size, cfg.eot_id)[:, None]
         return self.trunk(torch.cat([x_t, x_0], 1), torch.cat([pos, pos])[None], mask)[0]
 
-    def _check_tokens(self, tokens: Tensor, dims: tuple[int, ...], allow_mask: bool = False) -> None:
+    def check_tokens(self, tokens: Tensor, dims: tuple[int, ...], allow_mask: bool = False) -> None:
         if tokens.dim() not in dims or tokens.numel() == 0:
             raise ValueError(f"expected a non-empty {' or '.join(f'{d}-D' for d in dims)} tensor of token ids, "
                              f"got shape {tuple(tokens.shape)}")
         if not torch.compiler.is_compiling():  # compiled callers check on the CPU: a read-back would break the graph
             check_token_ids(tokens, self.config.vocab_size + allow_mask)
-
-    # --- inference with a KV cache of clean tokens
-
-    def new_cache(self, batch_size: int, max_len: int, start: int = 0) -> KVCache:
-        """An empty cache for `max_len` clean tokens from sequence position `start` (a multiple of the block size)."""
-        cfg, param = self.config, self.head.weight
-        if start % cfg.block_size:
-            raise ValueError(f"a cache must start on a block boundary, not at {start} (block size {cfg.block_size})")
-        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
-        return KVCache(keys=[param.new_empty(shape) for _ in range(cfg.n_layer)],
-                       values=[param.new_empty(shape) for _ in range(cfg.n_layer)],
-                       tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device), start=start)
-
-    def _cached_pass(self, cache: KVCache, tokens: Tensor, clean: bool):
-        """Run `tokens` [N, n] after the cached clean context under the training mask: as clean tokens if `clean`,
-        else as one noisy block."""
-        self._check_tokens(tokens, (2,), allow_mask=True)
-        cfg, n, length = self.config, tokens.size(1), cache.length
-        if tokens.size(0) != cache.tokens.size(0) or length + n > cache.tokens.size(1):
-            raise ValueError(f"{tuple(tokens.shape)} tokens do not fit a cache of shape {tuple(cache.tokens.shape)} "
-                             f"holding {length}")
-        if not clean and (length % cfg.block_size or n > cfg.block_size):
-            raise ValueError(f"a noisy block must start on a block boundary and fit one block of {cfg.block_size}: "
-                             f"{n} tokens after {length} cached")
-        if clean and (length + n) % cfg.block_size and length + n < cache.tokens.size(1):
-            raise ValueError(f"clean tokens must end on a block boundary (a clean token sees its whole block): "
-                             f"{n} tokens after {length} cached, block size {cfg.block_size}")
-        doc, block, block_doc = document_layout(torch.cat([cache.tokens[:, :length], tokens], 1), cfg.block_size,
-                                                cfg.eot_id)
-        new, device = slice(length, length + n), tokens.device
-        clean_k = (torch.arange(length + n, device=device) < length) | clean
-        mask = mask_rule((doc if clean else block_doc)[:, new, None], block[:, new, None],
-                         torch.tensor(clean, device=device), doc[:, None, :], block[:, None, :], clean_k)
-        past = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.keys, cache.values)]
-        pos = torch.arange(cache.start + length, cache.start + length + n, device=device)
-        return self.trunk(tokens, pos[None], mask[:, None], past)
-
-    @torch.no_grad()
-    def cache_logits(self, cache: KVCache, noisy_block: Tensor) -> Tensor:
-        """Logits [N, n, vocab_size] of a noisy block [N, n] given the cached clean context."""
-        return self.logits_of(self._cached_pass(cache, noisy_block, clean=False)[0])
-
-    @torch.no_grad()
-    def cache_append(self, cache: KVCache, clean_tokens: Tensor) -> None:
-        """Add finished clean tokens [N, n] (a denoised block, or a prompt prefix) to the cache."""
-        _, new_kvs = self._cached_pass(cache, clean_tokens, clean=True)
-        end = cache.length + clean_tokens.size(1)
-        for layer, (k, v) in enumerate(new_kvs):
-            cache.keys[layer][:, :, cache.length:end], cache.values[layer][:, :, cache.length:end] = k, v
-        cache.tokens[:, cache.length:end], cache.length = clean_tokens, end
-
-    # --- for the scripts around the model
 
     def compile_loss(self, backend="inductor", flex: bool | None = None) -> None:
         """Compile token_losses as one full graph with static shapes (one for training, one for evaluation), without

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import common
 from data.tokenizer import get_tokenizer
-from model import BD3LM, setting
+from model import BD3LM, document_layout, mask_rule, setting
 from noise import SCHEDULES
 
 MASK_GLYPH = "░"
@@ -33,7 +33,7 @@ class Settings:
     context: int = setting(0, "tokens one forward sees, a multiple of the block size; 0: the training seq_len")
     stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: exactly max_new_tokens")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence (SAMPLERS)")
-    schedule: str = setting("linear", "ddpm: the masking schedule of its steps (model.SCHEDULES)")
+    schedule: str = setting("linear", "ddpm: the masking schedule of its steps (noise.SCHEDULES)")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
     threshold: float = setting(0.9, "confidence: commit every token whose top probability reaches this (>= 1 per step)")
     temperature: float = setting(1.0, "divides the logits before drawing; 0 takes the most likely token")
@@ -98,6 +98,65 @@ SAMPLERS = {
     "ddpm": Sampler(ddpm, "steps_per_block", (16, 8, 4, 2, 1)),
     "confidence": Sampler(confidence, "threshold", (0.9, 0.7, 0.5, 0.3, 0.1)),
 }
+
+# -----------------------------------------------------------------------------
+# The KV cache of clean tokens: a denoising step runs one noisy block after it, under the training mask
+
+@dataclass
+class KVCache:
+    """Keys and values of clean tokens, per layer [N, H, max_len, D], and the tokens; slot 0 is at position `start`."""
+    keys: list[Tensor]
+    values: list[Tensor]
+    tokens: Tensor  # [N, max_len]
+    length: int = 0
+    start: int = 0
+
+def new_cache(model: BD3LM, batch_size: int, max_len: int, start: int = 0) -> KVCache:
+    """An empty cache for `max_len` clean tokens from sequence position `start` (a multiple of the block size)."""
+    cfg, param = model.config, model.head.weight
+    if start % cfg.block_size:
+        raise ValueError(f"a cache must start on a block boundary, not at {start} (block size {cfg.block_size})")
+    shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+    return KVCache(keys=[param.new_empty(shape) for _ in range(cfg.n_layer)],
+                   values=[param.new_empty(shape) for _ in range(cfg.n_layer)],
+                   tokens=torch.zeros(batch_size, max_len, dtype=torch.long, device=param.device), start=start)
+
+def cached_pass(model: BD3LM, cache: KVCache, tokens: Tensor, clean: bool):
+    """Run `tokens` [N, n] after the cached clean context: as clean tokens if `clean`, else as one noisy block."""
+    model.check_tokens(tokens, (2,), allow_mask=True)
+    cfg, n, length = model.config, tokens.size(1), cache.length
+    if tokens.size(0) != cache.tokens.size(0) or length + n > cache.tokens.size(1):
+        raise ValueError(f"{tuple(tokens.shape)} tokens do not fit a cache of shape {tuple(cache.tokens.shape)} "
+                         f"holding {length}")
+    if not clean and (length % cfg.block_size or n > cfg.block_size):
+        raise ValueError(f"a noisy block must start on a block boundary and fit one block of {cfg.block_size}: "
+                         f"{n} tokens after {length} cached")
+    if clean and (length + n) % cfg.block_size and length + n < cache.tokens.size(1):
+        raise ValueError(f"clean tokens must end on a block boundary (a clean token sees its whole block): "
+                         f"{n} tokens after {length} cached, block size {cfg.block_size}")
+    doc, block, block_doc = document_layout(torch.cat([cache.tokens[:, :length], tokens], 1), cfg.block_size,
+                                            cfg.eot_id)
+    new, device = slice(length, length + n), tokens.device
+    clean_k = (torch.arange(length + n, device=device) < length) | clean
+    mask = mask_rule((doc if clean else block_doc)[:, new, None], block[:, new, None],
+                     torch.tensor(clean, device=device), doc[:, None, :], block[:, None, :], clean_k)
+    past = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.keys, cache.values)]
+    pos = torch.arange(cache.start + length, cache.start + length + n, device=device)
+    return model.trunk(tokens, pos[None], mask[:, None], past)
+
+@torch.no_grad()
+def cache_logits(model: BD3LM, cache: KVCache, noisy_block: Tensor) -> Tensor:
+    """Logits [N, n, vocab_size] of a noisy block [N, n] given the cached clean context."""
+    return model.logits_of(cached_pass(model, cache, noisy_block, clean=False)[0])
+
+@torch.no_grad()
+def cache_append(model: BD3LM, cache: KVCache, clean_tokens: Tensor) -> None:
+    """Add finished clean tokens [N, n] (a denoised block, or a prompt prefix) to the cache."""
+    _, new_kvs = cached_pass(model, cache, clean_tokens, clean=True)
+    end = cache.length + clean_tokens.size(1)
+    for layer, (k, v) in enumerate(new_kvs):
+        cache.keys[layer][:, :, cache.length:end], cache.values[layer][:, :, cache.length:end] = k, v
+    cache.tokens[:, cache.length:end], cache.length = clean_tokens, end
 
 # -----------------------------------------------------------------------------
 # Denoising and generation
@@ -168,16 +227,16 @@ def generate(model: BD3LM, prompt: list[int], s: Settings, generator: torch.Gene
     for index, begin in enumerate(starts):
         end, window = min(begin + cfg.block_size, total), window_start(begin, cfg.block_size, context)
         if s.kv_cache and (cache is None or cache.start != window):  # re-encode the moved window's clean tokens
-            cache, cached = model.new_cache(s.num_samples, context, start=window), window
+            cache, cached = new_cache(model, s.num_samples, context, start=window), window
         if cache and cached < begin:  # the clean tokens not yet in the cache: the window's or the last block
-            model.cache_append(cache, tokens[:, cached:begin])
+            cache_append(model, cache, tokens[:, cached:begin])
             stats.cache_appends, cached = stats.cache_appends + 1, begin
         early = torch.arange(begin, end, device=device) < len(prompt) + s.min_new_tokens
 
         def block_logits(block: Tensor) -> Tensor:
             stats.forwards += 1
             if cache:
-                logits = model.cache_logits(cache, block)
+                logits = cache_logits(model, cache, block)
             else:
                 history = torch.cat([tokens[:, window:begin], block], 1)  # clean context in both halves, noisy in x_t
                 logits = model.logits(history, history)[:, begin - window:]

@@ -48,7 +48,7 @@ class Hyperparameters(ModelConfig):
 
     train_files = property(lambda self: train_val_paths(self.data)[0])
     val_file = property(lambda self: train_val_paths(self.data)[1])
-    estimator = TRAIN_ESTIMATOR  # the training noise (model.ESTIMATORS): a choice of the code, logged in the config
+    estimator = TRAIN_ESTIMATOR  # the training noise (noise.ESTIMATORS): a choice of the code, logged in the config
 
 LOG_DIR, CHECKPOINT_DIR = "logs", "checkpoints"
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -18,6 +18,7 @@ from conftest import EOT, REPO, SMALL, VOCAB, CountingBackend, read_log, run_tra
 from torch._dynamo.utils import counters
 
 import common
+import sample
 import model as model_module
 from model import BD3LM, ModelConfig
 from noise import Noise, eval_noise, train_noise
@@ -89,9 +90,9 @@ def test_flex_attention_runs_only_compiled_and_where_compile_loss_chose_it(flex,
         eager(tokens[0], val_noise)
         for model in (eager, compiled):  # the paths that compile_loss leaves eager
             model.logits(tokens, tokens)
-            cache = model.new_cache(2, 48)
-            model.cache_append(cache, tokens[:, :32])
-            model.cache_logits(cache, torch.full((2, 16), model.config.mask_id))
+            cache = sample.new_cache(model, 2, 48)
+            sample.cache_append(model, cache, tokens[:, :32])
+            sample.cache_logits(model, cache, torch.full((2, 16), model.config.mask_id))
         assert not calls
         compiled.eval()
         compiled(tokens[0], val_noise)

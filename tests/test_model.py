@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import EOT, VOCAB, naive_token_losses, random_stream, small_model, tricky_streams
 
+import sample
 from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask, block_diffusion_mask
 from noise import SCHEDULES, eval_noise, hash_uniform, train_noise
 
@@ -279,24 +280,24 @@ def test_cache_logits_equal_full_pass():
         x_t = torch.where(masked, model.config.mask_id, x_0)
         with torch.no_grad():
             full = model.logits(x_t, x_0)
-        cache = model.new_cache(len(x_0), length)
-        model.cache_append(cache, x_0[:, : 3 * block_size])
+        cache = sample.new_cache(model, len(x_0), length)
+        sample.cache_append(model, cache, x_0[:, : 3 * block_size])
         for start in range(3 * block_size, length, block_size):
             end = min(start + block_size, length)
-            logits = model.cache_logits(cache, x_t[:, start:end])
+            logits = sample.cache_logits(model, cache, x_t[:, start:end])
             torch.testing.assert_close(logits, full[:, start:end], rtol=1e-4, atol=1e-4)
-            model.cache_append(cache, x_0[:, start:end])
+            sample.cache_append(model, cache, x_0[:, start:end])
         assert cache.length == length
 
 
 def test_cache_refuses_unaligned_blocks():
     model = small_model(block_size=4)
-    cache = model.new_cache(1, 16)
+    cache = sample.new_cache(model, 1, 16)
     with pytest.raises(ValueError, match="end on a block boundary"):
-        model.cache_append(cache, torch.zeros(1, 3, dtype=torch.long))
-    model.cache_append(cache, torch.zeros(1, 4, dtype=torch.long))
+        sample.cache_append(model, cache, torch.zeros(1, 3, dtype=torch.long))
+    sample.cache_append(model, cache, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="fit one block"):
-        model.cache_logits(cache, torch.zeros(1, 5, dtype=torch.long))
+        sample.cache_logits(model, cache, torch.zeros(1, 5, dtype=torch.long))
 
 
 # -----------------------------------------------------------------------------
