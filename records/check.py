@@ -1,12 +1,10 @@
-"""Check a training log against the speedrun record rules in records/README.md.
+"""Check a training log against the speedrun record rules in records/README.md; Python and git only, no torch.
 
     python records/check.py logs/RUN.txt --rev=GIT_REV
 
-It prints one verdict line (PASS, or FAIL with every reason) that includes the train time, and exits 0 when
-the log meets the rules, 1 on any violation, 2 when the log cannot be read or parsed. Every number of the log is
-checked against the config and against the other lines, so an edited line contradicts another. It knows only the
-log format train.py writes, the parameter count of model.py's architecture (`expected_params`) and, with --rev,
-the code of that commit; it needs Python and git, not torch.
+One verdict line (PASS, or FAIL with every reason, and the train time); exit 0 on PASS, 1 on any violation, 2 when
+the log cannot be read. Every number is checked against the config and the other lines, so an edited line
+contradicts another. It knows train.py's log format, model.py's parameter count and, with --rev, that commit's code.
 """
 
 import argparse
@@ -22,9 +20,7 @@ from pathlib import Path
 # The rules of records/README.md; train.py's record preset meets them (tests/test_records.py).
 TARGET = 3.44  # val NELBO, nats/token
 VAL_NOISE_MARGIN = 0.01  # a log must show TARGET less this: the val estimate's noise (records/README.md)
-VAL_TOKENS = 10_485_760
-BLOCK_SIZE = 16
-MAX_PARAMS = 162_000_000
+VAL_TOKENS, BLOCK_SIZE, MAX_PARAMS = 10_485_760, 16, 162_000_000
 SHARD_HEADER_BYTES = 1024  # data/shards.py: 256 int32 values, then 2 bytes per token
 FILE_START = re.compile(r"==== file: (.+) ====")
 HEADER_LINES = {
@@ -46,8 +42,7 @@ VAL_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+)
 CONFIG_KEYS = ("block_size", "estimator", "t_lo", "t_hi", "steps", "batch_size", "seq_len", "val_tokens",
                "val_every", "resume", "vocab_size", "n_layer", "n_head", "head_dim", "model_dim", "mlp_hidden")
 # train.py's estimators whose expected loss is the records' objective (model.ESTIMATORS), on its interval
-RECORD_ESTIMATORS = ("iid", "stratified", "proposal")
-RECORD_INTERVAL = (0.3, 0.8)
+RECORD_ESTIMATORS, RECORD_INTERVAL = ("iid", "stratified", "proposal"), (0.3, 0.8)
 
 
 class MalformedLog(ValueError):
@@ -56,27 +51,22 @@ class MalformedLog(ValueError):
 
 @dataclass
 class ParsedLog:
-    files: dict[str, str]                  # embedded path -> text between its markers
-    header: dict[str, re.Match]            # HEADER_LINES key -> its (single) match
+    files: dict[str, str]  # embedded path -> text between its markers
+    header: dict[str, re.Match]  # HEADER_LINES key -> its (single) match
     events: list[tuple[str, re.Match]] = field(default_factory=list)  # (kind, match) in log order
     shards: list[re.Match] = field(default_factory=list)
 
     def of_kind(self, kind: str) -> list[re.Match]:
         return [match for event, match in self.events if event == kind]
 
-    @property
-    def val_lines(self) -> list[re.Match]:
-        return self.of_kind("val")
+    val_lines = property(lambda self: self.of_kind("val"))
 
 
 def parse_log(text: str) -> ParsedLog:
-    lines = text.split("\n")
-    log, totals = ParsedLog({}, {}), set()
-    i = 0
+    lines, log, totals, i = text.split("\n"), ParsedLog({}, {}), set(), 0
     while i < len(lines):
         line = lines[i]
-        start = FILE_START.fullmatch(line)
-        if start:
+        if start := FILE_START.fullmatch(line):
             name = start.group(1)
             try:
                 end = lines.index(f"==== end file: {name} ====", i + 1)
@@ -89,8 +79,7 @@ def parse_log(text: str) -> ParsedLog:
             i = end + 1
             continue
         for key, pattern in HEADER_LINES.items():
-            match = pattern.fullmatch(line)
-            if match:
+            if match := pattern.fullmatch(line):
                 if key in log.header:
                     raise MalformedLog(f"the log holds more than one '{key}:' line; give one run per log")
                 log.header[key] = match
@@ -115,9 +104,8 @@ def parse_log(text: str) -> ParsedLog:
 
 
 def expected_params(config: dict) -> int:
-    """The parameters of model.BD3LM for a config (tests/test_records.py compares it with the model): the
-    embedding of the vocabulary and [MASK], per layer q, k, v, the attention and MLP projections, a value-mix
-    scalar in every layer but the first, a skip weight per pair of layers, and the head padded to 128 rows."""
+    """model.BD3LM's parameters (tests/test_records.py compares): embeddings with [MASK], per layer q, k, v, out and
+    the MLP, a value-mix scalar per layer but the first, a skip weight per pair of layers, the head padded to 128."""
     dim, layers, inner = config["model_dim"], config["n_layer"], config["n_head"] * config["head_dim"]
     padded_vocab = math.ceil((config["vocab_size"] + 1) / 128) * 128
     per_layer = 4 * dim * inner + 2 * dim * config["mlp_hidden"]
@@ -130,8 +118,7 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
         config = json.loads(log.header["config"].group("json"))
     except json.JSONDecodeError as error:
         raise MalformedLog(f"the config line is not valid JSON ({error})") from None
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
+    if missing := [key for key in CONFIG_KEYS if key not in config]:
         return [f"the config lacks {', '.join(missing)}: not a log of this train.py"], {"train_time": "unknown"}
     problems, summary = [], {}
     if config["block_size"] != args.block_size:
@@ -148,23 +135,20 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
         problems.append(f"params {params:,} > {args.max_params:,}")
     if params != expected_params(config):
         problems.append(f"params {params:,} is not the {expected_params(config):,} of the config's model")
-    problems += check_runtime(log)
-    problems += check_data(log, config, args, summary)
-    resumed = "resumed" in log.header or config["resume"]
+    problems += check_runtime(log) + check_data(log, config, args, summary)
     if "resumed" in log.header:
         problems.append(f"the run resumed at step {log.header['resumed'].group('step')}: its train_time misses the "
                         "steps before, so a record needs one uninterrupted run")
     elif config["resume"]:
         problems.append(f"config resume={config['resume']}: the run continued a checkpoint, so its train_time misses "
                         "the steps before (and its resumed: line is gone)")
-    if not resumed:
+    else:
         problems += check_steps(log, config)
     return problems + check_final(log, config, args, summary), summary
 
 
 def check_runtime(log: ParsedLog) -> list[str]:
-    """The process ran train.py itself, with no code from outside the repo and the Python installation, and with
-    the clock train_time is read from."""
+    """train.py itself ran, with no code from outside the repo and the Python installation, and the genuine clock."""
     if "runtime" not in log.header:
         return ["no runtime: line: the log does not say what ran train.py"]
     runtime, problems = log.header["runtime"], []
@@ -188,8 +172,7 @@ def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: 
     if int(val_data.group("tokens")) != config["val_tokens"]:
         problems.append(f"val_data tokens={val_data.group('tokens')} but the config's val_tokens is "
                         f"{config['val_tokens']}")
-    train = [s for s in log.shards if s.group("split") == "train"]
-    val = [s for s in log.shards if s.group("split") == "val"]
+    train, val = ([s for s in log.shards if s.group("split") == split] for split in ("train", "val"))
     if len(train) != int(train_data.group("shards")) or len(val) != 1:
         return problems + [f"{len(train)} train and {len(val)} val shard: lines for {train_data.group('shards')} train "
                            "shards and 1 val shard: the log does not identify its data"]
@@ -217,10 +200,8 @@ def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: 
 
 
 def check_steps(log: ParsedLog, config: dict) -> list[str]:
-    """Step lines 1..steps in order, times that never fall and agree with their averages, validations where the
-    config puts them."""
-    steps, problems = config["steps"], []
-    train_lines = log.of_kind("step")
+    """Step lines 1..steps in order, times that never fall and agree with their averages, validations where due."""
+    steps, problems, train_lines = config["steps"], [], log.of_kind("step")
     numbers = [int(m.group("step")) for m in train_lines]
     if not train_lines:
         problems.append("the log has no step lines")
@@ -244,8 +225,7 @@ def check_steps(log: ParsedLog, config: dict) -> list[str]:
                                 f"{'val' if kind == 'val' else 'train'} line")
                 break
             last_time = int(m.group("ms"))
-    val_steps = [int(m.group("step")) for m in log.val_lines]
-    every = config["val_every"]
+    val_steps, every = [int(m.group("step")) for m in log.val_lines], config["val_every"]
     expected = sorted({0, steps} | (set(range(every, steps, every)) if every else set()))
     if len(set(val_steps)) < len(val_steps):
         repeated = sorted({s for s in val_steps if val_steps.count(s) > 1})
@@ -259,10 +239,9 @@ def check_steps(log: ParsedLog, config: dict) -> list[str]:
 
 
 def check_final(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
-    """The final val line: finite, consistent with its ppl and the last step line, on the right tokens; the train
+    """The final val line finite, agreeing with its ppl and the last step line, on the right tokens; the train
     tokens consumed within what the steps needed and the shards hold."""
-    problems = []
-    available = int(log.header["train_data"].group("tokens"))
+    problems, available = [], int(log.header["train_data"].group("tokens"))
     if "train_tokens" not in log.header:
         problems.append("no train_tokens line: the run did not finish")
     else:
@@ -288,28 +267,26 @@ def check_final(log: ParsedLog, config: dict, args: argparse.Namespace, summary:
     if train_lines and int(final.group("ms")) < int(train_lines[-1].group("ms")):
         problems.append(f"the final train_time {final.group('ms')}ms is less than the "
                         f"{train_lines[-1].group('ms')}ms of the last step line")
-    loss = float(final.group("loss")) if is_number(final.group("loss")) else math.nan
-    if math.isfinite(loss) and not loss <= args.target:
+    loss = number(final.group("loss"))
+    if loss is not None and math.isfinite(loss) and not loss <= args.target:
         problems.append(f"val_loss {final.group('loss')} is not <= target {args.target}")
     if int(final.group("tokens")) != args.val_tokens:
         problems.append(f"val measured on {int(final.group('tokens')):,} tokens, not {args.val_tokens:,}")
     return problems
 
 
-def is_number(text: str) -> bool:
+def number(text: str) -> float | None:
     try:
-        float(text)
-        return True
+        return float(text)
     except ValueError:
-        return False
+        return None
 
 
 def check_val_line(m: re.Match, config: dict) -> list[str]:
     step, loss_text, ppl_text = m.group("step"), m.group("loss"), m.group("ppl")
-    if not is_number(loss_text) or not is_number(ppl_text):
+    loss, ppl, problems = number(loss_text), number(ppl_text), []
+    if loss is None or ppl is None:
         raise MalformedLog(f"val_loss {loss_text!r} or ppl {ppl_text!r} at step {step} is not a number")
-    loss, ppl = float(loss_text), float(ppl_text)
-    problems = []
     if not (math.isfinite(loss) and loss >= 0):
         problems.append(f"val_loss {loss_text} at step {step} is not a finite, non-negative NELBO")
     else:  # train.py prints exp(loss) to 2 decimals from the loss before its rounding to 4
@@ -327,37 +304,31 @@ def check_val_line(m: re.Match, config: dict) -> list[str]:
 
 
 def imported_repo_files(sources: dict[str, str], repo_files: set[str], entry: str = "train.py") -> set[str]:
-    """The repository files that running `entry` imports, found from the import statements of the sources, the
-    files of repo_files only (the rest is the standard library and installed packages)."""
+    """The files of repo_files that running `entry` imports, from the sources' import statements."""
     needed, todo = set(), [entry]
     while todo:
         path = todo.pop()
         if path in needed or path not in repo_files:
             continue
         needed.add(path)
-        if path not in sources:
-            continue  # reported as missing; its own imports are unknown
-        try:
+        try:  # a file missing from the log, or that does not parse, is reported by check_code
             tree = ast.parse(sources[path])
-        except SyntaxError:
-            continue  # the comparison with the commit reports it
+        except (KeyError, SyntaxError):
+            continue
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            for name in names:
-                parts = name.split(".")
-                for depth in range(1, len(parts) + 1):
-                    stem = "/".join(parts[:depth])
-                    todo += [f"{stem}.py", f"{stem}/__init__.py"]
+            for parts in (name.split(".") for name in names):
+                stems = ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+                todo += [f"{stem}{end}" for stem in stems for end in (".py", "/__init__.py")]
     return needed
 
 
 def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
-    """Each embedded file must equal `git show REV:path`, byte for byte, and every repository module that
-    train.py imports at REV must be embedded."""
+    """Each embedded file equals `git show REV:path` byte for byte; every repo module train.py imports is embedded."""
     resolved = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
                                f"{rev}^{{commit}}"], capture_output=True, text=True)
     if resolved.returncode != 0:
@@ -366,9 +337,8 @@ def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
         return [f"the log embeds no source files to compare with {rev}"]
     listed = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", rev], capture_output=True,
                             text=True, check=True).stdout.split("\n")
-    problems = []
-    for path in sorted(imported_repo_files(files, {p for p in listed if p.endswith(".py")}) - set(files)):
-        problems.append(f"{path} is imported by the run but not embedded in the log")
+    problems = [f"{path} is imported by the run but not embedded in the log"
+                for path in sorted(imported_repo_files(files, {p for p in listed if p.endswith(".py")}) - set(files))]
     for path, body in files.items():
         shown = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True)
         if shown.returncode != 0:
@@ -408,12 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             raise MalformedLog(f"cannot read {args.log} ({error})") from None
         log = parse_log(text)
         problems, summary = check_rules(log, args)
-        if args.rev:
-            code_problems = check_code(log.files, args.repo, args.rev)
-            problems += code_problems
-            summary["code"] = f"{'mismatch' if code_problems else 'matches'}@{args.rev}"
-        else:
-            summary["code"] = "NOT CHECKED (no --rev)"
+        code_problems = check_code(log.files, args.repo, args.rev) if args.rev else []
+        problems += code_problems
+        summary["code"] = f"{'mismatch' if code_problems else 'matches'}@{args.rev}" if args.rev else \
+            "NOT CHECKED (no --rev)"
     except MalformedLog as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return 2
