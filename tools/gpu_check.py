@@ -261,18 +261,25 @@ def warm_up_training(model: BD3LM, hp: train.Hyperparameters, autocast, device: 
     return 1000 * (time.perf_counter() - started)
 
 
-def matmul_peak(device: torch.device, bf16: bool, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul in bf16 or fp32, the median of `repeats` timed products after one untimed."""
-    n = 4096 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+def median_time(fn, repeats: int, device: torch.device, warmup: bool = True) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    if warmup:
+        fn()
     seconds = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         common.synchronize(device)
         started = time.perf_counter()
-        a @ b
+        fn()
         common.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return 2 * n**3 / statistics.median(seconds[1:])
+    return statistics.median(seconds)
+
+
+def matmul_peak(device: torch.device, bf16: bool, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in bf16 or fp32."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+    return 2 * n**3 / median_time(lambda: a @ b, repeats, device)
 
 
 def validation(target: Target, state: dict) -> list[str]:
