@@ -87,7 +87,7 @@ def parse_log(text: str) -> ParsedLog:
         if shard := SHARD_LINE.fullmatch(line):
             log.shards.append(shard)
         if step := STEP_LINE.match(line):
-            totals.add(int(step.group("total")))
+            totals.add(int(step["total"]))
             if val := VAL_LINE.fullmatch(line):
                 log.events.append(("val", val))
             elif train := TRAIN_LINE.fullmatch(line):
@@ -112,33 +112,33 @@ def expected_params(config: dict) -> int:
     return (config["vocab_size"] + 1) * dim + layers * per_layer + (layers - 1) + layers // 2 + padded_vocab * dim
 
 
+def broken(*rules: tuple[bool, str]) -> list[str]:
+    """The message of each (is broken, message) rule that is broken."""
+    return [message for is_broken, message in rules if is_broken]
+
+
 def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """Returns (violations, summary fields for the verdict line)."""
     try:
-        config = json.loads(log.header["config"].group("json"))
+        config = json.loads(log.header["config"]["json"])
     except json.JSONDecodeError as error:
         raise MalformedLog(f"the config line is not valid JSON ({error})") from None
     if missing := [key for key in CONFIG_KEYS if key not in config]:
         return [f"the config lacks {', '.join(missing)}: not a log of this train.py"], {"train_time": "unknown"}
-    problems, summary = [], {}
-    if config["block_size"] != args.block_size:
-        problems.append(f"block_size {config['block_size']} != {args.block_size}")
-    if config["estimator"] not in RECORD_ESTIMATORS:
-        problems.append(f"estimator {config['estimator']}: its expected loss is not the records' objective (allowed: "
-                        f"{', '.join(RECORD_ESTIMATORS)})")
-    if (config["t_lo"], config["t_hi"]) != RECORD_INTERVAL:
-        problems.append(f"t_lo {config['t_lo']} t_hi {config['t_hi']}: the records' objective clips t to "
-                        f"{RECORD_INTERVAL[0]}-{RECORD_INTERVAL[1]}")
-    params = int(log.header["params"].group("count"))
-    summary["params"] = f"{params:,}"
-    if params > args.max_params:
-        problems.append(f"params {params:,} > {args.max_params:,}")
-    if params != expected_params(config):
-        problems.append(f"params {params:,} is not the {expected_params(config):,} of the config's model")
+    params, expected, resumed = int(log.header["params"]["count"]), expected_params(config), log.header.get("resumed")
+    summary = {"params": f"{params:,}"}
+    problems = broken(
+        (config["block_size"] != args.block_size, f"block_size {config['block_size']} != {args.block_size}"),
+        (config["estimator"] not in RECORD_ESTIMATORS, f"estimator {config['estimator']}: its expected loss is not "
+         f"the records' objective (allowed: {', '.join(RECORD_ESTIMATORS)})"),
+        ((config["t_lo"], config["t_hi"]) != RECORD_INTERVAL, f"t_lo {config['t_lo']} t_hi {config['t_hi']}: the "
+         f"records' objective clips t to {RECORD_INTERVAL[0]}-{RECORD_INTERVAL[1]}"),
+        (params > args.max_params, f"params {params:,} > {args.max_params:,}"),
+        (params != expected, f"params {params:,} is not the {expected:,} of the config's model"))
     problems += check_runtime(log) + check_data(log, config, args, summary)
-    if "resumed" in log.header:
-        problems.append(f"the run resumed at step {log.header['resumed'].group('step')}: its train_time misses the "
-                        "steps before, so a record needs one uninterrupted run")
+    if resumed:
+        problems.append(f"the run resumed at step {resumed['step']}: its train_time misses the steps before, so a "
+                        "record needs one uninterrupted run")
     elif config["resume"]:
         problems.append(f"config resume={config['resume']}: the run continued a checkpoint, so its train_time misses "
                         "the steps before (and its resumed: line is gone)")
@@ -151,81 +151,72 @@ def check_runtime(log: ParsedLog) -> list[str]:
     """train.py itself ran, with no code from outside the repo and the Python installation, and the genuine clock."""
     if "runtime" not in log.header:
         return ["no runtime: line: the log does not say what ran train.py"]
-    runtime, problems = log.header["runtime"], []
-    if runtime.group("entry") != "train.py":
-        problems.append(f"the process started in {runtime.group('entry')}, not train.py: code outside the log ran")
-    if runtime.group("outside") != "none":
-        problems.append(f"modules from outside the repo and the Python installation ran: {runtime.group('outside')}")
-    if runtime.group("clock") != "genuine":
-        problems.append("time.perf_counter was replaced: train_time is not wall-clock")
-    return problems
+    runtime = log.header["runtime"]
+    return broken(
+        (runtime["entry"] != "train.py", f"the process started in {runtime['entry']}, not train.py: code outside the "
+         "log ran"),
+        (runtime["outside"] != "none", f"modules from outside the repo and the Python installation ran: "
+         f"{runtime['outside']}"),
+        (runtime["clock"] != "genuine", "time.perf_counter was replaced: train_time is not wall-clock"))
 
 
 def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
-    problems = []
     train_data, val_data = log.header["train_data"], log.header["val_data"]
-    if not re.fullmatch(args.train_files, Path(train_data.group("pattern")).name):
-        problems.append(f"train data {train_data.group('pattern')} is not FineWeb-Edu train shards "
-                        f"({args.train_files})")
-    if not re.fullmatch(args.val_file, Path(val_data.group("path")).name):
-        problems.append(f"val data {val_data.group('path')} is not the FineWeb-Edu val shard ({args.val_file})")
-    if int(val_data.group("tokens")) != config["val_tokens"]:
-        problems.append(f"val_data tokens={val_data.group('tokens')} but the config's val_tokens is "
-                        f"{config['val_tokens']}")
-    train, val = ([s for s in log.shards if s.group("split") == split] for split in ("train", "val"))
-    if len(train) != int(train_data.group("shards")) or len(val) != 1:
-        return problems + [f"{len(train)} train and {len(val)} val shard: lines for {train_data.group('shards')} train "
+    problems = broken(
+        (not re.fullmatch(args.train_files, Path(train_data["pattern"]).name),
+         f"train data {train_data['pattern']} is not FineWeb-Edu train shards ({args.train_files})"),
+        (not re.fullmatch(args.val_file, Path(val_data["path"]).name),
+         f"val data {val_data['path']} is not the FineWeb-Edu val shard ({args.val_file})"),
+        (int(val_data["tokens"]) != config["val_tokens"],
+         f"val_data tokens={val_data['tokens']} but the config's val_tokens is {config['val_tokens']}"))
+    train, val = ([s for s in log.shards if s["split"] == split] for split in ("train", "val"))
+    if len(train) != int(train_data["shards"]) or len(val) != 1:
+        return problems + [f"{len(train)} train and {len(val)} val shard: lines for {train_data['shards']} train "
                            "shards and 1 val shard: the log does not identify its data"]
-    for shard in log.shards:
-        if int(shard.group("bytes")) != SHARD_HEADER_BYTES + 2 * int(shard.group("tokens")):
-            problems.append(f"shard {shard.group('path')}: {shard.group('tokens')} tokens do not fill "
-                            f"{shard.group('bytes')} bytes")
-    if sum(int(s.group("tokens")) for s in train) != int(train_data.group("tokens")):
-        problems.append(f"the train shards hold {sum(int(s.group('tokens')) for s in train):,} tokens, not the "
-                        f"{int(train_data.group('tokens')):,} of the train_data line")
-    seen = {}
+    problems += [f"shard {s['path']}: {s['tokens']} tokens do not fill {s['bytes']} bytes"
+                 for s in log.shards if int(s["bytes"]) != SHARD_HEADER_BYTES + 2 * int(s["tokens"])]
+    train_tokens, listed, val_hash, seen = sum(int(s["tokens"]) for s in train), int(train_data["tokens"]), \
+        val[0]["sha256"], {}
+    if train_tokens != listed:
+        problems.append(f"the train shards hold {train_tokens:,} tokens, not the {listed:,} of the train_data line")
     for shard in train:
-        if shard.group("sha256") == val[0].group("sha256"):
-            problems.append(f"train shard {shard.group('path')} is the val shard (same sha256)")
-        elif shard.group("sha256") in seen:
-            problems.append(f"train shard {shard.group('path')} repeats {seen[shard.group('sha256')]} (same sha256)")
-        seen.setdefault(shard.group("sha256"), shard.group("path"))
-    val_shard_tokens = int(val[0].group("tokens"))
-    if args.val_shard_tokens and val_shard_tokens != args.val_shard_tokens:
-        problems.append(f"the val shard holds {val_shard_tokens:,} tokens, not FineWeb-Edu's {args.val_shard_tokens:,}")
-    if args.val_sha256 and val[0].group("sha256") != args.val_sha256:
-        problems.append(f"the val shard's sha256 {val[0].group('sha256')} is not {args.val_sha256}")
-    summary["val_shard"] = f"sha256:{val[0].group('sha256')[:16]}" + ("" if args.val_sha256 else "(unverified)")
-    return problems
+        if shard["sha256"] == val_hash:
+            problems.append(f"train shard {shard['path']} is the val shard (same sha256)")
+        elif shard["sha256"] in seen:
+            problems.append(f"train shard {shard['path']} repeats {seen[shard['sha256']]} (same sha256)")
+        seen.setdefault(shard["sha256"], shard["path"])
+    summary["val_shard"] = f"sha256:{val_hash[:16]}" + ("" if args.val_sha256 else "(unverified)")
+    return problems + broken(
+        (args.val_shard_tokens and int(val[0]["tokens"]) != args.val_shard_tokens,
+         f"the val shard holds {int(val[0]['tokens']):,} tokens, not FineWeb-Edu's {args.val_shard_tokens:,}"),
+        (args.val_sha256 and val_hash != args.val_sha256,
+         f"the val shard's sha256 {val_hash} is not {args.val_sha256}"))
 
 
 def check_steps(log: ParsedLog, config: dict) -> list[str]:
     """Step lines 1..steps in order, times that never fall and agree with their averages, validations where due."""
     steps, problems, train_lines = config["steps"], [], log.of_kind("step")
-    numbers = [int(m.group("step")) for m in train_lines]
+    numbers = [int(m["step"]) for m in train_lines]
     if not train_lines:
         problems.append("the log has no step lines")
     elif numbers != list(range(1, steps + 1)):
         gap = next((i + 1 for i, n in enumerate(numbers) if n != i + 1), len(numbers) + 1)
         problems.append(f"the step lines are not 1..{steps} in order ({len(numbers)} lines, the first wrong or missing "
                         f"is step {gap})")
-    totals = {int(m.group("total")) for kind, m in log.events if kind in ("step", "val")}
-    if totals and totals != {steps}:
-        problems.append(f"the step lines count to {totals.pop()} but the config has steps {steps}")
+    timed = [(kind, m) for kind, m in log.events if kind in ("step", "val")]
+    if {int(m["total"]) for _, m in timed} - {steps}:
+        problems.append(f"the step lines count to {timed[0][1]['total']} but the config has steps {steps}")
     for m in train_lines:
-        step, ms, avg = int(m.group("step")), int(m.group("ms")), float(m.group("avg"))
+        step, ms, avg = int(m["step"]), int(m["ms"]), float(m["avg"])
         if abs(avg * step - ms) > 0.005 * step + 1:
             problems.append(f"step {step}: step_avg {avg}ms x {step} steps is not its train_time {ms}ms")
             break
-    last_time = 0
-    for kind, m in log.events:
-        if kind in ("step", "val"):
-            if int(m.group("ms")) < last_time:
-                problems.append(f"train_time falls from {last_time}ms to {m.group('ms')}ms at {m.group(0).split()[0]} "
-                                f"{'val' if kind == 'val' else 'train'} line")
-                break
-            last_time = int(m.group("ms"))
-    val_steps, every = [int(m.group("step")) for m in log.val_lines], config["val_every"]
+    for (_, before), (kind, m) in zip(timed, timed[1:]):
+        if int(m["ms"]) < int(before["ms"]):
+            problems.append(f"train_time falls from {before['ms']}ms to {m['ms']}ms at {m[0].split()[0]} "
+                            f"{'val' if kind == 'val' else 'train'} line")
+            break
+    val_steps, every = [int(m["step"]) for m in log.val_lines], config["val_every"]
     expected = sorted({0, steps} | (set(range(every, steps, every)) if every else set()))
     if len(set(val_steps)) < len(val_steps):
         repeated = sorted({s for s in val_steps if val_steps.count(s) > 1})
@@ -241,62 +232,49 @@ def check_steps(log: ParsedLog, config: dict) -> list[str]:
 def check_final(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
     """The final val line finite, agreeing with its ppl and the last step line, on the right tokens; the train
     tokens consumed within what the steps needed and the shards hold."""
-    problems, available = [], int(log.header["train_data"].group("tokens"))
+    problems, available = [], int(log.header["train_data"]["tokens"])
     if "train_tokens" not in log.header:
         problems.append("no train_tokens line: the run did not finish")
     else:
-        consumed = int(log.header["train_tokens"].group("count"))
+        consumed = int(log.header["train_tokens"]["count"])
         needed = config["steps"] * config["batch_size"] * config["seq_len"]
         summary["train_tokens"] = f"{consumed:,}"
-        if consumed > available:
-            problems.append(f"train_tokens {consumed:,} > {available:,} in the train shards: data repeated")
-        if consumed < needed:
-            problems.append(f"train_tokens {consumed:,} < the {needed:,} that steps x batch_size x seq_len consume")
+        problems += broken(
+            (consumed > available, f"train_tokens {consumed:,} > {available:,} in the train shards: data repeated"),
+            (consumed < needed, f"train_tokens {consumed:,} < the {needed:,} that steps x batch_size x seq_len "
+             "consume"))
     for m in log.val_lines:
         problems += check_val_line(m, config)
     if not log.val_lines:
         summary["train_time"] = "unknown"
         return problems + ["no val_loss line: the run did not finish"]
-    final = log.val_lines[-1]
-    step, total = int(final.group("step")), int(final.group("total"))
-    summary.update(val_loss=final.group("loss"), train_time=f"{int(final.group('ms')) / 60000:.2f}min",
-                   step=f"{step}/{total}")
-    if step != total:
-        problems.append(f"the last val_loss is at step {step}/{total}, not the final step: the run did not finish")
-    train_lines = log.of_kind("step")
-    if train_lines and int(final.group("ms")) < int(train_lines[-1].group("ms")):
-        problems.append(f"the final train_time {final.group('ms')}ms is less than the "
-                        f"{train_lines[-1].group('ms')}ms of the last step line")
-    loss = number(final.group("loss"))
-    if loss is not None and math.isfinite(loss) and not loss <= args.target:
-        problems.append(f"val_loss {final.group('loss')} is not <= target {args.target}")
-    if int(final.group("tokens")) != args.val_tokens:
-        problems.append(f"val measured on {int(final.group('tokens')):,} tokens, not {args.val_tokens:,}")
-    return problems
-
-
-def number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
+    final, train_lines = log.val_lines[-1], log.of_kind("step")
+    step, total, loss = int(final["step"]), int(final["total"]), float(final["loss"])
+    last_ms = int(train_lines[-1]["ms"]) if train_lines else 0
+    summary.update(val_loss=final["loss"], train_time=f"{int(final['ms']) / 60000:.2f}min", step=f"{step}/{total}")
+    return problems + broken(
+        (step != total, f"the last val_loss is at step {step}/{total}, not the final step: the run did not finish"),
+        (int(final["ms"]) < last_ms, f"the final train_time {final['ms']}ms is less than the {last_ms}ms of the last "
+         "step line"),
+        (math.isfinite(loss) and not loss <= args.target, f"val_loss {final['loss']} is not <= target {args.target}"),
+        (int(final["tokens"]) != args.val_tokens,
+         f"val measured on {int(final['tokens']):,} tokens, not {args.val_tokens:,}"))
 
 
 def check_val_line(m: re.Match, config: dict) -> list[str]:
-    step, loss_text, ppl_text = m.group("step"), m.group("loss"), m.group("ppl")
-    loss, ppl, problems = number(loss_text), number(ppl_text), []
-    if loss is None or ppl is None:
-        raise MalformedLog(f"val_loss {loss_text!r} or ppl {ppl_text!r} at step {step} is not a number")
-    if not (math.isfinite(loss) and loss >= 0):
-        problems.append(f"val_loss {loss_text} at step {step} is not a finite, non-negative NELBO")
-    else:  # train.py prints exp(loss) to 2 decimals from the loss before its rounding to 4
-        exact = math.exp(min(loss, 700))
-        if abs(ppl - exact) > exact * 6e-5 + 0.006:
-            problems.append(f"val_loss {loss_text} and ppl {ppl_text} disagree at step {step} (exp gives {exact:.2f})")
-    if int(m.group("tokens")) != config["val_tokens"]:
-        problems.append(f"the val line at step {step} measured {m.group('tokens')} tokens, the config's val_tokens "
-                        f"{config['val_tokens']}")
-    return problems
+    try:
+        loss, ppl = float(m["loss"]), float(m["ppl"])
+    except ValueError:
+        raise MalformedLog(f"val_loss {m['loss']!r} or ppl {m['ppl']!r} at step {m['step']} is not a number") from None
+    valid = math.isfinite(loss) and loss >= 0
+    exact = math.exp(min(loss, 700)) if valid else 0.0
+    return broken(
+        (not valid, f"val_loss {m['loss']} at step {m['step']} is not a finite, non-negative NELBO"),
+        # train.py prints exp(loss) to 2 decimals from the loss before its rounding to 4
+        (valid and abs(ppl - exact) > exact * 6e-5 + 0.006,
+         f"val_loss {m['loss']} and ppl {m['ppl']} disagree at step {m['step']} (exp gives {exact:.2f})"),
+        (int(m["tokens"]) != config["val_tokens"], f"the val line at step {m['step']} measured {m['tokens']} tokens, "
+         f"the config's val_tokens {config['val_tokens']}"))
 
 
 # -----------------------------------------------------------------------------
