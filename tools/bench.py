@@ -75,10 +75,6 @@ def row(*cells) -> None:
     print(f"| {' | '.join(map(str, cells))} |")
 
 
-# -----------------------------------------------------------------------------
-# Measured tables, in the order of the report
-
-
 def matmul_table(device: torch.device, bf16: bool, repeats: int) -> float:
     """The square matmul's FLOP/s per dtype; returns the peak of the dtype training uses."""
     table("## Matmul peak", "dtype", "TFLOP/s")
@@ -163,10 +159,6 @@ def profile_table(name: str, step, top: int = 3) -> None:
         row(key, f"{cost[key] / sum(cost.values()):.1%}")
 
 
-# -----------------------------------------------------------------------------
-# Estimated tables (costmodel.py): nothing in them is timed
-
-
 def estimate_tables() -> None:
     """Per GPU under its preset: each part of a step, the step, the record's minutes and peak memory; then the peak
     memory part by part per preset."""
@@ -201,10 +193,6 @@ def estimate_tables() -> None:
     for part in memory["record"]:
         row(part, *(f"{parts[part] / 2**30:.2f}" for parts in memory.values()))
     row("**total**", *(f"**{sum(parts.values()) / 2**30:.1f}**" for parts in memory.values()))
-
-
-# -----------------------------------------------------------------------------
-# Report
 
 
 def report(bench: Settings, device: torch.device) -> None:

@@ -37,12 +37,11 @@ STDLIB_SKIP = {
 }  # fmt: skip
 PACKAGE_MODULES = [
     "numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "numpy.polynomial", "numpy.lib",
-    "numpy.lib.scimath", "numpy.lib.stride_tricks", "numpy.char", "numpy.strings", "numpy.testing",
-    "numpy.rec", "numpy.exceptions",
-    "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils", "torch.nn.attention",
-    "torch.optim", "torch.optim.lr_scheduler", "torch.distributions", "torch.linalg", "torch.fft",
-    "torch.special", "torch.autograd", "torch.utils.data", "torch.distributed", "torch.cuda", "torch.amp",
-    "torch.sparse", "torch.nested", "torch.func", "torch.masked", "torch.random", "torch.testing",
+    "numpy.lib.scimath", "numpy.lib.stride_tricks", "numpy.char", "numpy.strings", "numpy.testing", "numpy.rec",
+    "numpy.exceptions", "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils",
+    "torch.nn.attention", "torch.optim", "torch.optim.lr_scheduler", "torch.distributions", "torch.linalg",
+    "torch.fft", "torch.special", "torch.autograd", "torch.utils.data", "torch.distributed", "torch.cuda",
+    "torch.amp", "torch.sparse", "torch.nested", "torch.func", "torch.masked", "torch.random", "torch.testing",
     "torch.export", "torch.compiler", "torch.fx", "torch.profiler", "torch.utils.checkpoint",
 ]  # fmt: skip
 

@@ -1,15 +1,10 @@
 """
-The prepared GPU check, `python3 tools/gpu_check.py --report=gpu_check.md`: what a first, short GPU window must show,
-in at most 8 minutes of one GPU, offline, with only the runtime packages and triton. Five parts, each run even if an
-earlier one failed: environment (versions, allocator, common.torch_limitations); flex_equals_sdpa (compiled flex
-against SDPA at the record's layer shapes, bf16, each against SDPA in fp32); record_step (train.py's compiled step at
-its preset's shapes, on FineWeb-Edu or else the demo corpus, next to costmodel.py's estimate; the loss must fall);
-validation (eval.main on a checkpoint, eager); sampling (cached tokens/s, cached logits against a recompute).
-Each part's markdown section is printed (and appended to --report) as it ends, then one `gpu_check:` verdict line;
-the exit status is 0 only if every part passed. DEADLINE_SECONDS stops the check, compiles included: a part it
-interrupts or never reaches is `skipped (time)`; without data record_step and validation are `skipped (no data)`.
-Without CUDA it is a rehearsal on the CPU (tiny config, aot_eager, flex's CPU guard lifted), so every line of this
-file has run before a GPU is paid for.
+The prepared GPU check, `python3 tools/gpu_check.py --report=gpu_check.md`: what a first GPU window must show in 8
+minutes, offline. Five parts (PARTS), each run even if one before failed, each printed (and appended to --report) as
+it ends; then one `gpu_check:` verdict line, and exit status 0 only if every part passed. DEADLINE_SECONDS stops the
+check, compiles included: a part it interrupts or never reaches is `skipped (time)`; without data record_step and
+validation are `skipped (no data)`. Without CUDA it is a rehearsal on the CPU (a tiny config, aot_eager, flex's CPU
+guard lifted), so every line of it has run before a GPU is paid for.
 """
 
 import contextlib
@@ -59,16 +54,14 @@ def machine_name(device: torch.device) -> str:
 
 @dataclass
 class Target:
-    """Where the check runs and what: on a GPU the preset and Inductor, on a CPU a tiny config and aot_eager."""
+    """Where the check runs and what: on a GPU the preset and Inductor, on a CPU (a rehearsal) a tiny config."""
     device: torch.device
-    rehearsal: bool
     hp: train.Hyperparameters  # one forward a step: batch_size = micro_batch
-    compile_backend: str
-    bf16: bool
-    steps: int
-    seconds: float  # record_step's cap
     deadline: float  # time.perf_counter() at which the check stops
     missing: str  # why there is no training data, in one line; empty: there is
+
+    rehearsal = property(lambda self: self.device.type != "cuda")
+    backend = property(lambda self: "aot_eager" if self.rehearsal else "inductor")
 
 
 def target_for(device: torch.device, deadline: float) -> Target:
@@ -83,8 +76,7 @@ def target_for(device: torch.device, deadline: float) -> Target:
         files, missing = {}, f"no training data: {type(error).__name__}: {str(error).splitlines()[0]}"
     hp = replace(hp, batch_size=hp.micro_batch, **files)
     train.check_settings(hp, world_size=1)
-    return Target(device, not cuda, hp, "inductor" if cuda else "aot_eager", common.fast_bf16(device),
-                  RECORD_STEPS if cuda else 8, RECORD_SECONDS if cuda else RECORD_SECONDS / 2, deadline, missing)
+    return Target(device, hp, deadline, missing)
 
 
 def data_files(hp: train.Hyperparameters) -> dict:
@@ -107,10 +99,6 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-# -----------------------------------------------------------------------------
-# The parts: each returns its markdown lines and raises on failure
 
 
 def environment(target: Target, state: dict) -> list[str]:
@@ -169,7 +157,7 @@ def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
     sdpa, flex = random_model(config, device), random_model(config, device)
     if device.type == "cuda":
         flex.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
-    flex.compile_loss(target.compile_backend, flex=True)
+    flex.compile_loss(target.backend, flex=True)
     tokens = cm.document_stream(hp.seq_len, cm.FINEWEB_MEAN_DOC, torch.Generator().manual_seed(1))[None]
     noise = step_noise(hp.seq_len, config.block_size, hp.t_lo, hp.t_hi, 1, 0, 0, 1)
     tokens, noise = common.to_device(tokens, Noise(*(x[None] for x in noise)), device, config.vocab_size)
@@ -199,16 +187,18 @@ def record_step(target: Target, state: dict) -> list[str]:
     reset_peak_memory(device)
     counters.clear()
     model = state["model"] = train.build_model(train.model_config(hp), hp.seed, device)
-    model.compile_loss(target.compile_backend, flex=True)
-    autocast = common.autocast_context(device, target.bf16)
+    model.compile_loss(target.backend, flex=True)
+    bf16 = common.fast_bf16(device)
+    autocast = common.autocast_context(device, bf16)
     loader = TokenLoader(find_shards(hp.train_files), hp.seq_len, sequences=hp.micro_batch)
-    run = train.Run(hp, 0, 1, device, autocast, model, train.make_optimizers(model, hp, common.fast_bf16(device)),
-                    loader, log=lambda line, console=True: None, checkpoint_folder=state["folder"])
+    run = train.Run(hp, 0, 1, device, autocast, model, train.make_optimizers(model, hp, bf16), loader,
+                    log=lambda line, console=True: None, checkpoint_folder=state["folder"])
     compile_ms = warm_up_training(model, hp, autocast, device)
+    steps, cap = (8, RECORD_SECONDS / 2) if target.rehearsal else (RECORD_STEPS, RECORD_SECONDS)
     losses, seconds, started = [], [], time.perf_counter()
-    for step in range(target.steps):
+    for step in range(steps):
         out_of_data = loader.position + 2 * hp.micro_batch * hp.seq_len > loader.num_tokens  # the demo corpus is small
-        out_of_time = step >= 3 and (time.perf_counter() - started > target.seconds - compile_ms / 1000
+        out_of_time = step >= 3 and (time.perf_counter() - started > cap - compile_ms / 1000
                                      or time.perf_counter() > target.deadline - RESERVE_SECONDS)
         if out_of_data or out_of_time:
             break
@@ -220,7 +210,7 @@ def record_step(target: Target, state: dict) -> list[str]:
         seconds.append(run.sync_time() - step_start)
     step_s, tokens = statistics.median(seconds[2:] or seconds), hp.micro_batch * hp.seq_len  # 2: optimizer states
     flops = cm.model_flops_per_token(model.config, hp.seq_len, cm.training_masked_fraction(hp))
-    peak, half = matmul_peak(device, target.bf16), max(1, len(losses) // 3)
+    peak, half = matmul_peak(device, bf16), max(1, len(losses) // 3)
     first, last = statistics.fmean(losses[:half]), statistics.fmean(losses[-half:])
     name = machine_name(device)
     gpu = cm.GPUS[0] if target.rehearsal else cm.gpu_spec(name) or (H200 if "H200" in name else None)
@@ -331,10 +321,6 @@ def sampling(target: Target, state: dict) -> list[str]:
 
 PARTS = {"environment": environment, "flex_equals_sdpa": flex_equals_sdpa, "record_step": record_step,
          "validation": validation, "sampling": sampling}
-
-
-# -----------------------------------------------------------------------------
-# The report
 
 
 class Skipped(Exception):

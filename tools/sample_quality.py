@@ -41,10 +41,6 @@ SWEEP = [dict(sampler=name, **({entry.knob: value} if entry.knob else {}))
          for name, entry in sample.SAMPLERS.items() for value in entry.sweep or (None,)]
 
 
-# -----------------------------------------------------------------------------
-# Judges: sum of -log p(continuation | context) under an autoregressive model
-
-
 def repository_judge(judge: BD3LM, max_len: int):
     """A checkpoint trained with --block_size=1: with every x_t position masked, position i sees the clean tokens
     before it in its document, so its logits are the autoregressive p(x_i | x_<i)."""
@@ -93,10 +89,6 @@ def load_judge(name: str, model: BD3LM, device: torch.device):
         raise ConfigError(f"the judge {name} has a vocabulary of {judge.config.vocab_size} tokens, the model "
                             f"{model.config.vocab_size}: it cannot read the model's token ids")
     return repository_judge(judge, hparams["seq_len"])
-
-
-# -----------------------------------------------------------------------------
-# Sample quality
 
 
 def unigram_entropy(tokens: list[int]) -> float:
