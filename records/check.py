@@ -307,18 +307,18 @@ def imported_repo_files(sources: dict[str, str], repo_files: set[str], entry: st
 
 def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
     """Each embedded file equals `git show REV:path` byte for byte; every repo module train.py imports is embedded."""
-    resolved = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
-                               f"{rev}^{{commit}}"], capture_output=True, text=True)
-    if resolved.returncode != 0:
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True)
+
+    if git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").returncode != 0:
         raise MalformedLog(f"{rev!r} is not a commit in the git repo at {repo}")
     if not files:
         return [f"the log embeds no source files to compare with {rev}"]
-    listed = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", rev], capture_output=True,
-                            text=True, check=True).stdout.split("\n")
+    listed = git("ls-tree", "-r", "--name-only", rev).stdout.decode().split("\n")
     problems = [f"{path} is imported by the run but not embedded in the log"
                 for path in sorted(imported_repo_files(files, {p for p in listed if p.endswith(".py")}) - set(files))]
     for path, body in files.items():
-        shown = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True)
+        shown = git("show", f"{rev}:{path}")
         if shown.returncode != 0:
             problems.append(f"{path} is not in {rev}")
         # The writer may end the last source line with its own newline before the end marker.
@@ -350,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            with open(args.log, encoding="utf-8", newline="") as log_file:  # keep \r for byte-exact code
-                text = log_file.read()
+            text = args.log.read_bytes().decode("utf-8")  # \r kept, for byte-exact code
         except (OSError, UnicodeDecodeError) as error:
             raise MalformedLog(f"cannot read {args.log} ({error})") from None
         log = parse_log(text)
