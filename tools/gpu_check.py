@@ -346,8 +346,8 @@ def main(argv: list[str]) -> None:
 
 
 def check(device_name: str, report_path: str) -> int:
-    """The check under its deadline, the summary line last; the exit status is 0 only if every part passed."""
-    started = time.perf_counter()
+    """Every part under the deadline, each reported as it ends, the summary line last; 0 only if every part passed."""
+    started, results, target, rehearsal = time.perf_counter(), {}, None, False
     if report_path:
         open(report_path, "w").close()
 
@@ -356,22 +356,9 @@ def check(device_name: str, report_path: str) -> int:
         if report_path:
             with open(report_path, "a") as f:
                 f.write(text + "\n")
-    results, rehearsal = run_check(device_name, started + DEADLINE_SECONDS, report)
-    ok, failed = (sum(v.startswith(verdict) for v in results.values()) for verdict in ("ok", "failed"))
-    skipped = len(results) - ok - failed
-    word = "FAIL" if failed else "INCOMPLETE" if skipped else "PASS"
-    report(f"\ngpu_check: {word} {ok}/{len(results)} passed{f', {skipped} skipped' if skipped else ''}"
-           f"{' (rehearsal on CPU)' if rehearsal else ''}: {' '.join(f'{k}:{v}' for k, v in results.items())} "
-           f"seconds:{time.perf_counter() - started:.0f}")
-    return 0 if word == "PASS" else 1
-
-
-def run_check(device_name: str, deadline: float, report) -> tuple[dict[str, str], bool]:
-    """Every part, each reported as it ends; the verdicts by name, and whether it was a rehearsal."""
-    results, target, rehearsal = {}, None, False
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         try:
-            with alarm_at(deadline):
+            with alarm_at(started + DEADLINE_SECONDS):
                 device = common.pick_device(device_name)
                 rehearsal = device.type != "cuda"
                 report(f"# gpu_check on {machine_name(device)}, {time.strftime('%Y-%m-%d %H:%M')}" if not rehearsal
@@ -379,7 +366,7 @@ def run_check(device_name: str, deadline: float, report) -> tuple[dict[str, str]
                        f"'s CPU guard lifted; no figure here is a GPU's. {time.strftime('%Y-%m-%d %H:%M')}")
                 if rehearsal:
                     stack.enter_context(common.flex_backward_on_cpu())
-                target = target_for(device, deadline)
+                target = target_for(device, started + DEADLINE_SECONDS)
             if target.missing:
                 report(f"- missing: {target.missing}; README's GPU section says what to bring")
         except Exception as error:  # no part can run; the summary line still comes
@@ -393,7 +380,13 @@ def run_check(device_name: str, deadline: float, report) -> tuple[dict[str, str]
             results[name] = run_part(name, part, target, state, report)
             if results[name] != "skipped(time)":  # a compile stopped midway is left as it is
                 torch._dynamo.reset()
-    return results, rehearsal
+    ok, failed = (sum(v.startswith(verdict) for v in results.values()) for verdict in ("ok", "failed"))
+    skipped = len(results) - ok - failed
+    word = "FAIL" if failed else "INCOMPLETE" if skipped else "PASS"
+    report(f"\ngpu_check: {word} {ok}/{len(results)} passed{f', {skipped} skipped' if skipped else ''}"
+           f"{' (rehearsal on CPU)' if rehearsal else ''}: {' '.join(f'{k}:{v}' for k, v in results.items())} "
+           f"seconds:{time.perf_counter() - started:.0f}")
+    return 0 if word == "PASS" else 1
 
 
 def run_part(name: str, part, target: Target, state: dict, report) -> str:
