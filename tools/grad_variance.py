@@ -128,7 +128,8 @@ def grad_variance_table(checkpoint: str, initial: bool, draws: int, seed: int, d
 
 
 def main(argv: list[str]) -> None:
-    s = common.command_line(argv, Settings, "python tools/grad_variance.py [--name=value ...]", "\n\n" + __doc__)
+    s = common.command_line(argv, Settings, "python tools/grad_variance.py [--name=value ...]",
+                            f"\n\n{__doc__.strip()}")
     with common.user_errors():
         if not (s.checkpoint or s.initial):
             raise common.ConfigError("nothing to measure: give --checkpoint or leave --initial=True")
