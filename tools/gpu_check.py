@@ -114,7 +114,8 @@ def environment(target: Target, state: dict) -> list[str]:
         props = torch.cuda.get_device_properties(target.device)
         lines += [f"- driver {driver_version()}, compute capability {props.major}.{props.minor}, "
                   f"{props.total_memory / 2**30:.1f} GiB, {getattr(props, 'shared_memory_per_block_optin', 0):,} "
-                  "bytes of shared memory a block", f"- flex kernel options: {flex_kernel_options(props) or 'none'}"]
+                  "bytes of shared memory a block",
+                  f"- flex kernel options: {flex_kernel_options(props) or 'the defaults'}"]
         if "expandable_segments:True" not in allocator:
             raise RuntimeError(f"the allocator runs without expandable segments: {allocator or 'default'}")
     lines.append(f"- preset {target.hp.preset}: {target.hp.micro_batch} x {target.hp.seq_len} tokens per forward, "
