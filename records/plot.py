@@ -1,10 +1,9 @@
-"""Plot the val NELBO of training runs from their logs: against train time and against training tokens.
+"""Plot the val NELBO of training runs from their logs, against train time and against training tokens.
 
     python records/plot.py logs/RUN.txt [logs/OTHER.txt ...] --out=curve.png
 
-One curve per log, named by its file, with the record target drawn. Training tokens at a validation are the
-steps before it times batch_size x seq_len (the tokens skipped to start chunks at a document are not counted).
-Like check.py it reads logs only; it needs matplotlib (requirements-dev.txt).
+One curve per log, named by its file, with the record target drawn. Training tokens at a validation are the steps
+before it times batch_size x seq_len. Like check.py it reads logs only; it needs matplotlib (requirements-dev.txt).
 """
 
 import argparse
@@ -18,20 +17,17 @@ from check import TARGET, MalformedLog, parse_log
 def read_curve(path: Path) -> tuple[list[float], list[int], list[float]]:
     """(train time in minutes, training tokens, val NELBO) at each validation of the run logged in `path`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        log = parse_log(path.read_text(encoding="utf-8"))
+        config = json.loads(log.header["config"]["json"])
+        tokens_per_step = config["batch_size"] * config["seq_len"]
     except (OSError, UnicodeDecodeError) as error:
         raise MalformedLog(f"cannot read {path} ({error})") from None
-    try:
-        log = parse_log(text)
-        config = json.loads(log.header["config"].group("json"))
-        tokens_per_step = config["batch_size"] * config["seq_len"]
     except (MalformedLog, json.JSONDecodeError, KeyError, TypeError) as error:
         raise MalformedLog(f"{path} is not a train.py log ({error})") from None
     if not log.val_lines:
         raise MalformedLog(f"{path} has no val_loss line")
-    minutes = [int(line.group("ms")) / 60_000 for line in log.val_lines]
-    tokens = [int(line.group("step")) * tokens_per_step for line in log.val_lines]
-    return minutes, tokens, [float(line.group("loss")) for line in log.val_lines]
+    return ([int(m["ms"]) / 60_000 for m in log.val_lines], [int(m["step"]) * tokens_per_step for m in log.val_lines],
+            [float(m["loss"]) for m in log.val_lines])
 
 
 def plot(curves: dict[str, tuple], out: Path) -> None:
@@ -60,26 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("logs", type=Path, nargs="+", help="train.py logs (logs/<run_id>.txt)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
+    names = [path.stem for path in args.logs]
+    if len(set(names)) < len(names):  # the same run id in two folders
+        names = [str(path) for path in args.logs]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("error: records/plot.py needs matplotlib: pip install -r requirements-dev.txt", file=sys.stderr)
-        return 2
+        return error("records/plot.py needs matplotlib: pip install -r requirements-dev.txt")
     try:
-        names = [path.stem for path in args.logs]
-        if len(set(names)) < len(names):  # the same run id in two folders
-            names = [str(path) for path in args.logs]
         curves = {name: read_curve(path) for name, path in zip(names, args.logs)}
-    except MalformedLog as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except MalformedLog as problem:
+        return error(str(problem))
     try:
         plot(curves, args.out)
-    except OSError as error:
-        print(f"error: cannot write {args.out} ({error})", file=sys.stderr)
-        return 2
+    except OSError as problem:
+        return error(f"cannot write {args.out} ({problem})")
     print(f"wrote {args.out}: {len(curves)} run{'s' * (len(curves) > 1)}")
     return 0
+
+
+def error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def test_masked_fraction_is_the_mean_of_drawn_training_noise():
         masked = torch.cat([step_noise(4096, 16, 0.2, 0.7, 5, step, 0, 1, estimator=estimator).masked
                             for step in range(64)])
         # 0.006: about 4 standard errors of the mean over 64 x 256 blocks
-        assert masked.float().mean().item() == pytest.approx(mean_masked_fraction(estimator, "linear", 0.2, 0.7, 16),
+        assert masked.float().mean().item() == pytest.approx(mean_masked_fraction(estimator, 0.2, 0.7, 16),
                                                              abs=0.006)
 
 

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_graph.py
 
-FlexAttention refuses a backward on CPU through one private guard, which common.flex_backward_on_cpu lifts. Then
+FlexAttention refuses a backward on CPU through one private guard, which gpu_check.flex_backward_on_cpu lifts. Then
 compile_loss under aot_eager with fullgraph=True runs the Dynamo/AOTAutograd graph a GPU gets (flex forward and
 backward, the BlockMask built inside, on stacked rows [N, L]); only Inductor's Triton lowering is unseen. And whatever
 compile_loss chose, no eager call reaches flex_attention, whose eager fallback materializes every score.
@@ -18,17 +18,18 @@ from conftest import EOT, REPO, SMALL, VOCAB, CountingBackend, read_log, run_tra
 from torch._dynamo.utils import counters
 
 import common
-import sample
 import model as model_module
+import sample
 from model import BD3LM, ModelConfig
 from noise import Noise, eval_noise, train_noise
+from tools import gpu_check
 
 
 @pytest.fixture
 def flex_backward_on_cpu():
     torch._dynamo.reset()
     counters.clear()
-    with common.flex_backward_on_cpu():
+    with gpu_check.flex_backward_on_cpu():
         yield
     torch._dynamo.reset()
 
@@ -140,6 +141,7 @@ import common
 sys.path.insert(0, {REPO + '/tests'!r})
 from conftest import CountingBackend
 import train
+from tools import gpu_check
 
 backend, build_model = CountingBackend(), train.build_model
 
@@ -149,7 +151,7 @@ def build_compiled_model(*args):
     return model
 
 train.build_model = build_compiled_model
-with common.flex_backward_on_cpu():
+with gpu_check.flex_backward_on_cpu():
     train.main(sys.argv[1:])
 print(f"graphs:{{backend.graphs}}")
 """

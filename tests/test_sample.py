@@ -282,9 +282,9 @@ def test_windowed_generation_ignores_everything_before_the_window(model):
 
 
 def test_a_long_generation_keeps_the_cache_at_the_context_size(model, monkeypatch):
-    sizes, new_cache = [], model.new_cache
-    monkeypatch.setattr(model, "new_cache", lambda n, max_len, start: sizes.append(max_len) or
-                        new_cache(n, max_len, start))
+    sizes, new_cache = [], sample.new_cache
+    monkeypatch.setattr(sample, "new_cache", lambda model, n, max_len, start: sizes.append(max_len) or
+                        new_cache(model, n, max_len, start))
     settings = Settings(num_samples=1, max_new_tokens=400, context=4 * BLOCK, stop_at_eot=False,
                         sampler="first_hitting")
     tokens, stats = generate(model, PROMPT, settings, torch.Generator().manual_seed(0))
@@ -324,21 +324,21 @@ def test_every_cached_forward_equals_a_full_recompute_on_a_trained_model(trained
     that rounding of a step of the cumulative distribution can go either way.)"""
     model, final_loss, prompt = trained_model
     assert final_loss < 9.0  # it has learned something: uniform over 50257 tokens costs ln(50257) = 10.8
-    cache_logits, differences = model.cache_logits, []
+    cache_logits, differences = sample.cache_logits, []
 
-    def checked_cache_logits(cache, block):
-        logits = cache_logits(cache, block)
+    def checked_cache_logits(model, cache, block):
+        logits = cache_logits(model, cache, block)
         history = torch.cat([cache.tokens[:, :cache.length], block], 1)
         full = model.logits(history, history)[:, cache.length:]
         differences.append(float((logits - full).abs().max()))
         return logits
 
-    model.cache_logits = checked_cache_logits
+    sample.cache_logits = checked_cache_logits
     try:
         settings = Settings(num_samples=2, max_new_tokens=60, sampler=sampler, **SAMPLER_SETTINGS[sampler])
         generate(model, prompt, settings, torch.Generator().manual_seed(7))
     finally:
-        del model.cache_logits
+        sample.cache_logits = cache_logits
     assert len(differences) >= 15 and max(differences) < 1e-4, max(differences)
 
 

@@ -1,21 +1,18 @@
 """
 Measure training speed, its scaling with sequence length, the attention mask's cost and sampling speed; then print
-costmodel.py's estimate of the record run on GPUs. One markdown report; nothing is written to disk.
+costmodel.py's estimate of the record run on GPUs (on a GPU, next to the measured record step). One markdown report.
 
     python tools/bench.py                      # on the machine's accelerator if it has one, else the CPU
-    python tools/bench.py --quick=True         # fewer and smaller runs: about 6 minutes on a 2-core CPU
+    python tools/bench.py --quick=True         # fewer and smaller runs
     python tools/bench.py --checkpoint=checkpoints/demo/final.pt   # sampling figures from a trained model
-    python tools/bench.py --estimate_only=True # only the GPU estimates for the record config: seconds, times nothing
+    python tools/bench.py --estimate_only=True # only the GPU estimates for the record config: times nothing
 
-Measured: each time is the median of several runs after a warm-up; FLOP utilization is model FLOP/s (the count
-costmodel.model_flops_per_token at the schedule's masked fraction) over the matmul peak measured in the run.
-Estimated, not measured: step time, record minutes and peak memory of 8x H100 and 1x RTX 3090 under their
-presets; on a GPU, next to the measured record step.
+Times are medians after a warm-up; FLOP utilization is costmodel.model_flops_per_token's FLOP/s over the matmul
+peak measured in the run.
 """
 
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -24,18 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
-from model import ModelConfig, Noise, block_diffusion_block_mask, block_diffusion_mask, setting, train_noise
+from model import ModelConfig, block_diffusion_block_mask, block_diffusion_mask, setting
+from noise import Noise, step_noise
 from sample import SAMPLERS, generate
 from sample import Settings as SampleSettings
 from tools import costmodel as cm
-from tools import gpu_check
-from train import (
-    PRESETS,
-    Hyperparameters,
-    build_model,
-    make_optimizers,
-    model_config,
-)
+from tools.gpu_check import machine_name, matmul_peak, median_time, random_model
+from train import PRESETS, Hyperparameters, build_model, make_optimizers, model_config
 
 
 @dataclass
@@ -55,31 +47,15 @@ RECORD = preset("record")
 DEMO, MID = model_config(preset("demo")), ModelConfig(n_layer=8, n_head=6, head_dim=64, model_dim=384, mlp_hidden=1536)
 
 
-def median_time(fn, repeats: int, device: torch.device, warmup: bool = True) -> float:
-    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def train_step(config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool, rows: int = 1):
-    """One optimizer step of train.py's recipe (forward, backward, Muon + Adam) on a fixed window of `rows`
-    sequences in one forward, under the record preset's noise; on a GPU with the loss compiled, as train.py does.
-    Returns the step and its model."""
+    """(step, model): one optimizer step of train.py's recipe on `rows` fixed sequences in one forward, under the
+    record preset's noise; on a GPU with the loss compiled, as train.py does."""
     gen, model = torch.Generator().manual_seed(0), build_model(config, 0, device)
     if device.type == "cuda":
         model.compile_loss()
     optimizers = make_optimizers(model, RECORD, fast_bf16=bf16)
     tokens = cm.document_stream(rows * seq_len, mean_doc, gen).view(rows, seq_len)
-    noise = train_noise(rows * seq_len, config.block_size, RECORD.t_lo, RECORD.t_hi, gen)
+    noise = step_noise(rows * seq_len, config.block_size, RECORD.t_lo, RECORD.t_hi, 0, 0, 0, 1)
     tokens, noise = common.to_device(tokens, Noise(*(x.view(rows, seq_len) for x in noise)), device, config.vocab_size)
 
     def step() -> None:
@@ -100,25 +76,19 @@ def row(*cells) -> None:
     print(f"| {' | '.join(map(str, cells))} |")
 
 
-# -----------------------------------------------------------------------------
-# Measured tables, in the order of the report
-
-
 def matmul_table(device: torch.device, bf16: bool, repeats: int) -> float:
     """The square matmul's FLOP/s per dtype; returns the peak of the dtype training uses."""
     table("## Matmul peak", "dtype", "TFLOP/s")
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:1 + bf16]:
-        peaks[name] = gpu_check.matmul_peak(device, dtype == torch.bfloat16, repeats)
-        row(name, f"{peaks[name] / 1e12:.3f}")
+    for half in (False, True)[:1 + bf16]:
+        peak = matmul_peak(device, half, repeats)
+        row("bf16" if half else "fp32", f"{peak / 1e12:.3f}")
     if not bf16:
         row("bf16", "not measured: no bf16 kernels for this CPU (hundreds of times slower than fp32)")
-    return peaks["bf16" if bf16 else "fp32"]
+    return peak
 
 
 def train_table(cases, device: torch.device, bf16: bool, repeats: int, peak: float) -> dict[str, float]:
-    """Step time, throughput and FLOP utilization of each case (name, config, seq_len, rows); returns the step
-    seconds by name."""
+    """Step time, throughput and FLOP utilization of each case (name, config, seq_len, rows); step seconds by name."""
     masked, seconds = cm.training_masked_fraction(RECORD), {}
     table(f"## Training step (forward + backward + Muon/Adam, {'bf16' if bf16 else 'fp32'}, ~{cm.FINEWEB_MEAN_DOC}-"
           f"token documents, {masked:.0%} masked)", "config", "params", "tokens per forward", "step ms", "tokens/s",
@@ -142,8 +112,8 @@ def scaling_table(config: ModelConfig, base: int, device: torch.device, bf16: bo
 
 
 def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.device, repeats: int) -> None:
-    """The BlockMask's share of tiles and build time, and the dense mask's at seq_len, as a share of the training
-    step of `name` at seq_len: a GPU builds the BlockMask, a CPU the dense mask."""
+    """Build times of the BlockMask (and its share of tiles) and of the dense mask, as a share of the `name` training
+    step at seq_len: a GPU builds the BlockMask, a CPU the dense mask."""
     size = RECORD.block_size
     table(f"## Attention mask (block size {size}; share of the {name} training step at {seq_len} tokens)", "stream",
           "tokens", "tiles computed", "BlockMask build ms", "dense mask build ms", "share of step")
@@ -160,10 +130,9 @@ def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.devic
 
 
 def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: int) -> None:
-    """Tokens/s and forwards per token of one sample from each sampler of sample.SAMPLERS, with and without the KV
-    cache, from the checkpoint or a demo-size model of random weights. Generation has nothing to warm up; the slow
-    reference and quick runs are timed once."""
-    model = common.load_model(checkpoint, device)[0] if checkpoint else gpu_check.random_model(DEMO, device).eval()
+    """Tokens/s and forwards per token of one sample of each sampler, with and without the KV cache, from the
+    checkpoint or a demo-size random model. The slow reference and quick runs are timed once, with no warm-up."""
+    model = common.load_model(checkpoint, device)[0] if checkpoint else random_model(DEMO, device).eval()
     table(f"## Sampling ({checkpoint or 'demo-size model, random weights'}; one sample, stops at EOT)", "sampler",
           "new tokens", "KV cache", "tokens/s", "forwards per token")
     for sampler in SAMPLERS:
@@ -191,13 +160,9 @@ def profile_table(name: str, step, top: int = 3) -> None:
         row(key, f"{cost[key] / sum(cost.values()):.1%}")
 
 
-# -----------------------------------------------------------------------------
-# Estimated tables (costmodel.py): nothing in them is timed
-
-
 def estimate_tables() -> None:
-    """For each GPU under its preset: the work and estimated time of each part of a step, the step, the record's
-    minutes and the peak memory; then the peak memory part by part for each preset."""
+    """Per GPU under its preset: each part of a step, the step, the record's minutes and peak memory; then the peak
+    memory part by part per preset."""
     config, tiles = model_config(RECORD), cm.fineweb_tile_fraction(RECORD.seq_len, RECORD.block_size)
     params = cm.numel(p for group in cm.parameter_groups(config).values() for p in group)
     e = cm.EFFICIENCY
@@ -231,15 +196,10 @@ def estimate_tables() -> None:
     row("**total**", *(f"**{sum(parts.values()) / 2**30:.1f}**" for parts in memory.values()))
 
 
-# -----------------------------------------------------------------------------
-# Report
-
-
 def report(bench: Settings, device: torch.device) -> None:
     """Every measured table, then the estimates; on a GPU, last, the measured record step next to its estimate."""
     repeats, bf16, cuda = 3 if bench.quick else bench.repeats, common.fast_bf16(device), device.type == "cuda"
-    machine = torch.cuda.get_device_name(device) if cuda else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = machine_name(device)
     print(f"# bench.py, {time.strftime('%Y-%m-%d')}\n\nmachine: {machine}; python {platform.python_version()}; "
           f"torch {torch.__version__}; {'quick' if bench.quick else 'full'} run, median of {repeats}")
     peak = matmul_table(device, bf16, repeats)

@@ -1,13 +1,11 @@
 """
-BD3-LM's data-driven clipped schedule, as a study beside training: at a checkpoint's weights, the noise of the
-training gradient under each candidate interval [lo, hi] of the masking probability, and the interval where it is
-least noisy (the gradient's variance over its signal, tools/grad_variance.py's measure). A record trains on the
-records' interval 0.3-0.8 whatever this prints; a run may try the chosen one with --t_lo and --t_hi.
+BD3-LM's data-driven clipped schedule as a study: at a checkpoint's weights, the gradient noise (grad_variance.py's
+variance over signal) under each candidate interval [lo, hi] of the masking probability, and the least noisy one. A
+record trains on 0.3-0.8 whatever this prints; a run may try the chosen one with --t_lo and --t_hi.
 
     python tools/clip_search.py --checkpoint=checkpoints/demo/final.pt
 
-The tokens are the last --tokens of the checkpoint run's train stream (--train_files to read others): a run that
-stops before the end of its data never trained on them.
+It measures on the last --tokens of the checkpoint run's train stream, which a run that stops early never trained on.
 """
 
 import os
@@ -21,7 +19,8 @@ import torch
 
 import common
 from data.loader import TokenStream, find_shards, train_val_paths
-from model import BD3LM, ESTIMATORS, setting
+from model import BD3LM, setting
+from noise import ESTIMATORS, TRAIN_ESTIMATOR
 from tools.grad_variance import GradientNoise, gradient_noise
 
 CLIP_SEARCH_NOISE_SEED = 1  # every candidate interval draws the same uniforms
@@ -35,13 +34,12 @@ class Settings:
     step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
     tokens: int = setting(65_536, "tokens at the end of the train stream, a multiple of the run's seq_len")
     draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
-    estimator: str = setting("", "training noise (model.ESTIMATORS); empty: the checkpoint run's")
+    estimator: str = setting(TRAIN_ESTIMATOR, "training noise, one of model.ESTIMATORS")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
 
 def candidates(widths: str, step: float) -> list[tuple[float, float]]:
-    """The candidate intervals, built as bd3lms builds them: for each width w, the intervals (lo, lo + w) for
-    lo = 0, step, 2 step, ... while lo + w <= 1."""
+    """bd3lms's candidates: for each width w, the intervals (lo, lo + w) for lo = 0, step, 2 step, ... to 1 - w."""
     try:
         parsed = [float(width) for width in widths.split(",")]
     except ValueError:
@@ -61,14 +59,12 @@ def tail_chunks(pattern: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
     if not 0 < tokens <= stream.num_tokens or tokens % seq_len:
         raise common.ConfigError(f"--tokens={tokens} is not a positive multiple of the run's seq_len {seq_len} "
                                  f"within the {stream.num_tokens} train tokens")
-    start = stream.num_tokens - tokens
-    return [torch.from_numpy(stream.read(at, at + seq_len).astype("int64")) for at in range(start, stream.num_tokens,
-                                                                                          seq_len)]
+    return [torch.from_numpy(stream.read(at, at + seq_len).astype("int64"))
+            for at in range(stream.num_tokens - tokens, stream.num_tokens, seq_len)]
 
 
 def search(model: BD3LM, chunks: list[torch.Tensor], intervals: list[tuple[float, float]], estimator: str,
            draws: int) -> dict[tuple[float, float], GradientNoise]:
-    """The gradient noise of every candidate interval, on the same chunks and uniforms."""
     return {interval: gradient_noise(model, chunks, *interval, estimator, draws, CLIP_SEARCH_NOISE_SEED)
             for interval in intervals}
 
@@ -79,14 +75,13 @@ def main(argv: list[str]) -> None:
         if s.draws < 2:
             raise common.ConfigError(f"--draws must be at least 2 (a variance), got {s.draws}")
         intervals = candidates(s.widths, s.step)
+        common.check_choice("estimator", s.estimator, tuple(ESTIMATORS))
         device = common.pick_device(s.device)
         model, hp = common.load_model(s.checkpoint, device)
-        estimator = s.estimator or hp["estimator"]
-        common.check_choice("estimator", estimator, tuple(ESTIMATORS))
         chunks = tail_chunks(s.train_files or train_val_paths(hp["data"])[0], s.tokens, hp["seq_len"])
         with common.autocast_context(device, common.fast_bf16(device)):
-            noise = search(model, chunks, intervals, estimator, s.draws)
-    print(f"# tools/clip_search.py, {time.strftime('%Y-%m-%d')}: {s.checkpoint}, estimator {estimator}, "
+            noise = search(model, chunks, intervals, s.estimator, s.draws)
+    print(f"# tools/clip_search.py, {time.strftime('%Y-%m-%d')}: {s.checkpoint}, estimator {s.estimator}, "
           f"{len(chunks)} x {hp['seq_len']} tokens, {s.draws} draws per interval\n\n"
           "| interval | grad variance / signal | grad variance | loss variance | mean loss |\n|---|---|---|---|---|")
     for (lo, hi), n in noise.items():

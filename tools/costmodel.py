@@ -1,8 +1,8 @@
 """
-The estimate of train.py's record run on GPUs, for the code as it is now (RECIPE); bench.py prints it. Nothing
-here is timed: each part of one optimizer step is FLOPs, bytes, eager ops and bus bytes over datasheet peaks and
-assumed efficiencies, and peak memory is what a GPU holds when the backward starts. The one input taken from the
-code rather than assumed is the BlockMask's share of attention tiles, counted on synthetic streams.
+The estimate of train.py's record run on GPUs, for the code as it is now (RECIPE); bench.py prints it. Nothing here
+is timed: each part of a step is FLOPs, bytes, eager ops and bus bytes over datasheet peaks at assumed efficiencies
+(docs/performance.md), peak memory what a GPU holds when the backward starts. Only the BlockMask's share of attention
+tiles is taken from the code, counted on synthetic streams.
 """
 
 import os
@@ -15,43 +15,35 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import train
-from model import BD3LM, SCHEDULES, TILE, Estimator, ModelConfig, block_diffusion_block_mask, estimator_of
+from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask
+from noise import TRAIN_ESTIMATOR, count_table
 
 RECIPE = ("the head and loss in one compiled graph on every noisy row (static shapes, no host sync); the preset's "
           "micro_batch rows per forward (the FLOPs and bytes of one row at a time: rows change the memory and the "
           "number of forwards); one all-reduce of every gradient after the backward, exposed in full; Muon's "
           "Newton-Schulz shared by the ranks in turns and all-gathered; compile before the clock starts")
-# match: in torch.cuda.get_device_name(); count: GPUs of the record set-up; bf16_flops: dense tensor-core peak in
-# FLOP/s; bandwidths in bytes/s (bus: NCCL all-reduce bus bandwidth per GPU); memory in bytes; train.py's preset
+# match: a part of torch.cuda.get_device_name(); count: GPUs of the record set-up; bf16_flops: dense peak in FLOP/s;
+# bandwidths in bytes/s (bus: NCCL all-reduce bus bandwidth per GPU, assumed); memory in bytes; train.py's preset
 GPU = namedtuple("GPU", "name match count bf16_flops memory_bandwidth bus_bandwidth memory preset")
-GPUS = (
-    # H100 SXM5 datasheet: 989 TFLOP/s dense bf16 (1979 is with sparsity), 3.35 TB/s HBM3, 80 GB; NVLink 4 moves
-    # 450 GB/s each way per GPU, of which NCCL's all-reduce is assumed to reach 400 GB/s of bus bandwidth
-    GPU("H100 SXM", "H100", 8, 989e12, 3.35e12, 400e9, 80 * 2**30, "record"),
-    # GA102 whitepaper: RTX 3090 71 TFLOP/s dense bf16 with fp32 accumulation, 936 GB/s GDDR6X, 24 GB; one card
-    GPU("RTX 3090", "3090", 1, 71e12, 936e9, 0.0, 24 * 2**30, "record_24gb"),
-)
-# assumed, not measured: the share of the peak each kind of work reaches
-EFFICIENCY = {"matmul": 0.55, "attention": 0.35, "memory": 0.8}  # attention: block-sparse flex, slower backward
+GPUS = (GPU("H100 SXM", "H100", 8, 989e12, 3.35e12, 400e9, 80 * 2**30, "record"),  # datasheets
+        GPU("RTX 3090", "3090", 1, 71e12, 936e9, 0.0, 24 * 2**30, "record_24gb"))
+EFFICIENCY = {"matmul": 0.55, "attention": 0.35, "memory": 0.8}  # assumed shares of the peaks
 EAGER_OP_SECONDS = 5e-6  # host time of one eager op: Muon's small ops on 768-wide matrices are bound by it
 FLASH_BACKWARD = 2.5  # flash attention's backward recomputes the scores: 5 matmuls to the forward's 2
-FINEWEB_MEAN_DOC = 1000  # tokens per FineWeb-Edu document, about (its 10B-token sample holds ~9.7M documents)
+FINEWEB_MEAN_DOC = 1000  # tokens per FineWeb-Edu document, about
 EOT = ModelConfig().eot_id
-# Muon's eager ops (tests/test_bench.py counts them): per matrix the momentum lerp_ and the update (view, mul_,
-# add_); per turn, for the matrix this rank orthogonalizes, the Nesterov lerp, newton_schulz's 24 (cast, norm,
-# clamp, divide, 5 x (transpose and 3 matmuls)) and 3 to flatten, gather and split the updates; a tall matrix
-# takes 3 more (two transposes, and a copy to flatten the transposed result)
+# Muon's eager ops (tests/tools/test_bench.py counts them): per matrix momentum lerp_ and the update (view, mul_,
+# add_); per turn the Nesterov lerp, newton_schulz's 24 and 3 to flatten, gather and split; a tall matrix 3 more
 MUON_OPS_PER_MATRIX, MUON_OPS_PER_TURN = 4, 28
-# Bytes per logit (row x padded vocabulary) of the compiled head and loss, an assumed fusion. Traffic: the bf16
-# logits written once and read twice, their bf16 gradient written once and read by both matmuls, one fp32 tensor
-# Inductor may write and read. Memory: the logits are kept, and meet their gradient and that fp32 tensor.
+# Bytes per logit of the compiled head and loss (an assumed fusion): traffic of the bf16 logits, their gradient and
+# one fp32 tensor; memory of the kept logits meeting their gradient and that tensor
 LOSS_TRAFFIC, LOSS_MEMORY = 20, 8
 
 
 @dataclass(frozen=True)
 class Work:
-    """What one part of a step asks of one GPU: FLOPs at the EFFICIENCY of their kind, bytes through memory in
-    pointwise and reduction kernels, ops launched one at a time from Python, and exposed bus bytes (NCCL busbw)."""
+    """One part of a step on one GPU: FLOPs at the EFFICIENCY of their kind, bytes through memory, ops launched one
+    at a time from Python, and exposed bus bytes (NCCL busbw)."""
     flops: float = 0.0
     kind: str = "matmul"
     bytes: float = 0.0
@@ -72,7 +64,6 @@ class Work:
 
 
 def gpu_spec(device_name: str) -> GPU | None:
-    """The spec of GPUS that stands for a GPU of this name, if any."""
     return next((gpu for gpu in GPUS if gpu.match in device_name), None)
 
 
@@ -86,20 +77,17 @@ def document_stream(length: int, mean_doc: int, generator: torch.Generator) -> t
 def tile_fraction(tokens: torch.Tensor, block_size: int) -> float:
     """Share of the TILE x TILE tiles of the [x_t ; x_0] score matrix that the BlockMask computes (partial or full)."""
     block_mask = block_diffusion_block_mask(tokens, block_size, EOT)
-    computed = block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()
-    return computed.item() / (2 * tokens.numel() // TILE) ** 2
+    return (block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()).item() / (2 * len(tokens) // TILE)**2
 
 
 def fineweb_tile_fraction(seq_len: int, block_size: int, streams: int = 16) -> float:
-    """The BlockMask's computed share of tiles, averaged over streams of ~FINEWEB_MEAN_DOC-token documents."""
     gen = torch.Generator().manual_seed(2)
     return statistics.mean(tile_fraction(document_stream(seq_len, FINEWEB_MEAN_DOC, gen), block_size)
                            for _ in range(streams))
 
 
 def parameter_groups(config: ModelConfig) -> dict[str, list[torch.Tensor]]:
-    """The model's parameters by optimizer group, built on the meta device: shapes without memory."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes without memory
         return BD3LM(config).param_groups()
 
 
@@ -108,8 +96,8 @@ def numel(tensors) -> int:
 
 
 def saved_activation_bytes(config: ModelConfig) -> int:
-    """Bytes the backward keeps per position of [x_t ; x_0] and per layer under bf16 autocast (an estimate of what
-    the compiled trunk keeps: matmul inputs and outputs and norm inputs; the rotary and relu^2 are recomputed)."""
+    """Bytes the backward keeps per position of [x_t ; x_0] and layer under bf16 autocast: matmul inputs and outputs
+    and norm inputs (the rotary and relu^2 are recomputed)."""
     d, inner, hidden = config.model_dim, config.n_head * config.head_dim, config.mlp_hidden
     return (2 * 4 * d  # the residual stream entering attention and the MLP (fp32, as the embedding is)
             + 2 * 2 * d  # its normed copies: the input of q, k, v and of the up projection
@@ -120,8 +108,8 @@ def saved_activation_bytes(config: ModelConfig) -> int:
 
 
 def peak_memory(config: ModelConfig, tokens: int) -> dict[str, float]:
-    """Bytes on one GPU by part when the backward of a forward of `tokens` tokens starts: what the step keeps and
-    what autograd saved. The CUDA context, allocator slack and single kernels' temporaries come on top."""
+    """Bytes on one GPU by part when the backward of a forward of `tokens` tokens starts (the CUDA context, allocator
+    slack and single kernels' temporaries come on top)."""
     groups = parameter_groups(config)
     params, hidden = [p for group in groups.values() for p in group], groups["hidden_matrices"]
     adam = groups["embed"] + groups["head"] + groups["scalars"]
@@ -140,32 +128,26 @@ def peak_memory(config: ModelConfig, tokens: int) -> dict[str, float]:
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float) -> float:
-    """Training FLOPs (forward + backward = 3x forward) per token of the clean stream.
-    Every token passes the trunk twice (noisy and clean half); the head counts on the masked fraction of the tokens
-    only (Schedule.mean_mask_prob), the work the objective needs: the compiled loss runs it on every noisy position,
-    so a GPU does more than this count. Attention is counted for one document of seq_len tokens, where a query sees
-    on average about seq_len / 2 + block_size keys in either half; it is lower for streams of short documents,
-    whose tiles the BlockMask skips."""
-    c = config
-    inner = c.n_head * c.head_dim
+    """Training FLOPs (3x forward) per clean token: the trunk on both halves, the head on the masked fraction only
+    (what the objective needs; the compiled loss runs every noisy row), attention for one seq_len-token document,
+    where a query sees about seq_len / 2 + block_size keys in either half."""
+    c, inner = config, config.n_head * config.head_dim
     matmul_params = c.n_layer * (4 * c.model_dim * inner + 2 * c.model_dim * c.mlp_hidden)
     trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
-    head = masked_fraction * 2 * c.model_dim * c.padded_vocab
-    return 3 * (trunk + head)
+    return 3 * (trunk + masked_fraction * 2 * c.model_dim * c.padded_vocab)
 
 
-def mean_masked_fraction(estimator: str | Estimator, schedule: str, lo: float, hi: float, block_size: int) -> float:
+def mean_masked_fraction(estimator: str, lo: float, hi: float, block_size: int) -> float:
     """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
-    rule = estimator_of(estimator)
-    if rule.count_table is None:
-        return SCHEDULES[schedule].mean_mask_prob(lo, hi)
-    cumulative = rule.count_table(block_size, lo, hi).bounds[-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
+    if estimator != "proposal":  # t uniform on [lo, hi], each token masked with probability t
+        return (lo + hi) / 2
+    cumulative = count_table(block_size, lo, hi)[0][-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
     q = cumulative.diff(prepend=cumulative.new_zeros(1))
     return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
 
 
-def training_masked_fraction(hp: train.Hyperparameters) -> float:
-    return mean_masked_fraction(hp.estimator, "linear", hp.t_lo, hp.t_hi, hp.block_size)
+def training_masked_fraction(hp: train.Hyperparameters, estimator: str = TRAIN_ESTIMATOR) -> float:
+    return mean_masked_fraction(estimator, hp.t_lo, hp.t_hi, hp.block_size)
 
 
 def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: int, tiles: float) -> dict[str, Work]:
@@ -179,8 +161,7 @@ def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: in
     mine = [turn[0] for turn in train.turns(hidden, world_size)]  # rank 0 orthogonalizes a matrix in every turn
     # 5 quintic Newton-Schulz iterations on an m x n matrix (m <= n): X X^T, B = bA + cA^2, B X
     newton_schulz = sum(5 * (4 * m * m * n + 2 * m**3) for m, n in (sorted(p.shape) for p in mine))
-    # each all-gather of bf16 updates overlaps the next turn's Newton-Schulz but the last, which brings each rank
-    # the other ranks' matrix of that turn; the gradient all-reduce is a ring that overlaps nothing
+    # only the last turn's all-gather is exposed (the others overlap the next Newton-Schulz); the all-reduce is not
     gather = (world_size - 1) * 2 * mine[-1].numel()
     return {
         "trunk matmuls": Work(flops=6 * numel(hidden) * positions),  # 2 FLOPs per weight forward, 4 backward

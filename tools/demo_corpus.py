@@ -1,18 +1,12 @@
 """A built-in demo corpus: real English text that every Python installation already has.
 
-Sources, in this order: the Python language reference topics of `pydoc_data.topics`, then the docstrings of
-the standard library, numpy and torch (modules, their public classes and functions, and the public members
-of those classes). Docstrings shorter than 200 characters are dropped and exact duplicates kept once. The
-documents are shuffled with a fixed seed, so the held-out val split (~128K tokens) comes from all sources.
-Docstrings are often near twins (numpy's and numpy.ma's, the ufuncs' shared paragraphs), so documents that share a
-run of 50 tokens, directly or through others, form a group, and a group goes wholly to val or wholly to train: no
-val document shares a 50-token span with train. The result depends only on the Python and package versions
-installed.
-
     python tools/demo_corpus.py     # writes data/demo/demo_{train,val}_000000.bin unless they are already there
 
-This file chooses the text; tokenizing and the shard format belong to prepare_text.py, data/tokenizer.py and
-data/shards.py.
+The Python language reference topics (`pydoc_data.topics`), then the docstrings of the standard library, numpy and
+torch (modules, public classes and functions, their public members); those under 200 characters dropped, exact
+duplicates kept once, shuffled with a fixed seed. Documents sharing a run of 50 tokens, directly or through others
+(numpy's and numpy.ma's twins), form a group that goes wholly to val (~128K tokens) or to train. The result depends
+only on the installed versions. This file chooses the text; prepare_text.py and data/ tokenize and write it.
 """
 
 import importlib
@@ -43,12 +37,11 @@ STDLIB_SKIP = {
 }  # fmt: skip
 PACKAGE_MODULES = [
     "numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "numpy.polynomial", "numpy.lib",
-    "numpy.lib.scimath", "numpy.lib.stride_tricks", "numpy.char", "numpy.strings", "numpy.testing",
-    "numpy.rec", "numpy.exceptions",
-    "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils", "torch.nn.attention",
-    "torch.optim", "torch.optim.lr_scheduler", "torch.distributions", "torch.linalg", "torch.fft",
-    "torch.special", "torch.autograd", "torch.utils.data", "torch.distributed", "torch.cuda", "torch.amp",
-    "torch.sparse", "torch.nested", "torch.func", "torch.masked", "torch.random", "torch.testing",
+    "numpy.lib.scimath", "numpy.lib.stride_tricks", "numpy.char", "numpy.strings", "numpy.testing", "numpy.rec",
+    "numpy.exceptions", "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils",
+    "torch.nn.attention", "torch.optim", "torch.optim.lr_scheduler", "torch.distributions", "torch.linalg",
+    "torch.fft", "torch.special", "torch.autograd", "torch.utils.data", "torch.distributed", "torch.cuda",
+    "torch.amp", "torch.sparse", "torch.nested", "torch.func", "torch.masked", "torch.random", "torch.testing",
     "torch.export", "torch.compiler", "torch.fx", "torch.profiler", "torch.utils.checkpoint",
 ]  # fmt: skip
 
@@ -68,7 +61,7 @@ def stdlib_modules() -> list:
 def _try_import(name: str):
     try:
         return importlib.import_module(name)
-    except Exception:  # platform-specific or optional modules (winreg, _tkinter, ...) are simply absent here
+    except Exception:  # platform-specific or optional modules (winreg, _tkinter, ...) are absent
         return None
 
 
@@ -83,13 +76,10 @@ def docstrings(modules: list) -> list[str]:
 
     for module in modules:
         add(module)
-        for name in sorted(dir(module)):
-            obj = _public_attribute(module, name)
-            if obj is None or inspect.ismodule(obj) or not callable(obj):
-                continue
-            add(obj)
-            if inspect.isclass(obj):
-                for member in sorted(dir(obj)):
+        for obj in (_public_attribute(module, name) for name in sorted(dir(module))):
+            if callable(obj) and not inspect.ismodule(obj):
+                add(obj)
+                for member in sorted(dir(obj)) if inspect.isclass(obj) else ():
                     add(_public_attribute(obj, member))
     return found
 
@@ -118,7 +108,7 @@ def collect_documents() -> tuple[list[str], dict[str, int]]:
             _progress(f"reading the docstrings of {package}")
             modules = [_try_import(n) for n in PACKAGE_MODULES if n.split(".")[0] == package]
             sources[f"{package} docstrings"] = docstrings(list(filter(None, modules)))
-    documents, counts = {}, {}
+    documents, counts = {}, {}  # a dict keeps the first of exact duplicates, in order
     for source, texts in sources.items():
         before = len(documents)
         documents.update((text, None) for text in texts if len(text) >= MIN_CHARS)
@@ -169,9 +159,8 @@ def split_groups(encoded: list[np.ndarray], val_tokens: int) -> tuple[list[int],
         if doc == group and filled < val_tokens and sizes[group] <= val_tokens / 8:
             in_val.add(group)
             filled += int(sizes[group])
-    val = [doc for doc, group in enumerate(groups.tolist()) if group in in_val]
-    train = [doc for doc, group in enumerate(groups.tolist()) if group not in in_val]
-    return val, train
+    chosen = np.isin(groups, list(in_val))
+    return np.flatnonzero(chosen).tolist(), np.flatnonzero(~chosen).tolist()
 
 
 def prepare_demo() -> tuple[str, str]:

@@ -1,27 +1,10 @@
 """
-The prepared GPU check, `python3 tools/gpu_check.py --report=gpu_check.md`: what a first, short GPU window
-must show, in at most 8 minutes of one GPU, compiles included, offline, with only torch (2.11 or later), triton,
-numpy, tiktoken, tqdm and huggingface_hub installed. Five parts, each run even if an earlier one failed:
-
-- environment: the GPU, driver, torch, CUDA and Triton versions, the allocator setting in effect, and what this
-  torch cannot do (common.torch_limitations);
-- flex_equals_sdpa: the compiled FlexAttention loss against SDPA at the record's layer shapes (two of its layers,
-  seq_len 8192), loss and gradients in bf16, each measured against SDPA in fp32;
-- record_step: the record step at its preset's shapes (`record` on a GPU with 80 GB, `record_24gb` on less), with
-  the training graph of train.py's warm-up, Run.train_step and optimizers, one forward an optimizer step, for up
-  to 30 steps on FineWeb-Edu if its shards are here, else on the demo corpus: compile time, step ms, tokens/s,
-  model FLOP utilization and peak memory, next to costmodel.py's estimate, and the loss falling;
-- validation: eval.py's own code path (a checkpoint of that model, eval.main) on a few val chunks, eager;
-- sampling: cached sampling tokens/s, and the cached logits of a noisy block against a recompute of its context.
-
-Only the graphs these parts use are compiled. It prints a markdown report part by part (and appends each section
-to --report's file as the part ends), then one line that begins with `gpu_check:` and gives each part's verdict.
-A deadline (DEADLINE_SECONDS) stops the check, compiles included: a part it interrupts or never reaches is
-`skipped (time)`, not failed. Without data (no FineWeb-Edu, no demo corpus and no GPT-2 vocabulary to build one)
-record_step and validation are `skipped (no data)` and the rest runs. The exit status is 0 only if every part
-passed. Without CUDA it is a rehearsal and its first line says so: every part runs on the CPU with a tiny config,
-the loss compiled under aot_eager with FlexAttention's one CPU guard (no backward) lifted, so this file has run
-end to end before a GPU is paid for (tests/test_gpu_check.py).
+The prepared GPU check, `python3 tools/gpu_check.py --report=gpu_check.md`: what a first GPU window must show in 8
+minutes, offline. Five parts (PARTS), each run even if one before failed, each printed (and appended to --report) as
+it ends; then one `gpu_check:` verdict line, and exit status 0 only if every part passed. DEADLINE_SECONDS stops the
+check, compiles included: a part it interrupts or never reaches is `skipped (time)`; without data record_step and
+validation are `skipped (no data)`. Without CUDA it is a rehearsal on the CPU (a tiny config, aot_eager, flex's CPU
+guard lifted), so every line of it has run before a GPU is paid for.
 """
 
 import contextlib
@@ -42,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 
 import torch
+import torch.nn.attention.flex_attention as flex_attention_module
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -50,41 +34,48 @@ import eval as evaluate
 import train
 from data.loader import DEMO_DIR, TokenLoader, find_shards, val_batches
 from data.tokenizer import get_tokenizer
-from model import BD3LM, Noise, eval_noise, flex_kernel_options, setting, train_noise
+from model import BD3LM, flex_kernel_options, setting
+from noise import Noise, eval_noise, step_noise
 from sample import Settings as SampleSettings
-from sample import generate
+from sample import cache_append, cache_logits, generate, new_cache
 from tools import costmodel as cm
 from tools.demo_corpus import prepare_demo
 
-# record_step stops after this many steps or seconds (compile included), on a GPU; the other parts are one
-# compiled loss, 4 val chunks and 1 + 8 samples of 256 tokens: about 2 minutes with their compile, estimated
-RECORD_STEPS, RECORD_SECONDS = 30, 240
-# the whole check's deadline, compiles included: 8 minutes of a GPU less python's start and the imports; parts not
-# done by then are skipped (time). record_step's loop stops early enough to leave the last two parts RESERVE_SECONDS
+RECORD_STEPS, RECORD_SECONDS = 30, 240  # record_step's cap on a GPU, compile included
+# 8 minutes of a GPU less python's start and imports; record_step leaves the last two parts RESERVE_SECONDS
 DEADLINE_SECONDS, RESERVE_SECONDS = 440, 90
-# the H200 is not in costmodel.GPUS: the H100 SXM's compute, its own memory (datasheet: 4.8 TB/s, 141 GB)
+# the H200 is not in costmodel.GPUS: the H100 SXM's compute with its own memory (datasheet)
 H200 = cm.GPUS[0]._replace(name="H200", match="H200", memory_bandwidth=4.8e12, memory=141 * 10**9, count=1)
 TINY = dict(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, seq_len=256, micro_batch=2)
 
 
+@contextlib.contextmanager
+def flex_backward_on_cpu():
+    """Lift FlexAttention's private refusal of a CPU backward, so a CPU runs the compiled graph a GPU runs: for the
+    rehearsal and the tests, never for training."""
+    guard = flex_attention_module._validate_device
+    flex_attention_module._validate_device = lambda *tensors: None
+    try:
+        yield
+    finally:
+        flex_attention_module._validate_device = guard
+
+
+def machine_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 @dataclass
 class Target:
-    """Where the check runs and what it runs: on a GPU the preset's settings and Inductor, on a CPU a tiny config
-    and aot_eager."""
+    """Where the check runs and what: on a GPU the preset and Inductor, on a CPU (a rehearsal) a tiny config."""
     device: torch.device
-    rehearsal: bool
     hp: train.Hyperparameters  # one forward a step: batch_size = micro_batch
-    compile_backend: str
-    bf16: bool
-    steps: int
-    seconds: float  # record_step's cap
     deadline: float  # time.perf_counter() at which the check stops
-    missing: str  # what the check lacks to train and validate (no data), in one line; empty: nothing
+    missing: str  # why there is no training data, in one line; empty: there is
 
-    @property
-    def name(self) -> str:
-        return torch.cuda.get_device_name(self.device) if not self.rehearsal else \
-            f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    rehearsal = property(lambda self: self.device.type != "cuda")
+    backend = property(lambda self: "aot_eager" if self.rehearsal else "inductor")
 
 
 def target_for(device: torch.device, deadline: float) -> Target:
@@ -99,13 +90,11 @@ def target_for(device: torch.device, deadline: float) -> Target:
         files, missing = {}, f"no training data: {type(error).__name__}: {str(error).splitlines()[0]}"
     hp = replace(hp, batch_size=hp.micro_batch, **files)
     train.check_settings(hp, world_size=1)
-    return Target(device, not cuda, hp, "inductor" if cuda else "aot_eager", common.fast_bf16(device),
-                  RECORD_STEPS if cuda else 8, RECORD_SECONDS if cuda else RECORD_SECONDS / 2, deadline, missing)
+    return Target(device, hp, deadline, missing)
 
 
 def data_files(hp: train.Hyperparameters) -> dict:
-    """FineWeb-Edu if its shards are here (and on a GPU), else the demo corpus: carried with the tree (README), or
-    built here, which needs the GPT-2 vocabulary (data/tokenizer.py)."""
+    """FineWeb-Edu if its shards are here, else the demo corpus, carried or built (which needs the GPT-2 vocabulary)."""
     if hp.preset != "demo" and os.path.isfile(hp.val_file) and glob.glob(hp.train_files):
         return {}
     if not os.path.isfile(f"{DEMO_DIR}/demo_val_000000.bin"):
@@ -120,40 +109,26 @@ def needs_data(target: Target) -> None:
         raise Skipped("it needs training data: see `missing` at the top")
 
 
-def estimate_gpu(target: Target):
-    """The costmodel spec of this GPU (the H100's for a rehearsal, so the estimate's code runs too)."""
-    return cm.GPUS[0] if target.rehearsal else cm.gpu_spec(target.name) or (H200 if "H200" in target.name else None)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    return common.peak_memory_mib(device) / 1024
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-# -----------------------------------------------------------------------------
-# The parts: each returns its markdown lines and raises on failure
-
-
 def environment(target: Target, state: dict) -> list[str]:
-    lines = [f"- device: {target.name}", f"- python {platform.python_version()}, torch {torch.__version__}, "
-             f"CUDA {torch.version.cuda or 'none'}"]
-    try:
-        lines.append(f"- triton {metadata.version('triton')}")
-    except metadata.PackageNotFoundError:
-        lines.append("- triton: not installed" + ("" if target.rehearsal else " (Inductor needs it on a GPU)"))
     allocator = common.allocator_settings()
-    lines.append(f"- allocator: {allocator or 'default'}")
-    lines += [f"- limitation: {line}" for line in common.torch_limitations()]
+    try:
+        triton = f"- triton {metadata.version('triton')}"
+    except metadata.PackageNotFoundError:
+        triton = "- triton: not installed" + ("" if target.rehearsal else " (Inductor needs it on a GPU)")
+    lines = [f"- device: {machine_name(target.device)}", f"- python {platform.python_version()}, torch "
+             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}", triton,
+             f"- allocator: {allocator or 'default'}", *(f"- limitation: {x}" for x in common.torch_limitations())]
     if not target.rehearsal:
         props = torch.cuda.get_device_properties(target.device)
-        lines += [f"- driver {driver_version()}, compute capability {props.major}."
-                  f"{props.minor}, {props.total_memory / 2**30:.1f} GiB, "
-                  f"{getattr(props, 'shared_memory_per_block_optin', 0):,} bytes of shared memory a block",
+        lines += [f"- driver {driver_version()}, compute capability {props.major}.{props.minor}, "
+                  f"{props.total_memory / 2**30:.1f} GiB, {getattr(props, 'shared_memory_per_block_optin', 0):,} "
+                  "bytes of shared memory a block",
                   f"- flex kernel options: {flex_kernel_options(props) or 'the defaults'}"]
         if "expandable_segments:True" not in allocator:
             raise RuntimeError(f"the allocator runs without expandable segments: {allocator or 'default'}")
@@ -171,8 +146,7 @@ def driver_version() -> str:
 
 
 def random_model(config, device: torch.device) -> BD3LM:
-    """Every weight random and of unit-scale outputs: the record's zero-initialized head and projections would
-    make most gradients zero."""
+    """Every weight random with unit-scale outputs: the zero-initialized head and projections make most gradients 0."""
     torch.manual_seed(0)
     model = BD3LM(config).to(device)
     with torch.no_grad():
@@ -195,14 +169,12 @@ def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
     """Compiled flex against eager SDPA on one row of seq_len, both in bf16, each against SDPA in fp32."""
     hp, device = target.hp, target.device
     config = replace(train.model_config(hp), n_layer=2)
-    sdpa = random_model(config, device)
-    flex = random_model(config, device)
+    sdpa, flex = random_model(config, device), random_model(config, device)
     if device.type == "cuda":
         flex.set_flex_options(flex_kernel_options(torch.cuda.get_device_properties(device)))
-    flex.compile_loss(target.compile_backend, flex=True)
-    gen = torch.Generator().manual_seed(1)
-    tokens = cm.document_stream(hp.seq_len, cm.FINEWEB_MEAN_DOC, gen)[None]
-    noise = train_noise(hp.seq_len, config.block_size, hp.t_lo, hp.t_hi, gen)
+    flex.compile_loss(target.backend, flex=True)
+    tokens = cm.document_stream(hp.seq_len, cm.FINEWEB_MEAN_DOC, torch.Generator().manual_seed(1))[None]
+    noise = step_noise(hp.seq_len, config.block_size, hp.t_lo, hp.t_hi, 1, 0, 0, 1)
     tokens, noise = common.to_device(tokens, Noise(*(x[None] for x in noise)), device, config.vocab_size)
     started = time.perf_counter()
     flex_bf16 = loss_and_grads(flex, tokens, noise, bf16=True)
@@ -215,9 +187,8 @@ def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
                 float((x[1:] - reference[1:]).norm() / reference[1:].norm()))
     (flex_loss, flex_grads), (sdpa_loss, sdpa_grads) = error(flex_bf16), error(sdpa_bf16)
     lines = [f"- {config.n_layer} layers of the record's shapes, 1 x {hp.seq_len} tokens, bf16; first call "
-             f"(compile) {compile_seconds:.1f} s", "",
-             "| relative error against SDPA in fp32 | loss | gradients |", "|---|---|---|",
-             f"| flex, compiled, bf16 | {flex_loss:.2e} | {flex_grads:.2e} |",
+             f"(compile) {compile_seconds:.1f} s", "", "| relative error against SDPA in fp32 | loss | gradients |",
+             "|---|---|---|", f"| flex, compiled, bf16 | {flex_loss:.2e} | {flex_grads:.2e} |",
              f"| SDPA, eager, bf16 | {sdpa_loss:.2e} | {sdpa_grads:.2e} |"]
     if not (flex_loss <= 2 * sdpa_loss + 1e-3 and flex_grads <= 2 * sdpa_grads + 1e-3):
         raise RuntimeError("flex in bf16 is further from fp32 than twice SDPA in bf16:\n" + "\n".join(lines))
@@ -230,18 +201,19 @@ def record_step(target: Target, state: dict) -> list[str]:
     hp, device = target.hp, target.device
     reset_peak_memory(device)
     counters.clear()
-    model = train.build_model(train.model_config(hp), hp.seed, device)
-    model.compile_loss(target.compile_backend, flex=True)
-    state["model"] = model
-    autocast = common.autocast_context(device, target.bf16)
+    model = state["model"] = train.build_model(train.model_config(hp), hp.seed, device)
+    model.compile_loss(target.backend, flex=True)
+    bf16 = common.fast_bf16(device)
+    autocast = common.autocast_context(device, bf16)
     loader = TokenLoader(find_shards(hp.train_files), hp.seq_len, sequences=hp.micro_batch)
-    run = train.Run(hp, 0, 1, device, autocast, model, train.make_optimizers(model, hp, common.fast_bf16(device)),
-                    loader, log=lambda line, console=True: None, checkpoint_folder=state["folder"])
+    run = train.Run(hp, 0, 1, device, autocast, model, train.make_optimizers(model, hp, bf16), loader,
+                    log=lambda line, console=True: None, checkpoint_folder=state["folder"])
     compile_ms = warm_up_training(model, hp, autocast, device)
+    steps, cap = (8, RECORD_SECONDS / 2) if target.rehearsal else (RECORD_STEPS, RECORD_SECONDS)
     losses, seconds, started = [], [], time.perf_counter()
-    for step in range(target.steps):
+    for step in range(steps):
         out_of_data = loader.position + 2 * hp.micro_batch * hp.seq_len > loader.num_tokens  # the demo corpus is small
-        out_of_time = step >= 3 and (time.perf_counter() - started > target.seconds - compile_ms / 1000
+        out_of_time = step >= 3 and (time.perf_counter() - started > cap - compile_ms / 1000
                                      or time.perf_counter() > target.deadline - RESERVE_SECONDS)
         if out_of_data or out_of_time:
             break
@@ -251,33 +223,30 @@ def record_step(target: Target, state: dict) -> list[str]:
         except SystemExit:
             raise RuntimeError(f"train_step stopped at step {step + 1} (its error is on stderr)") from None
         seconds.append(run.sync_time() - step_start)
-    timed = seconds[2:] or seconds  # the first steps allocate the optimizer states
-    step_s, tokens = statistics.median(timed), hp.micro_batch * hp.seq_len
+    step_s, tokens = statistics.median(seconds[2:] or seconds), hp.micro_batch * hp.seq_len  # 2: optimizer states
     flops = cm.model_flops_per_token(model.config, hp.seq_len, cm.training_masked_fraction(hp))
-    peak = matmul_peak(device, target.bf16)
-    gpu, config = estimate_gpu(target), model.config
-    estimate_ms = estimate_gib = None
-    if gpu:
-        parts = cm.step_parts(config, hp.seq_len, hp.micro_batch, 1, cm.fineweb_tile_fraction(hp.seq_len,
-                                                                                              config.block_size))
-        estimate_ms = 1e3 * sum(w.seconds(gpu) for w in parts.values())
-        estimate_gib = sum(cm.peak_memory(config, tokens).values()) / 2**30
-    half = max(1, len(losses) // 3)
+    peak, half = matmul_peak(device, bf16), max(1, len(losses) // 3)
     first, last = statistics.fmean(losses[:half]), statistics.fmean(losses[-half:])
-    graphs = counters["stats"]["unique_graphs"]
-    est = f"est. {gpu.name}" if gpu else "no estimate for this GPU"
+    name = machine_name(device)
+    gpu = cm.GPUS[0] if target.rehearsal else cm.gpu_spec(name) or (H200 if "H200" in name else None)
+    est = dict.fromkeys(("ms", "tokens", "peak", "mfu", "memory"), "-")
+    if gpu:  # the H100's figures in a rehearsal, so that the estimate's code runs too
+        tiles = cm.fineweb_tile_fraction(hp.seq_len, model.config.block_size)
+        parts = cm.step_parts(model.config, hp.seq_len, hp.micro_batch, 1, tiles)
+        ms = 1e3 * sum(w.seconds(gpu) for w in parts.values())
+        est = dict(ms=f"{ms:.1f} ms", tokens=f"{tokens / ms * 1e3:,.0f}",
+                   peak=f"{gpu.bf16_flops / 1e12:.0f} (datasheet)",
+                   mfu=f"{flops * tokens / ms * 1e3 / gpu.bf16_flops:.1%}",
+                   memory=f"{sum(cm.peak_memory(model.config, tokens).values()) / 2**30:.2f} GiB")
     lines = [f"- {model.num_params() / 1e6:.1f}M parameters, {hp.micro_batch} x {hp.seq_len} tokens a step, "
-             f"{len(losses)} steps, {graphs} compiled graphs", "",
-             f"| figure | measured | {est} |", "|---|---|---|",
+             f"{len(losses)} steps, {counters['stats']['unique_graphs']} compiled graphs", "",
+             f"| figure | measured | {f'est. {gpu.name}' if gpu else 'no estimate for this GPU'} |", "|---|---|---|",
              f"| compile (train.warm_up's training graph) | {compile_ms / 1000:.1f} s | 60-180 s |",
-             f"| step | {1e3 * step_s:.1f} ms | {f'{estimate_ms:.1f} ms' if estimate_ms else '-'} |",
-             f"| tokens/s | {tokens / step_s:,.0f} | {f'{tokens / estimate_ms * 1e3:,.0f}' if estimate_ms else '-'} |",
-             f"| matmul peak, TFLOP/s | {peak / 1e12:.1f} (measured) | "
-             f"{f'{gpu.bf16_flops / 1e12:.0f} (datasheet)' if gpu else '-'} |",
-             f"| model FLOP utilization, of the matmul peak | {flops * tokens / step_s / peak:.1%} | "
-             f"{f'{flops * tokens / estimate_ms * 1e3 / gpu.bf16_flops:.1%}' if gpu else '-'} |",
-             f"| peak memory | {peak_memory_gib(device):.2f} GiB | "
-             f"{f'{estimate_gib:.2f} GiB' if estimate_gib else '-'} |",
+             f"| step | {1e3 * step_s:.1f} ms | {est['ms']} |",
+             f"| tokens/s | {tokens / step_s:,.0f} | {est['tokens']} |",
+             f"| matmul peak, TFLOP/s | {peak / 1e12:.1f} (measured) | {est['peak']} |",
+             f"| model FLOP utilization, of the matmul peak | {flops * tokens / step_s / peak:.1%} | {est['mfu']} |",
+             f"| peak memory | {common.peak_memory_mib(device) / 1024:.2f} GiB | {est['memory']} |",
              f"| train loss, first and last {half} steps | {first:.3f} -> {last:.3f} | falling |"]
     if len(losses) < 2 or not all(map(math.isfinite, losses)) or not last < first:
         raise RuntimeError("the train loss did not fall:\n" + "\n".join(lines))
@@ -285,43 +254,43 @@ def record_step(target: Target, state: dict) -> list[str]:
 
 
 def warm_up_training(model: BD3LM, hp: train.Hyperparameters, autocast, device: torch.device) -> float:
-    """train.warm_up's first half: the compiled training forward and backward on micro_batch copies of the first
-    val chunk, gradients dropped. Not its no-grad val graph, which the check never runs compiled. Returns ms."""
+    """train.warm_up's training graph only (the check never runs the val graph compiled); returns its ms."""
     started = time.perf_counter()
     _, tokens = next(val_batches(hp.val_file, hp.seq_len, hp.seq_len))
     noise = eval_noise(hp.seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0)
     tokens, noise = common.to_device(tokens, noise, device, model.config.vocab_size)
-    with autocast:
-        # repeat, not expand: the compiled graph is specialized to the strides of real batches too
+    with autocast:  # repeat, not expand: the compiled graph is specialized to the strides of real batches too
         model(tokens.repeat(hp.micro_batch, 1), Noise(*(x.repeat(hp.micro_batch, 1) for x in noise))).backward()
     model.zero_grad(set_to_none=True)
     common.synchronize(device)
     return 1000 * (time.perf_counter() - started)
 
 
-def matmul_peak(device: torch.device, bf16: bool, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul in bf16 or fp32, the median of `repeats` timed products after one untimed."""
-    n = 4096 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+def median_time(fn, repeats: int, device: torch.device, warmup: bool = True) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    if warmup:
+        fn()
     seconds = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         common.synchronize(device)
         started = time.perf_counter()
-        a @ b
+        fn()
         common.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return 2 * n**3 / statistics.median(seconds[1:])
+    return statistics.median(seconds)
 
 
-def trained_or_random(target: Target, state: dict) -> BD3LM:
-    """The record step's model if it ran, else the preset's model with random weights."""
-    return state.get("model") or random_model(train.model_config(target.hp), target.device)
+def matmul_peak(device: torch.device, bf16: bool, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in bf16 or fp32."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+    return 2 * n**3 / median_time(lambda: a @ b, repeats, device)
 
 
 def validation(target: Target, state: dict) -> list[str]:
-    """eval.main on a checkpoint of the model, 4 val chunks, eager as eval.py runs."""
+    """eval.main on a checkpoint of the record step's model (else a random one), 4 val chunks, eager as eval.py runs."""
     needs_data(target)
-    hp, model = target.hp, trained_or_random(target, state)
+    hp, model = target.hp, state.get("model") or random_model(train.model_config(target.hp), target.device)
     path = os.path.join(state["folder"], "gpu_check.pt")
     common.save_checkpoint(path, model, asdict(hp))
     reset_peak_memory(target.device)
@@ -329,40 +298,37 @@ def validation(target: Target, state: dict) -> list[str]:
     with contextlib.redirect_stdout(output):
         evaluate.main([f"--checkpoint={path}", f"--files={hp.val_file}", f"--val_tokens={4 * hp.seq_len}",
                        f"--device={target.device.type}"])
-    seconds = time.perf_counter() - started
     result = output.getvalue().strip().splitlines()[-1]
     nelbo = float(re.search(r"val_nelbo:(\S+)", result).group(1))
-    lines = [f"- `{result}`", f"- {seconds:.1f} s, peak memory {peak_memory_gib(target.device):.2f} GiB "
-             f"(the eager pass takes SDPA: flex runs only compiled)"]
     if not math.isfinite(nelbo):
         raise RuntimeError(f"val NELBO is {nelbo}")
-    return lines
+    gib = common.peak_memory_mib(target.device) / 1024
+    return [f"- `{result}`", f"- {time.perf_counter() - started:.1f} s, peak memory {gib:.2f} GiB (the eager pass "
+            "takes SDPA: flex runs only compiled)"]
 
 
 def sampling(target: Target, state: dict) -> list[str]:
     """Cached generation speed; then one noisy block's cached logits against model.logits over its context."""
-    model, device = trained_or_random(target, state).eval(), target.device
-    config = model.config
-    new_tokens = 256 if device.type == "cuda" else 64
+    device = target.device
+    model = (state.get("model") or random_model(train.model_config(target.hp), device)).eval()
+    new_tokens, block = 256 if device.type == "cuda" else 64, model.config.block_size
     lines = ["| samples | new tokens | tokens/s | forwards per token |", "|---|---|---|---|"]
     for samples in (1, 8):
         settings = SampleSettings(sampler="ddpm", max_new_tokens=new_tokens, stop_at_eot=False, num_samples=samples)
         tokens, stats = generate(model, [], settings, torch.Generator(device=device).manual_seed(0))
         lines.append(f"| {samples} | {stats.new_tokens} | {samples * stats.new_tokens / stats.seconds:,.0f} | "
                      f"{stats.forwards / stats.new_tokens:.2f} |")
-    lines.append("")
-    context = tokens[:, : new_tokens - config.block_size]
-    noisy = torch.where(torch.rand(tokens.size(0), config.block_size, device=device) < 0.5, config.mask_id,
+    context = tokens[:, : new_tokens - block]
+    noisy = torch.where(torch.rand(tokens.size(0), block, device=device) < 0.5, model.config.mask_id,
                         tokens[:, context.size(1):])
     with torch.no_grad():
-        cache = model.new_cache(tokens.size(0), new_tokens)
-        model.cache_append(cache, context)
-        cached = model.cache_logits(cache, noisy)
+        cache = new_cache(model, tokens.size(0), new_tokens)
+        cache_append(model, cache, context)
         history = torch.cat([context, noisy], 1)
-        recomputed = model.logits(history, history)[:, context.size(1):]
-    difference = float((cached - recomputed).abs().max())
-    lines.append(f"- cached against recomputed logits of a noisy block after {context.size(1)} tokens, 8 samples: "
-                 f"max difference {difference:.1e}")
+        difference = float((cache_logits(model, cache, noisy) - model.logits(history, history)[:, context.size(1):])
+                           .abs().max())
+    lines += ["", f"- cached against recomputed logits of a noisy block after {context.size(1)} tokens, 8 samples: "
+              f"max difference {difference:.1e}"]
     if not difference < 1e-3:
         raise RuntimeError(f"cached logits differ from a recompute by {difference}")
     return lines
@@ -370,10 +336,6 @@ def sampling(target: Target, state: dict) -> list[str]:
 
 PARTS = {"environment": environment, "flex_equals_sdpa": flex_equals_sdpa, "record_step": record_step,
          "validation": validation, "sampling": sampling}
-
-
-# -----------------------------------------------------------------------------
-# The report
 
 
 class Skipped(Exception):
@@ -399,70 +361,54 @@ def main(argv: list[str]) -> None:
 
 
 def check(device_name: str, report_path: str) -> int:
-    """The check under its deadline: each section printed, and appended to report_path, as its part ends; the
-    summary line last. Returns the exit status: 0 only if every part passed."""
-    started = time.perf_counter()
-    report = Report(report_path)
-    results = run_check(device_name, started + DEADLINE_SECONDS, report)
-    counts = {verdict: sum(1 for v in results.values() if v.startswith(verdict)) for verdict in ("ok", "failed")}
-    skipped = len(results) - counts["ok"] - counts["failed"]
-    word = "FAIL" if counts["failed"] else "INCOMPLETE" if skipped else "PASS"
-    report.add(f"\ngpu_check: {word} {counts['ok']}/{len(results)} passed"
-               f"{f', {skipped} skipped' if skipped else ''}"
-               f"{' (rehearsal on CPU)' if report.rehearsal else ''}: "
-               + " ".join(f"{name}:{verdict}" for name, verdict in results.items())
-               + f" seconds:{time.perf_counter() - started:.0f}")
-    return 0 if word == "PASS" else 1
+    """Every part under the deadline, each reported as it ends, the summary line last; 0 only if every part passed."""
+    started, results, target, rehearsal = time.perf_counter(), {}, None, False
+    if report_path:
+        open(report_path, "w").close()
 
-
-class Report:
-    """Printed as it comes and appended to a file (if a path is given), so a killed run leaves its finished parts."""
-
-    def __init__(self, path: str):
-        self.path, self.rehearsal = path, False
-        if path:
-            open(path, "w").close()
-
-    def add(self, text: str) -> None:
+    def report(text: str) -> None:  # printed and appended as it comes, so a killed run leaves its finished parts
         print(text, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
+        if report_path:
+            with open(report_path, "a") as f:
                 f.write(text + "\n")
-
-
-def run_check(device_name: str, deadline: float, report: Report) -> dict[str, str]:
-    """Every part, each reported as it ends: `ok`, `failed`, `skipped(time)` or `skipped(no data)` by name."""
-    results, target = {}, None
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         try:
-            with alarm_at(deadline):
+            with alarm_at(started + DEADLINE_SECONDS):
                 device = common.pick_device(device_name)
-                report.rehearsal = device.type != "cuda"
-                report.add(title(device))
-                if device.type != "cuda":
-                    stack.enter_context(common.flex_backward_on_cpu())
-                target = target_for(device, deadline)
+                rehearsal = device.type != "cuda"
+                report(f"# gpu_check on {machine_name(device)}, {time.strftime('%Y-%m-%d %H:%M')}" if not rehearsal
+                       else "# gpu_check REHEARSAL on the CPU (no CUDA device): a tiny config, aot_eager, FlexAttention"
+                       f"'s CPU guard lifted; no figure here is a GPU's. {time.strftime('%Y-%m-%d %H:%M')}")
+                if rehearsal:
+                    stack.enter_context(flex_backward_on_cpu())
+                target = target_for(device, started + DEADLINE_SECONDS)
             if target.missing:
-                report.add(f"- missing: {target.missing}; README's GPU section says what to bring")
+                report(f"- missing: {target.missing}; README's GPU section says what to bring")
         except Exception as error:  # no part can run; the summary line still comes
-            report.add(f"- setup failed: {type(error).__name__}: {error}")
+            report(f"- setup failed: {type(error).__name__}: {error}")
             results["setup"] = "failed"
         except OutOfTime:
-            report.add(f"- setup stopped at the check's deadline, {DEADLINE_SECONDS} s after its start")
+            report(f"- setup stopped at the check's deadline, {DEADLINE_SECONDS} s after its start")
             results["setup"] = "skipped(time)"
         state = {"folder": folder}
         for name, part in PARTS.items() if target else ():
             results[name] = run_part(name, part, target, state, report)
             if results[name] != "skipped(time)":  # a compile stopped midway is left as it is
                 torch._dynamo.reset()
-    return results
+    ok, failed = (sum(v.startswith(verdict) for v in results.values()) for verdict in ("ok", "failed"))
+    skipped = len(results) - ok - failed
+    word = "FAIL" if failed else "INCOMPLETE" if skipped else "PASS"
+    report(f"\ngpu_check: {word} {ok}/{len(results)} passed{f', {skipped} skipped' if skipped else ''}"
+           f"{' (rehearsal on CPU)' if rehearsal else ''}: {' '.join(f'{k}:{v}' for k, v in results.items())} "
+           f"seconds:{time.perf_counter() - started:.0f}")
+    return 0 if word == "PASS" else 1
 
 
-def run_part(name: str, part, target: Target, state: dict, report: Report) -> str:
+def run_part(name: str, part, target: Target, state: dict, report) -> str:
     """One part, its section reported as it ends; its verdict for the summary line."""
     part_start = time.perf_counter()
     if part_start > target.deadline:
-        report.add(f"\n## {name}: skipped (time), 0 s\n\n- not started: the check's {DEADLINE_SECONDS} s had passed")
+        report(f"\n## {name}: skipped (time), 0 s\n\n- not started: the check's {DEADLINE_SECONDS} s had passed")
         return "skipped(time)"
     try:
         with alarm_at(target.deadline):
@@ -476,14 +422,14 @@ def run_part(name: str, part, target: Target, state: dict, report: Report) -> st
     except (Exception, SystemExit) as error:  # reported; the next part runs
         lines, verdict = [f"```\n{traceback.format_exc(limit=-3).rstrip()}\n```"], "failed"
         heading = f"FAILED ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    report.add(f"\n## {name}: {heading}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines))
+    report(f"\n## {name}: {heading}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines))
     return verdict
 
 
 @contextlib.contextmanager
 def alarm_at(deadline: float):
-    """OutOfTime inside the code it wraps once time.perf_counter() passes `deadline`, even inside a compile; the
-    alarm is off outside it, so reporting a part is never interrupted."""
+    """OutOfTime inside the code it wraps once `deadline` passes, even inside a compile; off outside it, so reporting
+    a part is never interrupted."""
     def out_of_time(signum, frame):
         raise OutOfTime()
     previous = signal.signal(signal.SIGALRM, out_of_time)
@@ -493,13 +439,6 @@ def alarm_at(deadline: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def title(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"# gpu_check on {torch.cuda.get_device_name(device)}, {time.strftime('%Y-%m-%d %H:%M')}"
-    return (f"# gpu_check REHEARSAL on the CPU (no CUDA device): a tiny config, aot_eager, FlexAttention's CPU "
-            f"guard lifted; no figure here is a GPU's. {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 if __name__ == "__main__":

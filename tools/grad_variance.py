@@ -1,17 +1,14 @@
 """
 The noise of each training estimator: the variance of the gradient and of the loss over noise draws on the same
-tokens, at the demo preset's initial weights and at a checkpoint's. train.py's estimators (model.ESTIMATORS) all
-estimate the records' objective; exact_k and stratified_k (k uniform on the interval's counts, weight 16 / k) are
-here for comparison only: their expectation is another weighting of the L_k.
+tokens, at the demo preset's initial weights and at a checkpoint's. model.ESTIMATORS all estimate the records'
+objective; exact_k and stratified_k (k uniform on the interval's counts, weight n / k) are here for comparison only.
 
     python tools/grad_variance.py --checkpoint=checkpoints/demo/final.pt
     python tools/grad_variance.py --draws=32          # initial weights only
 
-Each draw is one forward and backward of one optimizer step's sequences of the val text (equal compute for every
-estimator); the variances are unbiased over the draws.
+Each draw is one forward and backward of one optimizer step's val sequences (equal compute for every estimator).
 """
 
-import math
 import os
 import statistics
 import sys
@@ -25,30 +22,12 @@ import torch
 
 import common
 from data.loader import train_val_paths, val_batches
-from model import BD3LM, ESTIMATORS, CountTable, Estimator, Noise, count_table, setting, step_noise
+from model import BD3LM, setting
+from noise import ESTIMATORS, Noise, count_noise, step_noise, stratified_levels
 from tools.demo_corpus import prepare_demo
 from train import PRESETS, Hyperparameters, build_model, model_config
 
-
-def uniform_counts(block_size: int, lo: float, hi: float) -> CountTable:
-    """k uniform on the counts k >= 1 with lo <= k / n <= hi, weight n / k: exact_k's draw on [lo, hi]. A block size
-    without such a count gets NaN weights (the sequences here are whole blocks of block_size)."""
-    def allowed(n: int) -> torch.Tensor:
-        k = torch.arange(1, n + 1, dtype=torch.float64)
-        return (k >= lo * n - 1e-6) & (k <= hi * n + 1e-6)
-
-    def weight(n: int) -> torch.Tensor:
-        return n / torch.arange(1, n + 1, dtype=torch.float64) if allowed(n).any() else torch.full((n,), math.nan)
-
-    return count_table(block_size, lambda n: allowed(n) / allowed(n).sum().clamp(min=1), weight)
-
-
-# train.py's estimators, then two whose expectation is not the records' objective
-COMPARED = {
-    **ESTIMATORS,
-    "exact_k": Estimator(count_table=uniform_counts, stratified=False),
-    "stratified_k": Estimator(count_table=uniform_counts, stratified=True),
-}
+COMPARED = (*ESTIMATORS, "exact_k", "stratified_k")  # the last two do not keep the records' objective
 
 
 @dataclass
@@ -68,11 +47,35 @@ class GradientNoise(NamedTuple):
     loss: float  # the mean loss over the draws
 
 
-def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: float, estimator: str | Estimator,
-                   draws: int, seed: int) -> GradientNoise:
-    """The gradient of the mean training loss over `chunks` (one optimizer step's sequences) under `draws` noise
-    draws of `estimator` on [lo, hi]. Draw d of chunk i is train.py's noise of sequence i of step d, so every
-    estimator and interval reuses the same uniforms. The gradients are dropped at the end."""
+def uniform_counts(block_size: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.count_table's (bounds, weights) for k uniform on the counts with lo <= k / n <= hi at weight n / k; a
+    block size without such a count gets NaN weights."""
+    bounds = torch.full((block_size, block_size), 2.0, dtype=torch.float64)
+    weights = torch.zeros(block_size, block_size, dtype=torch.float64)
+    for n in range(1, block_size + 1):
+        k = torch.arange(1, n + 1, dtype=torch.float64)
+        allowed = (k >= lo * n - 1e-6) & (k <= hi * n + 1e-6)
+        bounds[n - 1, : n - 1] = (allowed / allowed.sum().clamp(min=1)).cumsum(0)[:-1]
+        weights[n - 1, :n] = n / k if allowed.any() else torch.nan
+    return bounds, weights
+
+
+def sequence_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
+                   estimator: str) -> Noise:
+    """model.step_noise, or for exact_k and stratified_k uniform_counts' draw with independent or stratified levels."""
+    if estimator in ESTIMATORS:
+        return step_noise(length, block_size, lo, hi, seed, step, chunk, chunks, estimator=estimator)
+    uniforms = torch.rand(2, length, generator=torch.Generator().manual_seed((seed << 32) + step * chunks + chunk))
+    block = torch.arange(length) // block_size
+    levels = stratified_levels(seed, step, chunk, chunks, int(block[-1]) + 1)[block] \
+        if estimator == "stratified_k" else uniforms[0, block * block_size]
+    return count_noise(*uniform_counts(block_size, lo, hi), levels, uniforms[1], block_size)
+
+
+def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: float, estimator: str, draws: int,
+                   seed: int) -> GradientNoise:
+    """The gradient of the mean loss over `chunks` (one step's sequences) under `draws` draws of `estimator` on
+    [lo, hi]; draw d of chunk i is sequence i of step d, so every estimator and interval reuses the same seeds."""
     device, config, params = model.head.weight.device, model.config, list(model.parameters())
     grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
     squares, losses = 0.0, []
@@ -80,8 +83,7 @@ def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: floa
         model.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for index, tokens in enumerate(chunks):
-            noise = step_noise(tokens.numel(), config.block_size, lo, hi, seed, draw, index, len(chunks),
-                               estimator=estimator)
+            noise = sequence_noise(tokens.numel(), config.block_size, lo, hi, seed, draw, index, len(chunks), estimator)
             tokens, noise = common.to_device(tokens[None], Noise(*(x[None] for x in noise)), device, config.vocab_size)
             loss = model(tokens, noise) / len(chunks)
             loss.backward()
@@ -90,7 +92,7 @@ def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: floa
         grad_sum += grad
         squares += float(grad.square().sum())
         losses.append(loss_sum)
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # dropped, as training expects between steps
     mean_square = float((grad_sum / draws).square().sum())
     variance = (squares / draws - mean_square) * draws / (draws - 1)
     signal = mean_square - variance / draws
@@ -100,15 +102,13 @@ def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: floa
 
 def estimator_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: float, draws: int,
                     seed: int = 0) -> dict[str, GradientNoise]:
-    """gradient_noise of every estimator of COMPARED on the same chunks and interval: equal compute."""
-    return {name: gradient_noise(model, chunks, lo, hi, rule, draws, seed) for name, rule in COMPARED.items()}
+    return {name: gradient_noise(model, chunks, lo, hi, name, draws, seed) for name in COMPARED}
 
 
 def grad_variance_table(checkpoint: str, initial: bool, draws: int, seed: int, device: torch.device) -> None:
     """One row per weights (the demo preset's initial ones; the checkpoint's) and estimator."""
-    cases = []
+    cases, demo = [], Hyperparameters(**PRESETS["demo"])
     if initial:
-        demo = Hyperparameters(**PRESETS["demo"])
         prepare_demo()
         cases.append(("initial (demo preset)", build_model(model_config(demo), 0, device), asdict(demo)))
     if checkpoint:

@@ -2,14 +2,12 @@
 
     python tools/prepare_text.py books/ notes.txt corpus.jsonl --out_dir=data/mytext --name=mytext
 
-Inputs: `.txt` files (one document each), JSONL files (one document per line) and Parquet files (needs
-pyarrow), with the text in `--text_field`; directories are searched recursively, in sorted order. Each document
-is written as `<|endoftext|>` followed by its tokens. The first documents, until at least `--val_tokens` tokens,
-form `{name}_val_000000.bin ...`; the rest go to `{name}_train_000000.bin ...`, `--shard_tokens` tokens per
-shard (a document may continue into the next). The output does not depend on `--workers` (default: all cores).
-
-This file knows the input formats and the order documents are written in; the byte format belongs to
-shards.py and the vocabulary to tokenizer.py.
+Inputs: `.txt` files (a document each), JSONL (a document per line) and Parquet files (needs pyarrow), the text in
+`--text_field`; directories are searched recursively, in sorted order. Each document is `<|endoftext|>` then its
+tokens. The first documents, until at least `--val_tokens` tokens, go to `{name}_val_000000.bin ...`, the rest to
+`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard; the output does not depend on `--workers`. This
+file knows the input formats and the document order; the byte format is data/shards.py's, the vocabulary
+data/tokenizer.py's.
 """
 
 import argparse
@@ -148,7 +146,7 @@ def main() -> None:
     for path in existing:
         os.remove(path)
     try:
-        documents = iter_documents(expand_inputs(args.inputs), args.text_field)
+        documents = iter_documents(expand_inputs(args.inputs), args.text_field)  # bad paths fail before out_dir exists
         train_paths, val_paths = write_token_shards(documents, args.out_dir, args.name, args.val_tokens,
                                                     args.shard_tokens, args.workers)
     except ValueError as e:

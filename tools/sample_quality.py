@@ -1,13 +1,11 @@
 """
-What a checkpoint's samples are worth: samples from sample.py's generate (with its flags) under an autoregressive
-judge, a checkpoint of this repository trained with --block_size=1 or a Hugging Face causal LM (GPT-2 Large, as in
-the BD3-LM paper): generative perplexity, mean unigram entropy (low: degenerate, repetitive samples), lengths, the
-share that ended with <|endoftext|>, speed. `--sweep=True` prints a markdown table of samplers and knobs instead.
+What a checkpoint's samples are worth under an autoregressive judge (a checkpoint trained with --block_size=1, or a
+Hugging Face causal LM such as the paper's GPT-2 Large): generative perplexity, mean unigram entropy (low:
+repetitive samples), lengths, the share that ended with <|endoftext|>, speed; the last line is `key:value` pairs.
+`--sweep=True` prints a markdown table of the samplers and their knobs instead.
 
     python tools/sample_quality.py --checkpoint=PATH --judge=checkpoints/ar/final.pt --sampler=confidence
     python tools/sample_quality.py --checkpoint=PATH --judge=gpt2-large --sweep=True  # needs transformers
-
-The last line is the result, `key:value` pairs a script can parse.
 """
 
 import math
@@ -43,13 +41,9 @@ SWEEP = [dict(sampler=name, **({entry.knob: value} if entry.knob else {}))
          for name, entry in sample.SAMPLERS.items() for value in entry.sweep or (None,)]
 
 
-# -----------------------------------------------------------------------------
-# Judges: sum of -log p(continuation | context) under an autoregressive model
-
-
 def repository_judge(judge: BD3LM, max_len: int):
-    """A checkpoint of this repository trained with --block_size=1: with every x_t position masked, position i
-    sees the clean tokens before it in its document, so its logits are the autoregressive p(x_i | x_<i)."""
+    """A checkpoint trained with --block_size=1: with every x_t position masked, position i sees the clean tokens
+    before it in its document, so its logits are the autoregressive p(x_i | x_<i)."""
     def nll(context: list[int], continuation: list[int]) -> float:
         x_0 = torch.tensor([context + continuation], device=judge.head.weight.device)
         with torch.no_grad():
@@ -97,10 +91,6 @@ def load_judge(name: str, model: BD3LM, device: torch.device):
     return repository_judge(judge, hparams["seq_len"])
 
 
-# -----------------------------------------------------------------------------
-# Sample quality
-
-
 def unigram_entropy(tokens: list[int]) -> float:
     """Entropy in nats of the token frequencies of one sample (0 for a sample of one repeated token)."""
     counts = Counter(tokens).values()
@@ -108,10 +98,9 @@ def unigram_entropy(tokens: list[int]) -> float:
 
 
 def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
-    """Generate s.num_samples samples after `prompt` and score them. The judge scores what a reader gets: each
-    sample up to and with its first <|endoftext|> (with --stop_at_eot=False: everything generated)."""
-    nll, judge_len = judge
-    eot = model.config.eot_id
+    """Generate s.num_samples samples after `prompt` and score what a reader gets: each sample up to and with its
+    first <|endoftext|> (with --stop_at_eot=False: everything generated)."""
+    (nll, judge_len), eot = judge, model.config.eot_id
     tokens, stats = sample.generate(model, prompt, s, torch.Generator(model.head.weight.device).manual_seed(s.seed))
     rows = tokens[:, len(prompt):].tolist()
     documents = sample.completions(tokens, len(prompt), eot)
@@ -150,10 +139,6 @@ def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
     return "\n".join(rows)
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
-
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/sample_quality.py --checkpoint=PATH --judge=JUDGE "
                             "[--name=value ...]")
@@ -182,7 +167,6 @@ def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -
           f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
           f"batch_tokens_per_forward:{q['batch_tokens_per_forward']:.3f} "
           f"sampler:{s.sampler} {knobs(s) or 'knob:none'} {setup}")
-
 
 
 if __name__ == "__main__":

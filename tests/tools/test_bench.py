@@ -15,7 +15,7 @@ from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import BD3LM, ModelConfig
-from noise import train_noise
+from noise import ESTIMATORS, TRAIN_ESTIMATOR, step_noise
 from sample import SAMPLERS, Stats
 from tools import bench
 from tools import costmodel as cm
@@ -53,20 +53,20 @@ def test_flops_agree_with_model_flops_per_token():
 
 
 def test_masked_fraction_comes_from_the_estimator_and_the_masking_range():
-    # proposal: k drawn with probability k c_k / 16, E[k] / 16 = mean t + (1 - mean t) / 16; iid: the mean t
+    # proposal (train.py's): k drawn with probability k c_k / 16, E[k] / 16 = mean t + (1 - mean t) / 16; iid: mean t
+    assert TRAIN_ESTIMATOR == "proposal"
     assert cm.training_masked_fraction(Hyperparameters()) == pytest.approx(0.55 + 0.45 / 16)
-    assert cm.training_masked_fraction(Hyperparameters(estimator="iid")) == pytest.approx(0.55)
-    assert cm.training_masked_fraction(Hyperparameters(estimator="iid", t_lo=0.1, t_hi=0.5)) == pytest.approx(0.3)
+    assert cm.training_masked_fraction(Hyperparameters(), "iid") == pytest.approx(0.55)
+    assert cm.training_masked_fraction(Hyperparameters(t_lo=0.1, t_hi=0.5), "stratified") == pytest.approx(0.3)
 
 
-def test_masked_fraction_is_the_mean_of_drawn_training_noise():
-    generator = torch.Generator().manual_seed(0)
-    for estimator in ("proposal", "iid"):
-        hp = Hyperparameters(estimator=estimator, t_lo=0.2, t_hi=0.7)
-        masked = torch.stack([train_noise(4096, 16, 0.2, 0.7, generator, "linear", estimator,
-                                          torch.rand(256, generator=generator)).masked for _ in range(64)])
-        # 0.006: about 4 standard errors of the mean over 64 x 256 blocks
-        assert masked.float().mean().item() == pytest.approx(cm.training_masked_fraction(hp), abs=0.006)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_masked_fraction_is_the_mean_of_drawn_training_noise(estimator):
+    hp, seed = Hyperparameters(t_lo=0.2, t_hi=0.7), int(torch.randint(2**20, ()))
+    masked = torch.stack([step_noise(4096, 16, 0.2, 0.7, seed, step, 0, 1, estimator=estimator).masked
+                          for step in range(64)])
+    # 0.006: about 4 standard errors of the mean over 64 x 256 blocks
+    assert masked.float().mean().item() == pytest.approx(cm.training_masked_fraction(hp, estimator), abs=0.006)
 
 
 def test_memory_formula_matches_a_real_model_and_its_optimizers():
@@ -74,7 +74,7 @@ def test_memory_formula_matches_a_real_model_and_its_optimizers():
     model = BD3LM(TINY)
     optimizers = make_optimizers(model, Hyperparameters(), fast_bf16=False)
     tokens = torch.randint(0, TINY.vocab_size, (64,))
-    model(tokens, train_noise(64, TINY.block_size, 0.3, 0.8, torch.Generator().manual_seed(0))).backward()
+    model(tokens, step_noise(64, TINY.block_size, 0.3, 0.8, 0, 0, 0, 1)).backward()
     for optimizer in optimizers:
         optimizer.step()
     memory = cm.peak_memory(TINY, 64)

@@ -14,6 +14,7 @@ from conftest import random_stream, save_checkpoint, small_model
 
 import common
 from data.shards import write_shard
+from noise import TRAIN_ESTIMATOR
 from tools import clip_search
 from tools.grad_variance import gradient_noise
 from train import Hyperparameters
@@ -69,13 +70,13 @@ def test_without_train_files_it_reads_the_checkpoint_runs_data(tmp_path, capsys)
     gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     write_shard(tmp_path / "corpus_train_000000.bin", random_stream(1000, gen).numpy().astype("uint16"))
     model = small_model(block_size=4, seed=int(torch.randint(100, ())))
-    hparams = Hyperparameters(**asdict(model.config), seq_len=32, data=str(tmp_path / "corpus"), estimator="iid")
+    hparams = Hyperparameters(**asdict(model.config), seq_len=32, data=str(tmp_path / "corpus"))
     common.save_checkpoint(str(tmp_path / "run.pt"), model, asdict(hparams))
     flags = [f"--checkpoint={tmp_path / 'run.pt'}", "--widths=1", "--step=1", "--tokens=64", "--draws=2",
              "--device=cpu"]
     table = [line for line in run(capsys, *flags).splitlines() if line.startswith("| 0-1 |")]
     explicit = run(capsys, *flags, f"--train_files={tmp_path}/corpus_train_*.bin")
-    assert len(table) == 1 and table[0] in explicit.splitlines() and "estimator iid" in explicit
+    assert len(table) == 1 and table[0] in explicit.splitlines() and f"estimator {TRAIN_ESTIMATOR}" in explicit
 
 
 @pytest.mark.parametrize("flags, message", [

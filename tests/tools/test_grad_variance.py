@@ -16,7 +16,7 @@ from conftest import small_model
 
 from noise import ESTIMATORS, Noise, step_noise
 from tools import grad_variance
-from tools.grad_variance import COMPARED, estimator_noise, gradient_noise
+from tools.grad_variance import COMPARED, estimator_noise, gradient_noise, sequence_noise
 
 
 def test_gradient_noise_against_the_per_draw_gradients():
@@ -48,7 +48,7 @@ def test_a_row_per_estimator():
     model, gen = small_model(block_size=16), torch.Generator().manual_seed(2)
     chunks = list(torch.randint(0, 96, (2, 32), generator=gen))
     noise = estimator_noise(model, chunks, 0.3, 0.8, 3)
-    assert list(noise) == [*ESTIMATORS, "exact_k", "stratified_k"]
+    assert list(noise) == list(COMPARED) == [*ESTIMATORS, "exact_k", "stratified_k"]
     assert all(n.variance > 0 and n.loss > 0 for n in noise.values())
     with torch.no_grad():
         model.head.weight.zero_()
@@ -58,14 +58,20 @@ def test_a_row_per_estimator():
 
 @pytest.mark.parametrize("name", ["exact_k", "stratified_k"])
 def test_exact_k_masks_exactly_k_tokens_at_weight_n_over_k(name):
-    noise = step_noise(16 * 1000 + 5, 16, 0.3, 0.8, 0, 0, 0, 1, estimator=COMPARED[name])
+    noise = sequence_noise(16 * 1000 + 5, 16, 0.3, 0.8, 0, 0, 0, 1, name)
     masked, weight = noise.masked[:16000].view(-1, 16), noise.weight[:16000].view(-1, 16)
     k = masked.sum(1)
     assert k.min() == 5 and k.max() == 12 and len(set(k.tolist())) == 8  # ceil(0.3 x 16) to floor(0.8 x 16)
     assert torch.equal(weight, torch.where(masked, 16 / k[:, None].float(), 0.0))
     assert noise.masked[16000:].sum() in (2, 3, 4)  # the last block has 5 tokens: k / 5 in [0.3, 0.8]
-    short = step_noise(16 + 1, 16, 0.3, 0.8, 0, 0, 0, 1, estimator=COMPARED[name])  # no count of 1 token fits
+    short = sequence_noise(16 + 1, 16, 0.3, 0.8, 0, 0, 0, 1, name)  # no count of 1 token fits
     assert short.masked[16:].all() and short.weight[16:].isnan().all()
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_train_estimators_draw_train_py_noise(name):
+    expected, drawn = (f(100, 16, 0.3, 0.8, 3, 2, 1, 4, estimator=name) for f in (step_noise, sequence_noise))
+    assert all(torch.equal(x, y) for x, y in zip(expected, drawn))
 
 
 def test_bad_flags_are_one_line(capsys):
