@@ -16,7 +16,6 @@ from data.loader import find_shards, train_val_paths, val_batches
 from model import BD3LM, setting
 from noise import SCHEDULES, VAL_ESTIMATORS
 
-
 @dataclass
 class Settings:
     checkpoint: str = setting("", "checkpoint written by train.py (required)")
@@ -28,7 +27,6 @@ class Settings:
     schedule: str = setting("linear", "with --estimator=iid: the schedule of t (model.SCHEDULES)")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
-
 
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python eval.py --checkpoint=PATH [--name=value ...]")
@@ -54,7 +52,6 @@ def main(argv: list[str]) -> None:
         val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
     report_nelbo(model, files, num_tokens, seq_len, s, device, rank, world_size)
 
-
 def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, device, rank: int, world_size: int):
     common.init_process_group(device)
     bf16 = common.uses_bf16(s.autocast, device)
@@ -74,7 +71,6 @@ def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, dev
         print(f"val_nelbo:{mean:.4f} stderr:{stderr:.4f} ppl_bound:{math.exp(min(mean, 700)):.2f} seeds:{s.seeds} "
               f"tokens:{tokens} seq_len:{seq_len} autocast:{'bf16' if bf16 else 'fp32'} estimator:{s.estimator} "
               f"schedule:{s.schedule if s.estimator == 'iid' else 'none'} files:{','.join(files)}")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -50,6 +50,10 @@ class Hyperparameters(ModelConfig):
     val_file = property(lambda self: train_val_paths(self.data)[1])
     estimator = TRAIN_ESTIMATOR  # the training noise (noise.ESTIMATORS): a choice of the code, logged in the config
 
+    def config(self) -> dict:
+        """The settings as the log's config line and checkpoints record them, the estimator included."""
+        return {**asdict(self), "estimator": self.estimator}
+
 LOG_DIR, CHECKPOINT_DIR = "logs", "checkpoints"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON_FOLDERS = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, site.getusersitepackages(),
@@ -289,7 +293,7 @@ def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, 
         and clock.__name__ == "perf_counter"
     log(f"runtime:entry={os.path.relpath(entry, HERE) if inside(entry, HERE) else entry} "
         f"outside_modules={','.join(outside) or 'none'} clock={'genuine' if genuine else 'replaced'}", console=False)
-    log(f"config:{json.dumps({**asdict(hp), 'estimator': hp.estimator}, sort_keys=True)}")
+    log(f"config:{json.dumps(hp.config(), sort_keys=True)}")
     log(f"world_size:{world_size} micro_batch:{hp.micro_batch} grad_accum:{grad_accum(hp, world_size)} "
         f"autocast:{'bf16' if bf16 else 'fp32'}")
     if torch.cuda.is_available():
@@ -452,7 +456,7 @@ class Run:
         if self.rank == 0:
             rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()}
                                                       if torch.cuda.is_available() else {})}
-            common.save_checkpoint(path, self.model, asdict(self.hp), step=step, rng=rng,
+            common.save_checkpoint(path, self.model, self.hp.config(), step=step, rng=rng,
                                    optimizers=[opt.state_dict() for opt in self.optimizers],
                                    loader=self.loader.state_dict())
         return path

@@ -21,7 +21,6 @@ KNOWN_SHA256: dict[str, str] = {}  # name -> sha256 as records/README.md lists t
 MAX_TRAIN_SHARDS = 99
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finewebedu10B")
 
-
 def download(name: str, out_dir: str) -> None:
     """Fetch one file unless a valid copy is there; exit with one line if the network or the file fails."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -47,7 +46,6 @@ def download(name: str, out_dir: str) -> None:
         raise SystemExit(f"removed the download of {name}: {why}{e}") from None
     print(f"{name}: {tokens:,} tokens, sha256 {sha256} ({verified})")
 
-
 def check_sha256(name: str, sha256: str, hub_sha256: str | None) -> str:
     """What the sha256 of a fetched file was verified against; ValueError if it differs from it."""
     known = KNOWN_SHA256.get(name)
@@ -57,7 +55,6 @@ def check_sha256(name: str, sha256: str, hub_sha256: str | None) -> str:
     if sha256 != expected:
         raise ValueError(f"its sha256 {sha256} is not {source} {expected}")
     return f"matches {source}"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,7 +66,6 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     for name in ["finewebedu_val_000000.bin"] + [f"finewebedu_train_{i:06d}.bin" for i in range(1, args.num_train + 1)]:
         download(name, args.out_dir)
-
 
 if __name__ == "__main__":
     main()

@@ -44,10 +44,8 @@ CONFIG_KEYS = ("block_size", "estimator", "t_lo", "t_hi", "steps", "batch_size",
 # train.py's estimators whose expected loss is the records' objective (model.ESTIMATORS), on its interval
 RECORD_ESTIMATORS, RECORD_INTERVAL = ("iid", "stratified", "proposal"), (0.3, 0.8)
 
-
 class MalformedLog(ValueError):
     """The log cannot be read as a training log, so no verdict is possible."""
-
 
 @dataclass
 class ParsedLog:
@@ -60,7 +58,6 @@ class ParsedLog:
         return [match for event, match in self.events if event == kind]
 
     val_lines = property(lambda self: self.of_kind("val"))
-
 
 def parse_log(text: str) -> ParsedLog:
     lines, log, totals, i = text.split("\n"), ParsedLog({}, {}), set(), 0
@@ -102,7 +99,6 @@ def parse_log(text: str) -> ParsedLog:
         raise MalformedLog(f"step lines disagree on the number of steps ({sorted(totals)}); one run per log")
     return log
 
-
 def expected_params(config: dict) -> int:
     """model.BD3LM's parameters (tests/test_records.py compares): embeddings with [MASK], per layer q, k, v, out and
     the MLP, a value-mix scalar per layer but the first, a skip weight per pair of layers, the head padded to 128."""
@@ -111,11 +107,9 @@ def expected_params(config: dict) -> int:
     per_layer = 4 * dim * inner + 2 * dim * config["mlp_hidden"]
     return (config["vocab_size"] + 1) * dim + layers * per_layer + (layers - 1) + layers // 2 + padded_vocab * dim
 
-
 def broken(*rules: tuple[bool, str]) -> list[str]:
     """The message of each (is broken, message) rule that is broken."""
     return [message for is_broken, message in rules if is_broken]
-
 
 def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """Returns (violations, summary fields for the verdict line)."""
@@ -146,7 +140,6 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
         problems += check_steps(log, config)
     return problems + check_final(log, config, args, summary), summary
 
-
 def check_runtime(log: ParsedLog) -> list[str]:
     """train.py itself ran, with no code from outside the repo and the Python installation, and the genuine clock."""
     if "runtime" not in log.header:
@@ -158,7 +151,6 @@ def check_runtime(log: ParsedLog) -> list[str]:
         (runtime["outside"] != "none", f"modules from outside the repo and the Python installation ran: "
          f"{runtime['outside']}"),
         (runtime["clock"] != "genuine", "time.perf_counter was replaced: train_time is not wall-clock"))
-
 
 def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
     train_data, val_data = log.header["train_data"], log.header["val_data"]
@@ -191,7 +183,6 @@ def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: 
          f"the val shard holds {int(val[0]['tokens']):,} tokens, not FineWeb-Edu's {args.val_shard_tokens:,}"),
         (args.val_sha256 and val_hash != args.val_sha256,
          f"the val shard's sha256 {val_hash} is not {args.val_sha256}"))
-
 
 def check_steps(log: ParsedLog, config: dict) -> list[str]:
     """Step lines 1..steps in order, times that never fall and agree with their averages, validations where due."""
@@ -228,7 +219,6 @@ def check_steps(log: ParsedLog, config: dict) -> list[str]:
         problems.append("a val line follows the train_tokens line that closes the run")
     return problems
 
-
 def check_final(log: ParsedLog, config: dict, args: argparse.Namespace, summary: dict) -> list[str]:
     """The final val line finite, agreeing with its ppl and the last step line, on the right tokens; the train
     tokens consumed within what the steps needed and the shards hold."""
@@ -260,7 +250,6 @@ def check_final(log: ParsedLog, config: dict, args: argparse.Namespace, summary:
         (int(final["tokens"]) != args.val_tokens,
          f"val measured on {int(final['tokens']):,} tokens, not {args.val_tokens:,}"))
 
-
 def check_val_line(m: re.Match, config: dict) -> list[str]:
     try:
         loss, ppl = float(m["loss"]), float(m["ppl"])
@@ -276,10 +265,8 @@ def check_val_line(m: re.Match, config: dict) -> list[str]:
         (int(m["tokens"]) != config["val_tokens"], f"the val line at step {m['step']} measured {m['tokens']} tokens, "
          f"the config's val_tokens {config['val_tokens']}"))
 
-
 # -----------------------------------------------------------------------------
 # The code: every repository module train.py imports is embedded, and equals the commit
-
 
 def imported_repo_files(sources: dict[str, str], repo_files: set[str], entry: str = "train.py") -> set[str]:
     """The files of repo_files that running `entry` imports, from the sources' import statements."""
@@ -304,7 +291,6 @@ def imported_repo_files(sources: dict[str, str], repo_files: set[str], entry: st
                 todo += [f"{stem}{end}" for stem in stems for end in (".py", "/__init__.py")]
     return needed
 
-
 def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
     """Each embedded file equals `git show REV:path` byte for byte; every repo module train.py imports is embedded."""
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -325,7 +311,6 @@ def check_code(files: dict[str, str], repo: Path, rev: str) -> list[str]:
         elif body.encode() not in (shown.stdout, shown.stdout + b"\n"):
             problems.append(f"{path} differs from {rev}")
     return problems
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a training log against records/README.md.")
@@ -365,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     details = " ".join(f"{key}:{value}" for key, value in summary.items())
     print(f"FAIL: {'; '.join(problems)} | {details}" if problems else f"PASS {details}")
     return 1 if problems else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from check import TARGET, MalformedLog, parse_log
 
-
 def read_curve(path: Path) -> tuple[list[float], list[int], list[float]]:
     """(train time in minutes, training tokens, val NELBO) at each validation of the run logged in `path`."""
     try:
@@ -28,7 +27,6 @@ def read_curve(path: Path) -> tuple[list[float], list[int], list[float]]:
         raise MalformedLog(f"{path} has no val_loss line")
     return ([int(m["ms"]) / 60_000 for m in log.val_lines], [int(m["step"]) * tokens_per_step for m in log.val_lines],
             [float(m["loss"]) for m in log.val_lines])
-
 
 def plot(curves: dict[str, tuple], out: Path) -> None:
     import matplotlib
@@ -49,7 +47,6 @@ def plot(curves: dict[str, tuple], out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Plot val NELBO curves from train.py logs.")
@@ -74,11 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}: {len(curves)} run{'s' * (len(curves) > 1)}")
     return 0
 
-
 def error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,6 @@ from tools import costmodel as cm
 from tools.gpu_check import machine_name, matmul_peak, median_time, random_model
 from train import PRESETS, Hyperparameters, build_model, make_optimizers, model_config
 
-
 @dataclass
 class Settings:
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
@@ -38,14 +37,11 @@ class Settings:
     checkpoint: str = setting("", "sample from this checkpoint (e.g. the demo's); empty: a demo-size random model")
     estimate_only: bool = setting(False, "print only the GPU estimates for the record config; times nothing")
 
-
 def preset(name: str) -> Hyperparameters:
     return Hyperparameters(**PRESETS[name])
 
-
 RECORD = preset("record")
 DEMO, MID = model_config(preset("demo")), ModelConfig(n_layer=8, n_head=6, head_dim=64, model_dim=384, mlp_hidden=1536)
-
 
 def train_step(config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool, rows: int = 1):
     """(step, model): one optimizer step of train.py's recipe on `rows` fixed sequences in one forward, under the
@@ -67,14 +63,11 @@ def train_step(config: ModelConfig, seq_len: int, mean_doc: int, device: torch.d
         model.zero_grad(set_to_none=True)
     return step, model
 
-
 def table(title: str, *columns: str) -> None:
     print(f"\n{title}\n\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}")
 
-
 def row(*cells) -> None:
     print(f"| {' | '.join(map(str, cells))} |")
-
 
 def matmul_table(device: torch.device, bf16: bool, repeats: int) -> float:
     """The square matmul's FLOP/s per dtype; returns the peak of the dtype training uses."""
@@ -85,7 +78,6 @@ def matmul_table(device: torch.device, bf16: bool, repeats: int) -> float:
     if not bf16:
         row("bf16", "not measured: no bf16 kernels for this CPU (hundreds of times slower than fp32)")
     return peak
-
 
 def train_table(cases, device: torch.device, bf16: bool, repeats: int, peak: float) -> dict[str, float]:
     """Step time, throughput and FLOP utilization of each case (name, config, seq_len, rows); step seconds by name."""
@@ -101,7 +93,6 @@ def train_table(cases, device: torch.device, bf16: bool, repeats: int, peak: flo
             f"{tokens / seconds[name]:,.0f}", f"{flops / 1e9:.3f}", f"{flops * tokens / seconds[name] / peak:.1%}")
     return seconds
 
-
 def scaling_table(config: ModelConfig, base: int, device: torch.device, bf16: bool, repeats: int) -> None:
     """The training step at base, 2 base and 4 base tokens, for short documents and for one document."""
     table(f"## Scaling with sequence length (training step, {config.n_layer}x{config.model_dim} model)",
@@ -109,7 +100,6 @@ def scaling_table(config: ModelConfig, base: int, device: torch.device, bf16: bo
     for label, mean_doc in (("~200 tokens", 200), ("one document", 10**9)):
         t = [median_time(train_step(config, base * k, mean_doc, device, bf16)[0], repeats, device) for k in (1, 2, 4)]
         row(label, *(f"{s * 1e3:.0f} ms" for s in t), f"{t[1] / t[0]:.2f}x", f"{t[2] / t[0]:.2f}x")
-
 
 def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.device, repeats: int) -> None:
     """Build times of the BlockMask (and its share of tiles) and of the dense mask, as a share of the `name` training
@@ -127,7 +117,6 @@ def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.devic
             share = f"{(build if device.type == 'cuda' else dense) / step_seconds:.1%}" if dense is not None else "-"
             row(label, length, f"{cm.tile_fraction(tokens, size):.2%}", f"{build * 1e3:.1f}",
                 "-" if dense is None else f"{dense * 1e3:.1f}", share)
-
 
 def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: int) -> None:
     """Tokens/s and forwards per token of one sample of each sampler, with and without the KV cache, from the
@@ -147,7 +136,6 @@ def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: 
             row(sampler, runs[-1].new_tokens, "yes" if kv_cache else "no", f"{runs[-1].new_tokens / seconds:,.0f}",
                 f"{runs[-1].forwards / runs[-1].new_tokens:.2f}")
 
-
 def profile_table(name: str, step, top: int = 3) -> None:
     """The `top` operators by self time (torch.profiler) in one training step, after a warm-up step."""
     step()
@@ -158,7 +146,6 @@ def profile_table(name: str, step, top: int = 3) -> None:
           "share of step")
     for key in sorted(cost, key=cost.get, reverse=True)[:top]:
         row(key, f"{cost[key] / sum(cost.values()):.1%}")
-
 
 def estimate_tables() -> None:
     """Per GPU under its preset: each part of a step, the step, the record's minutes and peak memory; then the peak
@@ -195,7 +182,6 @@ def estimate_tables() -> None:
         row(part, *(f"{parts[part] / 2**30:.2f}" for parts in memory.values()))
     row("**total**", *(f"**{sum(parts.values()) / 2**30:.1f}**" for parts in memory.values()))
 
-
 def report(bench: Settings, device: torch.device) -> None:
     """Every measured table, then the estimates; on a GPU, last, the measured record step next to its estimate."""
     repeats, bf16, cuda = 3 if bench.quick else bench.repeats, common.fast_bf16(device), device.type == "cuda"
@@ -222,7 +208,6 @@ def report(bench: Settings, device: torch.device) -> None:
         row(machine, f"{1e3 * step_seconds['record']:.0f}",
             f"{1e3 * sum(w.seconds(gpu) for w in parts.values()):.0f}" if gpu else "no estimate for this GPU")
 
-
 def main(argv: list[str]) -> None:
     bench = common.command_line(argv, Settings, "python tools/bench.py [--name=value ...]", f"\n\n{__doc__.strip()}")
     with common.user_errors():
@@ -234,7 +219,6 @@ def main(argv: list[str]) -> None:
         estimate_tables()
     else:
         report(bench, device)
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -25,7 +25,6 @@ from tools.grad_variance import GradientNoise, gradient_noise
 
 CLIP_SEARCH_NOISE_SEED = 1  # every candidate interval draws the same uniforms
 
-
 @dataclass
 class Settings:
     checkpoint: str = setting("", "the weights to measure at (required)")
@@ -36,7 +35,6 @@ class Settings:
     draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
     estimator: str = setting(TRAIN_ESTIMATOR, "training noise, one of model.ESTIMATORS")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
-
 
 def candidates(widths: str, step: float) -> list[tuple[float, float]]:
     """bd3lms's candidates: for each width w, the intervals (lo, lo + w) for lo = 0, step, 2 step, ... to 1 - w."""
@@ -52,7 +50,6 @@ def candidates(widths: str, step: float) -> list[tuple[float, float]]:
                  for width in parsed for k in range(int((1 - width) / step + 1e-9) + 1)]
     return list(dict.fromkeys(intervals))
 
-
 def tail_chunks(pattern: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
     """The last `tokens` tokens of the train stream of `pattern`, in chunks of seq_len."""
     stream = TokenStream(find_shards(pattern))
@@ -62,12 +59,10 @@ def tail_chunks(pattern: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
     return [torch.from_numpy(stream.read(at, at + seq_len).astype("int64"))
             for at in range(stream.num_tokens - tokens, stream.num_tokens, seq_len)]
 
-
 def search(model: BD3LM, chunks: list[torch.Tensor], intervals: list[tuple[float, float]], estimator: str,
            draws: int) -> dict[tuple[float, float], GradientNoise]:
     return {interval: gradient_noise(model, chunks, *interval, estimator, draws, CLIP_SEARCH_NOISE_SEED)
             for interval in intervals}
-
 
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/clip_search.py [--name=value ...]", f"\n\n{__doc__.strip()}")
@@ -88,7 +83,6 @@ def main(argv: list[str]) -> None:
         print(f"| {lo:g}-{hi:g} | {n.relative:.6g} | {n.variance:.4g} | {n.loss_variance:.4g} | {n.loss:.4f} |")
     lo, hi = min(noise, key=lambda interval: noise[interval].relative)
     print(f"\nchosen:{lo:g}-{hi:g} (train with --t_lo={lo:g} --t_hi={hi:g})")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

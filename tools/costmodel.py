@@ -39,7 +39,6 @@ MUON_OPS_PER_MATRIX, MUON_OPS_PER_TURN = 4, 28
 # one fp32 tensor; memory of the kept logits meeting their gradient and that tensor
 LOSS_TRAFFIC, LOSS_MEMORY = 20, 8
 
-
 @dataclass(frozen=True)
 class Work:
     """One part of a step on one GPU: FLOPs at the EFFICIENCY of their kind, bytes through memory, ops launched one
@@ -62,10 +61,8 @@ class Work:
                    (self.bus_bytes, f"{self.bus_bytes / 1e9:.2f} GB on the bus"))
         return ", ".join(text for value, text in figures if value) or "none"
 
-
 def gpu_spec(device_name: str) -> GPU | None:
     return next((gpu for gpu in GPUS if gpu.match in device_name), None)
-
 
 def document_stream(length: int, mean_doc: int, generator: torch.Generator) -> torch.Tensor:
     """Random token ids cut by EOT into documents of about `mean_doc` tokens (one document if mean_doc >= length)."""
@@ -73,27 +70,22 @@ def document_stream(length: int, mean_doc: int, generator: torch.Generator) -> t
     tokens[torch.rand(length, generator=generator) < 1 / mean_doc] = EOT
     return tokens
 
-
 def tile_fraction(tokens: torch.Tensor, block_size: int) -> float:
     """Share of the TILE x TILE tiles of the [x_t ; x_0] score matrix that the BlockMask computes (partial or full)."""
     block_mask = block_diffusion_block_mask(tokens, block_size, EOT)
     return (block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()).item() / (2 * len(tokens) // TILE)**2
-
 
 def fineweb_tile_fraction(seq_len: int, block_size: int, streams: int = 16) -> float:
     gen = torch.Generator().manual_seed(2)
     return statistics.mean(tile_fraction(document_stream(seq_len, FINEWEB_MEAN_DOC, gen), block_size)
                            for _ in range(streams))
 
-
 def parameter_groups(config: ModelConfig) -> dict[str, list[torch.Tensor]]:
     with torch.device("meta"):  # shapes without memory
         return BD3LM(config).param_groups()
 
-
 def numel(tensors) -> int:
     return sum(t.numel() for t in tensors)
-
 
 def saved_activation_bytes(config: ModelConfig) -> int:
     """Bytes the backward keeps per position of [x_t ; x_0] and layer under bf16 autocast: matmul inputs and outputs
@@ -105,7 +97,6 @@ def saved_activation_bytes(config: ModelConfig) -> int:
             + 3 * 2 * inner  # q, k and v entering attention
             + 2 * inner + 4 * config.n_head  # the attention output and its logsumexp (fp32)
             + 2 * 2 * hidden)  # the up projection's output and relu^2 of it, the down projection's input
-
 
 def peak_memory(config: ModelConfig, tokens: int) -> dict[str, float]:
     """Bytes on one GPU by part when the backward of a forward of `tokens` tokens starts (the CUDA context, allocator
@@ -126,7 +117,6 @@ def peak_memory(config: ModelConfig, tokens: int) -> dict[str, float]:
             tokens * config.padded_vocab * LOSS_MEMORY,
     }
 
-
 def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float) -> float:
     """Training FLOPs (3x forward) per clean token: the trunk on both halves, the head on the masked fraction only
     (what the objective needs; the compiled loss runs every noisy row), attention for one seq_len-token document,
@@ -136,7 +126,6 @@ def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: fl
     trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
     return 3 * (trunk + masked_fraction * 2 * c.model_dim * c.padded_vocab)
 
-
 def mean_masked_fraction(estimator: str, lo: float, hi: float, block_size: int) -> float:
     """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
     if estimator != "proposal":  # t uniform on [lo, hi], each token masked with probability t
@@ -145,10 +134,8 @@ def mean_masked_fraction(estimator: str, lo: float, hi: float, block_size: int) 
     q = cumulative.diff(prepend=cumulative.new_zeros(1))
     return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
 
-
 def training_masked_fraction(hp: train.Hyperparameters, estimator: str = TRAIN_ESTIMATOR) -> float:
     return mean_masked_fraction(estimator, hp.t_lo, hp.t_hi, hp.block_size)
-
 
 def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: int, tiles: float) -> dict[str, Work]:
     """The work of each part of one optimizer step on one of `world_size` GPUs that runs `sequences` sequences of

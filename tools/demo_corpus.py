@@ -45,7 +45,6 @@ PACKAGE_MODULES = [
     "torch.export", "torch.compiler", "torch.fx", "torch.profiler", "torch.utils.checkpoint",
 ]  # fmt: skip
 
-
 def stdlib_modules() -> list:
     """The importable public standard-library modules and their direct public submodules, sorted by name."""
     modules = []
@@ -57,13 +56,11 @@ def stdlib_modules() -> list:
             modules += [module] + [child for child in map(_try_import, public) if child is not None]
     return modules
 
-
 def _try_import(name: str):
     try:
         return importlib.import_module(name)
     except Exception:  # platform-specific or optional modules (winreg, _tkinter, ...) are absent
         return None
-
 
 def docstrings(modules: list) -> list[str]:
     """Docstrings of each module, its public classes and callables and their public members, by name."""
@@ -83,7 +80,6 @@ def docstrings(modules: list) -> list[str]:
                     add(_public_attribute(obj, member))
     return found
 
-
 def _public_attribute(owner, name: str):
     if name.startswith("_"):
         return None
@@ -93,7 +89,6 @@ def _public_attribute(owner, name: str):
         return getattr(owner, name)
     except Exception:  # lazy attributes that fail to load on this platform
         return None
-
 
 def collect_documents() -> tuple[list[str], dict[str, int]]:
     """All demo documents (deduplicated, shuffled with a fixed seed) and how many came from each source."""
@@ -117,14 +112,12 @@ def collect_documents() -> tuple[list[str], dict[str, int]]:
     random.Random(0).shuffle(documents)
     return documents, counts
 
-
 def span_hashes(tokens: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each run of SPAN_TOKENS consecutive tokens, in order (none if there are fewer tokens)."""
     if len(tokens) < SPAN_TOKENS:
         return np.zeros(0, dtype=np.uint64)
     windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens, dtype=np.uint64), SPAN_TOKENS)
     return windows @ SPAN_COEFFICIENTS
-
 
 def near_duplicate_groups(encoded: list[np.ndarray]) -> np.ndarray:
     """The group of each document: documents that share a span of SPAN_TOKENS tokens, directly or through other
@@ -148,7 +141,6 @@ def near_duplicate_groups(encoded: list[np.ndarray]) -> np.ndarray:
         parent[max(a, b)] = min(a, b)
     return np.array([root(doc) for doc in range(len(encoded))])
 
-
 def split_groups(encoded: list[np.ndarray], val_tokens: int) -> tuple[list[int], list[int]]:
     """(val, train) document indices, in document order. Val takes whole near-duplicate groups in the order of their
     first documents until it holds val_tokens; a group larger than an eighth of that stays in train."""
@@ -161,7 +153,6 @@ def split_groups(encoded: list[np.ndarray], val_tokens: int) -> tuple[list[int],
             filled += int(sizes[group])
     chosen = np.isin(groups, list(in_val))
     return np.flatnonzero(chosen).tolist(), np.flatnonzero(~chosen).tolist()
-
 
 def prepare_demo() -> tuple[str, str]:
     """Write the demo shards unless valid ones exist; print the corpus size; return (train_path, val_path)."""
@@ -184,10 +175,8 @@ def prepare_demo() -> tuple[str, str]:
     print(f"demo corpus: {documents} documents, {len(train)} train and {len(val)} val tokens in {DEMO_DIR}")
     return train_path, val_path
 
-
 def _progress(message: str) -> None:
     print(f"demo corpus: {message}", flush=True)
-
 
 if __name__ == "__main__":
     prepare_demo()

@@ -48,7 +48,6 @@ DEADLINE_SECONDS, RESERVE_SECONDS = 440, 90
 H200 = cm.GPUS[0]._replace(name="H200", match="H200", memory_bandwidth=4.8e12, memory=141 * 10**9, count=1)
 TINY = dict(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, seq_len=256, micro_batch=2)
 
-
 @contextlib.contextmanager
 def flex_backward_on_cpu():
     """Lift FlexAttention's private refusal of a CPU backward, so a CPU runs the compiled graph a GPU runs: for the
@@ -60,11 +59,9 @@ def flex_backward_on_cpu():
     finally:
         flex_attention_module._validate_device = guard
 
-
 def machine_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
 
 @dataclass
 class Target:
@@ -76,7 +73,6 @@ class Target:
 
     rehearsal = property(lambda self: self.device.type != "cuda")
     backend = property(lambda self: "aot_eager" if self.rehearsal else "inductor")
-
 
 def target_for(device: torch.device, deadline: float) -> Target:
     cuda = device.type == "cuda"
@@ -92,7 +88,6 @@ def target_for(device: torch.device, deadline: float) -> Target:
     train.check_settings(hp, world_size=1)
     return Target(device, hp, deadline, missing)
 
-
 def data_files(hp: train.Hyperparameters) -> dict:
     """FineWeb-Edu if its shards are here, else the demo corpus, carried or built (which needs the GPT-2 vocabulary)."""
     if hp.preset != "demo" and os.path.isfile(hp.val_file) and glob.glob(hp.train_files):
@@ -103,17 +98,14 @@ def data_files(hp: train.Hyperparameters) -> dict:
         prepare_demo()
     return dict(data=f"{DEMO_DIR}/demo")
 
-
 def needs_data(target: Target) -> None:
     if target.missing:
         raise Skipped("it needs training data: see `missing` at the top")
-
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
 
 def environment(target: Target, state: dict) -> list[str]:
     allocator = common.allocator_settings()
@@ -136,14 +128,12 @@ def environment(target: Target, state: dict) -> list[str]:
                  f"data {'none' if target.missing else target.hp.train_files}")
     return lines
 
-
 def driver_version() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown (no nvidia-smi)"
-
 
 def random_model(config, device: torch.device) -> BD3LM:
     """Every weight random with unit-scale outputs: the zero-initialized head and projections make most gradients 0."""
@@ -154,7 +144,6 @@ def random_model(config, device: torch.device) -> BD3LM:
             p.normal_(0, p.size(-1) ** -0.5 if p.dim() > 1 else 0.1)
     return model
 
-
 def loss_and_grads(model: BD3LM, tokens, noise, bf16: bool) -> torch.Tensor:
     """The loss and every gradient, flattened into one fp32 vector (the loss first)."""
     with common.autocast_context(tokens.device, bf16):
@@ -163,7 +152,6 @@ def loss_and_grads(model: BD3LM, tokens, noise, bf16: bool) -> torch.Tensor:
     flat = torch.cat([loss.detach().float()[None], *(p.grad.float().flatten() for p in model.parameters())])
     model.zero_grad(set_to_none=True)
     return flat
-
 
 def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
     """Compiled flex against eager SDPA on one row of seq_len, both in bf16, each against SDPA in fp32."""
@@ -193,7 +181,6 @@ def flex_equals_sdpa(target: Target, state: dict) -> list[str]:
     if not (flex_loss <= 2 * sdpa_loss + 1e-3 and flex_grads <= 2 * sdpa_grads + 1e-3):
         raise RuntimeError("flex in bf16 is further from fp32 than twice SDPA in bf16:\n" + "\n".join(lines))
     return lines
-
 
 def record_step(target: Target, state: dict) -> list[str]:
     """The training graph of train.py's warm-up, then Run.train_step with its optimizers, one forward a step."""
@@ -252,7 +239,6 @@ def record_step(target: Target, state: dict) -> list[str]:
         raise RuntimeError("the train loss did not fall:\n" + "\n".join(lines))
     return lines
 
-
 def warm_up_training(model: BD3LM, hp: train.Hyperparameters, autocast, device: torch.device) -> float:
     """train.warm_up's training graph only (the check never runs the val graph compiled); returns its ms."""
     started = time.perf_counter()
@@ -264,7 +250,6 @@ def warm_up_training(model: BD3LM, hp: train.Hyperparameters, autocast, device: 
     model.zero_grad(set_to_none=True)
     common.synchronize(device)
     return 1000 * (time.perf_counter() - started)
-
 
 def median_time(fn, repeats: int, device: torch.device, warmup: bool = True) -> float:
     """Median seconds of fn() over `repeats` runs, after one warm-up run."""
@@ -279,13 +264,11 @@ def median_time(fn, repeats: int, device: torch.device, warmup: bool = True) -> 
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
 
-
 def matmul_peak(device: torch.device, bf16: bool, repeats: int = 5) -> float:
     """FLOP/s of a square matmul in bf16 or fp32."""
     n = 4096 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
     return 2 * n**3 / median_time(lambda: a @ b, repeats, device)
-
 
 def validation(target: Target, state: dict) -> list[str]:
     """eval.main on a checkpoint of the record step's model (else a random one), 4 val chunks, eager as eval.py runs."""
@@ -305,7 +288,6 @@ def validation(target: Target, state: dict) -> list[str]:
     gib = common.peak_memory_mib(target.device) / 1024
     return [f"- `{result}`", f"- {time.perf_counter() - started:.1f} s, peak memory {gib:.2f} GiB (the eager pass "
             "takes SDPA: flex runs only compiled)"]
-
 
 def sampling(target: Target, state: dict) -> list[str]:
     """Cached generation speed; then one noisy block's cached logits against model.logits over its context."""
@@ -333,24 +315,19 @@ def sampling(target: Target, state: dict) -> list[str]:
         raise RuntimeError(f"cached logits differ from a recompute by {difference}")
     return lines
 
-
 PARTS = {"environment": environment, "flex_equals_sdpa": flex_equals_sdpa, "record_step": record_step,
          "validation": validation, "sampling": sampling}
-
 
 class Skipped(Exception):
     """A part that cannot run here, for want of something the report names in one line (no data)."""
 
-
 class OutOfTime(BaseException):
     """The check's deadline, raised inside a running part; a BaseException, so no `except Exception` takes it."""
-
 
 @dataclass
 class Settings:
     device: str = setting("auto", "auto (cuda if available, else a rehearsal on the CPU), cpu or cuda")
     report: str = setting("", "also write each part's section to this file as the part ends")
-
 
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python3 tools/gpu_check.py [--report=gpu_check.md]")
@@ -358,7 +335,6 @@ def main(argv: list[str]) -> None:
         if s.report and not os.path.isdir(os.path.dirname(os.path.abspath(s.report))):
             raise common.ConfigError(f"--report={s.report}: its folder does not exist")
     sys.exit(check(s.device, s.report))  # the check picks the device itself, so that its failure is in the report
-
 
 def check(device_name: str, report_path: str) -> int:
     """Every part under the deadline, each reported as it ends, the summary line last; 0 only if every part passed."""
@@ -403,7 +379,6 @@ def check(device_name: str, report_path: str) -> int:
            f"seconds:{time.perf_counter() - started:.0f}")
     return 0 if word == "PASS" else 1
 
-
 def run_part(name: str, part, target: Target, state: dict, report) -> str:
     """One part, its section reported as it ends; its verdict for the summary line."""
     part_start = time.perf_counter()
@@ -425,7 +400,6 @@ def run_part(name: str, part, target: Target, state: dict, report) -> str:
     report(f"\n## {name}: {heading}, {time.perf_counter() - part_start:.0f} s\n\n" + "\n".join(lines))
     return verdict
 
-
 @contextlib.contextmanager
 def alarm_at(deadline: float):
     """OutOfTime inside the code it wraps once `deadline` passes, even inside a compile; off outside it, so reporting
@@ -439,7 +413,6 @@ def alarm_at(deadline: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -29,7 +29,6 @@ from train import PRESETS, Hyperparameters, build_model, model_config
 
 COMPARED = (*ESTIMATORS, "exact_k", "stratified_k")  # the last two do not keep the records' objective
 
-
 @dataclass
 class Settings:
     checkpoint: str = setting("", "measure at this checkpoint's weights, on its run's val text and interval")
@@ -38,14 +37,12 @@ class Settings:
     seed: int = setting(0, "seed of the noise draws")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
-
 class GradientNoise(NamedTuple):
     relative: float  # variance / signal: the noise-to-signal ratio of one draw's gradient
     variance: float  # total variance of the gradient: E ||g - E g||^2, unbiased over the draws
     signal: float  # ||E g||^2, unbiased: ||mean g||^2 - variance / draws
     loss_variance: float  # the variance of the loss itself over the draws
     loss: float  # the mean loss over the draws
-
 
 def uniform_counts(block_size: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """model.count_table's (bounds, weights) for k uniform on the counts with lo <= k / n <= hi at weight n / k; a
@@ -59,7 +56,6 @@ def uniform_counts(block_size: int, lo: float, hi: float) -> tuple[torch.Tensor,
         weights[n - 1, :n] = n / k if allowed.any() else torch.nan
     return bounds, weights
 
-
 def sequence_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
                    estimator: str) -> Noise:
     """model.step_noise, or for exact_k and stratified_k uniform_counts' draw with independent or stratified levels."""
@@ -70,7 +66,6 @@ def sequence_noise(length: int, block_size: int, lo: float, hi: float, seed: int
     levels = stratified_levels(seed, step, chunk, chunks, int(block[-1]) + 1)[block] \
         if estimator == "stratified_k" else uniforms[0, block * block_size]
     return count_noise(*uniform_counts(block_size, lo, hi), levels, uniforms[1], block_size)
-
 
 def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: float, estimator: str, draws: int,
                    seed: int) -> GradientNoise:
@@ -99,11 +94,9 @@ def gradient_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: floa
     return GradientNoise(variance / signal if signal > 0 else float("inf"), variance, signal,
                          statistics.variance(losses), statistics.fmean(losses))
 
-
 def estimator_noise(model: BD3LM, chunks: list[torch.Tensor], lo: float, hi: float, draws: int,
                     seed: int = 0) -> dict[str, GradientNoise]:
     return {name: gradient_noise(model, chunks, lo, hi, name, draws, seed) for name in COMPARED}
-
 
 def grad_variance_table(checkpoint: str, initial: bool, draws: int, seed: int, device: torch.device) -> None:
     """One row per weights (the demo preset's initial ones; the checkpoint's) and estimator."""
@@ -127,7 +120,6 @@ def grad_variance_table(checkpoint: str, initial: bool, draws: int, seed: int, d
                   f"{len(chunks)} x {hp['seq_len']} | {n.relative:.4g} | {n.variance:.4g} | {n.loss_variance:.4g} | "
                   f"{n.loss:.4f} |")
 
-
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/grad_variance.py [--name=value ...]",
                             f"\n\n{__doc__.strip()}")
@@ -141,7 +133,6 @@ def main(argv: list[str]) -> None:
         device = common.pick_device(s.device)
     print(f"# tools/grad_variance.py, {time.strftime('%Y-%m-%d')}")
     grad_variance_table(s.checkpoint, s.initial, s.draws, s.seed, device)
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

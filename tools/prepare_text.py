@@ -28,7 +28,6 @@ from data.tokenizer import get_tokenizer
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
-
 def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
     """Yield the text of every document in `paths` (files or directories), in a fixed order."""
     for path in expand_inputs(paths):
@@ -51,7 +50,6 @@ def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
             for batch in parquet.iter_batches(columns=[text_field]):
                 yield from (text for text in batch.column(0).to_pylist() if text is not None)
 
-
 def expand_inputs(paths: list[str]) -> list[str]:
     files = []
     for path in paths:
@@ -64,7 +62,6 @@ def expand_inputs(paths: list[str]) -> list[str]:
             raise ValueError(f"{path}: not a directory or a {'/'.join(INPUT_SUFFIXES)} file")
     return files
 
-
 def _text_of(line: str, text_field: str, where: str) -> str:
     try:
         record = json.loads(line)
@@ -74,11 +71,9 @@ def _text_of(line: str, text_field: str, where: str) -> str:
         raise ValueError(f"{where}: expected a JSON object with a string field {text_field!r}")
     return record[text_field]
 
-
 def encode_document(text: str) -> np.ndarray:
     """`<|endoftext|>` followed by the document's tokens; special-token text inside a document stays text."""
     return np.array([EOT] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
-
 
 class ShardWriter:
     """Cuts a stream of token arrays into shards of `shard_tokens` tokens named `{prefix}_{index:06d}.bin`."""
@@ -101,7 +96,6 @@ class ShardWriter:
             self.paths.append(f"{self.prefix}_{len(self.paths):06d}.bin")
             write_shard(self.paths[-1], self.buffer[: self.filled])
             self.filled = 0
-
 
 def write_token_shards(documents: Iterable[str], out_dir: str, name: str, val_tokens: int,
                        shard_tokens: int = 100_000_000, workers: int | None = None,
@@ -127,7 +121,6 @@ def write_token_shards(documents: Iterable[str], out_dir: str, name: str, val_to
         raise ValueError(f"{name}: no documents left for training after {val_tokens} tokens went to val")
     return train.paths, val.paths
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="text files, .jsonl files, .parquet files or directories")
@@ -152,7 +145,6 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print(f"wrote {len(train_paths)} train and {len(val_paths)} val shards to {args.out_dir}")
-
 
 if __name__ == "__main__":
     main()

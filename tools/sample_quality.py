@@ -24,7 +24,6 @@ from common import ConfigError, load_model
 from data.shards import VOCAB_SIZE
 from model import BD3LM, setting
 
-
 @dataclass
 class Settings(sample.Settings):
     """sample.py's settings, and the judge's."""
@@ -35,11 +34,9 @@ class Settings(sample.Settings):
     min_new_tokens: int = setting(0, "no <|endoftext|> among the first this many new tokens; 0: measure the "
                                      "lengths the model chooses")
 
-
 # the sweep: every sampler of the registry at each value of its knob
 SWEEP = [dict(sampler=name, **({entry.knob: value} if entry.knob else {}))
          for name, entry in sample.SAMPLERS.items() for value in entry.sweep or (None,)]
-
 
 def repository_judge(judge: BD3LM, max_len: int):
     """A checkpoint trained with --block_size=1: with every x_t position masked, position i sees the clean tokens
@@ -50,7 +47,6 @@ def repository_judge(judge: BD3LM, max_len: int):
             logits = judge.logits(torch.full_like(x_0, judge.config.mask_id), x_0)[0, len(context):]
         return -float(logits.log_softmax(-1).gather(-1, x_0[0, len(context):, None]).sum())
     return nll, max_len
-
 
 def hugging_face_judge(name: str, device: torch.device):
     """A Hugging Face causal LM with GPT-2's vocabulary; the text is preceded by <|endoftext|>, GPT-2's start."""
@@ -76,7 +72,6 @@ def hugging_face_judge(name: str, device: torch.device):
         return -float(logits.log_softmax(-1).gather(-1, ids[0, len(context) + 1:, None]).sum())
     return nll, (getattr(lm.config, "n_positions", None) or lm.config.max_position_embeddings) - 1
 
-
 def load_judge(name: str, model: BD3LM, device: torch.device):
     """(nll function, longest context + continuation it can score) of a judge given by --judge."""
     if not os.path.isfile(name):
@@ -90,12 +85,10 @@ def load_judge(name: str, model: BD3LM, device: torch.device):
                             f"{model.config.vocab_size}: it cannot read the model's token ids")
     return repository_judge(judge, hparams["seq_len"])
 
-
 def unigram_entropy(tokens: list[int]) -> float:
     """Entropy in nats of the token frequencies of one sample (0 for a sample of one repeated token)."""
     counts = Counter(tokens).values()
     return -sum(c / len(tokens) * math.log(c / len(tokens)) for c in counts) if tokens else 0.0
-
 
 def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
     """Generate s.num_samples samples after `prompt` and score what a reader gets: each sample up to and with its
@@ -120,11 +113,9 @@ def sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> dict:
                 tokens_per_forward=s.num_samples * stats.new_tokens / stats.row_forwards,
                 batch_tokens_per_forward=stats.new_tokens / stats.forwards, samples=len(documents))
 
-
 def knobs(s: Settings) -> str:
     knob = sample.SAMPLERS[s.sampler].knob
     return f"{knob}={getattr(s, knob)}" if knob else ""
-
 
 def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
     rows = ["| sampler | knob | tokens/forward, per sample | tokens/forward, batch | tokens/s | gen PPL | entropy | "
@@ -138,7 +129,6 @@ def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a sweep takes minutes
     return "\n".join(rows)
 
-
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/sample_quality.py --checkpoint=PATH --judge=JUDGE "
                             "[--name=value ...]")
@@ -151,7 +141,6 @@ def main(argv: list[str]) -> None:
         model, _, prompt = sample.load(s)
         judge = load_judge(s.judge, model, model.head.weight.device)
     report_sample_quality(model, judge, prompt, s)
-
 
 def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> None:
     setup = f"samples:{s.num_samples} max_new_tokens:{s.max_new_tokens} judge:{s.judge} seed:{s.seed}"
@@ -167,7 +156,6 @@ def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -
           f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
           f"batch_tokens_per_forward:{q['batch_tokens_per_forward']:.3f} "
           f"sampler:{s.sampler} {knobs(s) or 'knob:none'} {setup}")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
