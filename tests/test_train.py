@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("demo_corpus")
 
 
 def test_demo_run_end_to_end(tmp_path):
-    steps = 12
-    run = run_train(tmp_path, "--preset=demo", "--run_id=demo", f"--steps={steps}", "--val_every=6",
+    steps = 8
+    run = run_train(tmp_path, "--preset=demo", "--run_id=demo", f"--steps={steps}", "--val_every=4",
                     "--val_tokens=4096", "--batch_size=4")
     text = read_log(tmp_path, "demo")
     parsed = parse_log(text)  # the records checker must be able to read what train.py writes
@@ -47,10 +47,10 @@ def test_demo_run_end_to_end(tmp_path):
                     r"world_size:1 micro_batch:1 grad_accum:4 autocast:(bf16|fp32)",
                     r"unigram_baseline:\d+\.\d{4}", r"train_tokens:\d+", r"peak_memory:\d+MiB", r"checkpoint:\S+"):
         assert any(re.fullmatch(pattern, line) for line in lines), pattern
-    step_lines = [line for line in lines if re.fullmatch(r"step:\d+/12 train_loss:\d+\.\d{4} train_time:\d+ms "
+    step_lines = [line for line in lines if re.fullmatch(r"step:\d+/8 train_loss:\d+\.\d{4} train_time:\d+ms "
                                                          r"step_avg:\d+\.\d+ms", line)]
     assert len(step_lines) == steps
-    assert [m.group("step") for m in parsed.val_lines] == ["0", "6", "12"]
+    assert [m.group("step") for m in parsed.val_lines] == ["0", "4", "8"]
     losses = val_losses(text)
     assert losses[0] == pytest.approx(math.log(50257), rel=0.1)  # zero-initialised head: uniform predictions
     assert losses[-1] < losses[0] - 1.0
