@@ -30,6 +30,8 @@ SMALL = ["--preset=demo", "--n_layer=2", "--model_dim=128", "--n_head=2", "--hea
 # one thread per process: torchrun gives each rank one, and two threads on a busy 2-core machine spin-wait for
 # each other (tens of seconds a step); exactness tests compare runs made with the same thread count anyway
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: a worker per core, each on one thread for the same reason
+    torch.set_num_threads(1)
 # the shared trained run: validations at steps 0, 2 and 4, latest.pt at step 2, final.pt at step 4
 TRAINED = [*SMALL, "--steps=4", "--val_every=2"]
 
