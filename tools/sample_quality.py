@@ -132,6 +132,7 @@ def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/sample_quality.py --checkpoint=PATH --judge=JUDGE "
                             "[--name=value ...]")
+    setup = f"samples:{s.num_samples} max_new_tokens:{s.max_new_tokens} judge:{s.judge} seed:{s.seed}"
     with common.user_errors():
         if any(arg.startswith("--show_denoising") for arg in argv):
             raise ConfigError("--show_denoising is sample.py's: this tool prints no samples")
@@ -140,17 +141,10 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--judge=JUDGE is required (see --help)")
         model, _, prompt = sample.load(s)
         judge = load_judge(s.judge, model, model.head.weight.device)
-    report_sample_quality(model, judge, prompt, s)
-
-def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> None:
-    setup = f"samples:{s.num_samples} max_new_tokens:{s.max_new_tokens} judge:{s.judge} seed:{s.seed}"
-    try:
         if s.sweep:
             print(f"{sweep_table(model, judge, prompt, s)}\n\n{setup} temperature:{s.temperature} top_p:{s.top_p}")
             return
         q = sample_quality(model, judge, prompt, s)
-    except ConfigError as error:
-        common.fail(str(error), status=2)
     print(f"gen_ppl:{q['gen_ppl']:.2f} log_ppl_stderr:{q['log_ppl_stderr']:.4f} entropy:{q['entropy']:.3f} "
           f"median_length:{q['median_length']:g} max_length:{q['max_length']} ended_with_eot:{q['ended']:.3f} "
           f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
