@@ -5,9 +5,8 @@
 Inputs: `.txt` files (a document each), JSONL (a document per line) and Parquet files (needs pyarrow), the text in
 `--text_field`; directories are searched recursively, in sorted order. Each document is `<|endoftext|>` then its
 tokens. The first documents, until at least `--val_tokens` tokens, go to `{name}_val_000000.bin ...`, the rest to
-`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard; the output does not depend on `--workers`. This
-file knows the input formats and the document order; the byte format is data/shards.py's, the vocabulary
-data/tokenizer.py's.
+`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard, whatever `--workers`. This file knows the input
+formats and the document order; the byte format is data/shards.py's, the vocabulary data/tokenizer.py's.
 """
 
 import argparse

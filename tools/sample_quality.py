@@ -1,6 +1,5 @@
-"""
-What a checkpoint's samples are worth under an autoregressive judge (a checkpoint trained with --block_size=1, or a
-Hugging Face causal LM such as the paper's GPT-2 Large): generative perplexity, mean unigram entropy (low:
+"""What a checkpoint's samples are worth under an autoregressive judge (a checkpoint trained with --block_size=1, or
+a Hugging Face causal LM such as the paper's GPT-2 Large): generative perplexity, mean unigram entropy (low:
 repetitive samples), lengths, the share that ended with <|endoftext|>, speed; the last line is `key:value` pairs.
 `--sweep=True` prints a markdown table of the samplers and their knobs instead.
 
