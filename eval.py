@@ -13,7 +13,7 @@ import torch.distributed as dist
 import common
 from common import VAL_NOISE_SEED, ConfigError, load_model
 from data.loader import find_shards, train_val_paths, val_batches
-from model import BD3LM, setting
+from model import setting
 from noise import SCHEDULES, VAL_ESTIMATORS
 
 @dataclass
@@ -24,7 +24,7 @@ class Settings:
     seq_len: int = setting(0, "tokens per chunk; 0: the run's seq_len")
     seeds: int = setting(1, "noise seeds; with more than one, the mean and its standard error")
     estimator: str = setting(common.VAL_ESTIMATOR, "val noise: exact_k (as in training) or iid (t under --schedule)")
-    schedule: str = setting("linear", "with --estimator=iid: the schedule of t (model.SCHEDULES)")
+    schedule: str = setting("linear", "with --estimator=iid: the schedule of t (noise.SCHEDULES)")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
@@ -50,9 +50,6 @@ def main(argv: list[str]) -> None:
         seq_len = s.seq_len or hparams["seq_len"]
         num_tokens = {-1: hparams["val_tokens"], 0: None}.get(s.val_tokens, s.val_tokens)
         val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
-    report_nelbo(model, files, num_tokens, seq_len, s, device, rank, world_size)
-
-def report_nelbo(model: BD3LM, files, num_tokens, seq_len: int, s: Settings, device, rank: int, world_size: int):
     common.init_process_group(device)
     bf16 = common.uses_bf16(s.autocast, device)
     results = []

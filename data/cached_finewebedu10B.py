@@ -18,8 +18,6 @@ from data.shards import ShardError, file_sha256, shard_num_tokens
 
 REPO_ID = "kjj0/finewebedu10B-gpt2"
 KNOWN_SHA256: dict[str, str] = {}  # name -> sha256 as records/README.md lists them: the line printed for a download
-MAX_TRAIN_SHARDS = 99
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finewebedu10B")
 
 def download(name: str, out_dir: str) -> None:
     """Fetch one file unless a valid copy is there; exit with one line if the network or the file fails."""
@@ -59,10 +57,11 @@ def check_sha256(name: str, sha256: str, hub_sha256: str | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("num_train", type=int, nargs="?", default=10, help="train shards to fetch (0-99)")
-    parser.add_argument("--out_dir", default=DEFAULT_DIR, help="where the shards go")
+    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "finewebedu10B"),
+                        help="where the shards go")
     args = parser.parse_args()
-    if not 0 <= args.num_train <= MAX_TRAIN_SHARDS:
-        raise SystemExit(f"num_train must be between 0 and {MAX_TRAIN_SHARDS}, got {args.num_train}")
+    if not 0 <= args.num_train <= 99:
+        raise SystemExit(f"num_train must be between 0 and 99, got {args.num_train}")
     os.makedirs(args.out_dir, exist_ok=True)
     for name in ["finewebedu_val_000000.bin"] + [f"finewebedu_train_{i:06d}.bin" for i in range(1, args.num_train + 1)]:
         download(name, args.out_dir)

@@ -85,16 +85,12 @@ def parse_log(text: str) -> ParsedLog:
             log.shards.append(shard)
         if step := STEP_LINE.match(line):
             totals.add(int(step["total"]))
-            if val := VAL_LINE.fullmatch(line):
-                log.events.append(("val", val))
-            elif train := TRAIN_LINE.fullmatch(line):
-                log.events.append(("step", train))
-            else:
+            if not (match := VAL_LINE.fullmatch(line) or TRAIN_LINE.fullmatch(line)):
                 raise MalformedLog(f"cannot parse the step line {line!r}")
+            log.events.append(("val" if match.re is VAL_LINE else "step", match))
         i += 1
-    for key in ("config", "train_data", "val_data", "params"):
-        if key not in log.header:
-            raise MalformedLog(f"the log has no '{key}:' line")
+    if missing := [key for key in ("config", "train_data", "val_data", "params") if key not in log.header]:
+        raise MalformedLog(f"the log has no '{missing[0]}:' line")
     if len(totals) > 1:
         raise MalformedLog(f"step lines disagree on the number of steps ({sorted(totals)}); one run per log")
     return log
@@ -122,7 +118,7 @@ def check_rules(log: ParsedLog, args: argparse.Namespace) -> tuple[list[str], di
     params, expected, resumed = int(log.header["params"]["count"]), expected_params(config), log.header.get("resumed")
     summary = {"params": f"{params:,}"}
     problems = broken(
-        (config["block_size"] != args.block_size, f"block_size {config['block_size']} != {args.block_size}"),
+        (config["block_size"] != BLOCK_SIZE, f"block_size {config['block_size']} != {BLOCK_SIZE}"),
         (config["estimator"] not in RECORD_ESTIMATORS, f"estimator {config['estimator']}: its expected loss is not "
          f"the records' objective (allowed: {', '.join(RECORD_ESTIMATORS)})"),
         ((config["t_lo"], config["t_hi"]) != RECORD_INTERVAL, f"t_lo {config['t_lo']} t_hi {config['t_hi']}: the "
@@ -167,10 +163,10 @@ def check_data(log: ParsedLog, config: dict, args: argparse.Namespace, summary: 
                            "shards and 1 val shard: the log does not identify its data"]
     problems += [f"shard {s['path']}: {s['tokens']} tokens do not fill {s['bytes']} bytes"
                  for s in log.shards if int(s["bytes"]) != SHARD_HEADER_BYTES + 2 * int(s["tokens"])]
-    train_tokens, listed, val_hash, seen = sum(int(s["tokens"]) for s in train), int(train_data["tokens"]), \
-        val[0]["sha256"], {}
+    train_tokens, listed, val_hash = sum(int(s["tokens"]) for s in train), int(train_data["tokens"]), val[0]["sha256"]
     if train_tokens != listed:
         problems.append(f"the train shards hold {train_tokens:,} tokens, not the {listed:,} of the train_data line")
+    seen = {}
     for shard in train:
         if shard["sha256"] == val_hash:
             problems.append(f"train shard {shard['path']} is the val shard (same sha256)")
@@ -209,8 +205,7 @@ def check_steps(log: ParsedLog, config: dict) -> list[str]:
             break
     val_steps, every = [int(m["step"]) for m in log.val_lines], config["val_every"]
     expected = sorted({0, steps} | (set(range(every, steps, every)) if every else set()))
-    if len(set(val_steps)) < len(val_steps):
-        repeated = sorted({s for s in val_steps if val_steps.count(s) > 1})
+    if repeated := sorted({s for s in val_steps if val_steps.count(s) > 1}):
         problems.append(f"more than one val line at step {', '.join(map(str, repeated))}")
     elif val_steps != expected:
         problems.append(f"val lines at steps {val_steps}, where the config (val_every {every}) puts them at {expected}")
@@ -316,22 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a training log against records/README.md.")
     parser.add_argument("log", type=Path, help="the training log (logs/<run_id>.txt)")
     parser.add_argument("--target", type=float, default=round(TARGET - VAL_NOISE_MARGIN, 6),
-                        help=f"highest final val NELBO, nats/token: {TARGET} less the {VAL_NOISE_MARGIN} margin for "
-                             f"the val noise")
+                        help=f"highest final val NELBO, nats/token: {TARGET} less {VAL_NOISE_MARGIN} for the val noise")
     parser.add_argument("--val_tokens", type=int, default=VAL_TOKENS, help="val tokens the final evaluation must use")
     parser.add_argument("--max_params", type=int, default=MAX_PARAMS, help="most parameters, embeddings included")
-    parser.add_argument("--block_size", type=int, default=BLOCK_SIZE, help="required denoising block size")
-    parser.add_argument("--train_files", default=r"finewebedu_train_[^/]*\.bin",
-                        help="regex the file name in the train_data pattern must match ('.*' for the demo)")
-    parser.add_argument("--val_file", default=r"finewebedu_val_000000\.bin",
-                        help="regex the file name in the val_data path must match ('.*' for the demo)")
-    parser.add_argument("--val_shard_tokens", type=int, default=100_000_000,
-                        help="tokens of the val shard (FineWeb-Edu's: 100,000,000; 0: any, for the demo)")
-    parser.add_argument("--val_sha256", default="",
-                        help="sha256 the val shard must have; records/README.md says why none is known yet")
+    parser.add_argument("--train_files", default=r"finewebedu_train_[^/]*\.bin", help="regex of the train shards' "
+                        "file names ('.*' for the demo)")
+    parser.add_argument("--val_file", default=r"finewebedu_val_000000\.bin", help="regex of the val shard's file name")
+    parser.add_argument("--val_shard_tokens", type=int, default=100_000_000, help="tokens of the val shard (0: any)")
+    parser.add_argument("--val_sha256", default="", help="the val shard's sha256 (records/README.md: none known yet)")
     parser.add_argument("--rev", help="git revision whose files the code embedded in the log must equal")
-    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
-                        help="git repo for --rev (default: the repo holding this script)")
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent, help="git repo for --rev")
     args = parser.parse_args(argv)
     try:
         try:

@@ -58,21 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         names = [str(path) for path in args.logs]
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
-        return error("records/plot.py needs matplotlib: pip install -r requirements-dev.txt")
-    try:
-        curves = {name: read_curve(path) for name, path in zip(names, args.logs)}
-    except MalformedLog as problem:
-        return error(str(problem))
-    try:
-        plot(curves, args.out)
-    except OSError as problem:
-        return error(f"cannot write {args.out} ({problem})")
-    print(f"wrote {args.out}: {len(curves)} run{'s' * (len(curves) > 1)}")
-    return 0
 
-def error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+        curves = {name: read_curve(path) for name, path in zip(names, args.logs)}
+        plot(curves, args.out)
+    except ImportError:
+        problem = "records/plot.py needs matplotlib: pip install -r requirements-dev.txt"
+    except MalformedLog as error:
+        problem = str(error)
+    except OSError as error:  # read_curve turns a log's OSError into MalformedLog: this one is the PNG's
+        problem = f"cannot write {args.out} ({error})"
+    else:
+        print(f"wrote {args.out}: {len(curves)} run{'s' * (len(curves) > 1)}")
+        return 0
+    print(f"error: {problem}", file=sys.stderr)
     return 2
 
 if __name__ == "__main__":

@@ -31,19 +31,14 @@ SPAN_TOKENS = 50  # documents sharing a run of this many tokens are near duplica
 # random odd 64-bit coefficients: a span's hash is their dot product with its tokens, modulo 2**64
 SPAN_COEFFICIENTS = np.random.default_rng(0).integers(0, 2**63, size=SPAN_TOKENS, dtype=np.uint64) * 2 + 1
 # Imports with side effects (GUI, terminal, printing, browser) or that are only tests/tools of Python itself.
-STDLIB_SKIP = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "readline", "rlcompleter",
-    "distutils", "lib2to3", "ensurepip", "pydoc_data",
-}  # fmt: skip
-PACKAGE_MODULES = [
-    "numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "numpy.polynomial", "numpy.lib",
-    "numpy.lib.scimath", "numpy.lib.stride_tricks", "numpy.char", "numpy.strings", "numpy.testing", "numpy.rec",
-    "numpy.exceptions", "torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.nn.utils",
-    "torch.nn.attention", "torch.optim", "torch.optim.lr_scheduler", "torch.distributions", "torch.linalg",
-    "torch.fft", "torch.special", "torch.autograd", "torch.utils.data", "torch.distributed", "torch.cuda",
-    "torch.amp", "torch.sparse", "torch.nested", "torch.func", "torch.masked", "torch.random", "torch.testing",
-    "torch.export", "torch.compiler", "torch.fx", "torch.profiler", "torch.utils.checkpoint",
-]  # fmt: skip
+STDLIB_SKIP = set("antigravity this idlelib tkinter turtle turtledemo test readline rlcompleter distutils lib2to3 "
+                  "ensurepip pydoc_data".split())
+SUBMODULES = {  # read after the package itself, in this order
+    "numpy": "linalg fft random ma polynomial lib lib.scimath lib.stride_tricks char strings testing rec exceptions",
+    "torch": "nn nn.functional nn.init nn.utils nn.attention optim optim.lr_scheduler distributions linalg fft special "
+             "autograd utils.data distributed cuda amp sparse nested func masked random testing export compiler fx "
+             "profiler utils.checkpoint",
+}
 
 def stdlib_modules() -> list:
     """The importable public standard-library modules and their direct public submodules, sorted by name."""
@@ -97,11 +92,11 @@ def collect_documents() -> tuple[list[str], dict[str, int]]:
     sources = {"pydoc_data.topics": [topics[key] for key in sorted(topics)]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated modules warn on import; their docstrings are still text
-        _progress("reading the docstrings of the standard library")
+        print("demo corpus: reading the docstrings of the standard library", flush=True)
         sources["stdlib docstrings"] = docstrings(stdlib_modules())
-        for package in ("numpy", "torch"):
-            _progress(f"reading the docstrings of {package}")
-            modules = [_try_import(n) for n in PACKAGE_MODULES if n.split(".")[0] == package]
+        for package, submodules in SUBMODULES.items():
+            print(f"demo corpus: reading the docstrings of {package}", flush=True)
+            modules = map(_try_import, [package] + [f"{package}.{name}" for name in submodules.split()])
             sources[f"{package} docstrings"] = docstrings(list(filter(None, modules)))
     documents, counts = {}, {}  # a dict keeps the first of exact duplicates, in order
     for source, texts in sources.items():
@@ -125,21 +120,15 @@ def near_duplicate_groups(encoded: list[np.ndarray]) -> np.ndarray:
     hashes = [span_hashes(tokens) for tokens in encoded]
     owners = np.repeat(np.arange(len(encoded)), [len(h) for h in hashes])
     _, span_ids = np.unique(np.concatenate(hashes), return_inverse=True)
-    first_owner = np.full(span_ids.max(initial=-1) + 1, len(encoded))
-    np.minimum.at(first_owner, span_ids, owners)
-    parent = list(range(len(encoded)))
-
-    def root(doc: int) -> int:
-        while parent[doc] != doc:
-            parent[doc] = parent[parent[doc]]
-            doc = parent[doc]
-        return doc
-
-    links = np.unique(np.stack([first_owner[span_ids], owners], axis=1), axis=0)
-    for first, other in links[links[:, 0] != links[:, 1]].tolist():
-        a, b = root(first), root(other)
-        parent[max(a, b)] = min(a, b)
-    return np.array([root(doc) for doc in range(len(encoded))])
+    groups, span_groups = np.arange(len(encoded)), np.empty(span_ids.max(initial=-1) + 1, dtype=np.int64)
+    while True:  # each span and document takes the smallest group among its documents and spans, until none changes
+        span_groups.fill(len(encoded))
+        np.minimum.at(span_groups, span_ids, groups[owners])
+        merged = groups.copy()
+        np.minimum.at(merged, owners, span_groups[span_ids])
+        if np.array_equal(merged := merged[merged], groups):
+            return groups
+        groups = merged
 
 def split_groups(encoded: list[np.ndarray], val_tokens: int) -> tuple[list[int], list[int]]:
     """(val, train) document indices, in document order. Val takes whole near-duplicate groups in the order of their
@@ -160,11 +149,11 @@ def prepare_demo() -> tuple[str, str]:
     try:
         train, val = read_shard(train_path), read_shard(val_path)
     except ShardError:
-        _progress(f"building the demo corpus in {DEMO_DIR} (once)")
+        print(f"demo corpus: building the demo corpus in {DEMO_DIR} (once)", flush=True)
         documents, counts = collect_documents()
-        _progress(f"tokenizing {len(documents)} documents")
+        print(f"demo corpus: tokenizing {len(documents)} documents", flush=True)
         encoded = [encode_document(text) for text in documents]
-        _progress(f"grouping documents that share {SPAN_TOKENS}-token spans, then splitting val from train")
+        print(f"demo corpus: grouping documents that share {SPAN_TOKENS}-token spans, then splitting val", flush=True)
         val_docs, train_docs = split_groups([tokens[1:] for tokens in encoded], DEMO_VAL_TOKENS)  # no <|endoftext|>
         os.makedirs(DEMO_DIR, exist_ok=True)
         write_shard(val_path, np.concatenate([encoded[doc] for doc in val_docs]))
@@ -174,9 +163,6 @@ def prepare_demo() -> tuple[str, str]:
     documents = int((train == EOT).sum()) + int((val == EOT).sum())
     print(f"demo corpus: {documents} documents, {len(train)} train and {len(val)} val tokens in {DEMO_DIR}")
     return train_path, val_path
-
-def _progress(message: str) -> None:
-    print(f"demo corpus: {message}", flush=True)
 
 if __name__ == "__main__":
     prepare_demo()

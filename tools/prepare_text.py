@@ -5,13 +5,13 @@
 Inputs: `.txt` files (a document each), JSONL (a document per line) and Parquet files (needs pyarrow), the text in
 `--text_field`; directories are searched recursively, in sorted order. Each document is `<|endoftext|>` then its
 tokens. The first documents, until at least `--val_tokens` tokens, go to `{name}_val_000000.bin ...`, the rest to
-`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard; the output does not depend on `--workers`. This
-file knows the input formats and the document order; the byte format is data/shards.py's, the vocabulary
-data/tokenizer.py's.
+`{name}_train_000000.bin ...`, `--shard_tokens` tokens per shard, whatever `--workers`. This file knows the input
+formats and the document order; the byte format is data/shards.py's, the vocabulary data/tokenizer.py's.
 """
 
 import argparse
 import glob
+import itertools
 import json
 import multiprocessing
 import os
@@ -75,27 +75,25 @@ def encode_document(text: str) -> np.ndarray:
     """`<|endoftext|>` followed by the document's tokens; special-token text inside a document stays text."""
     return np.array([EOT] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
 
-class ShardWriter:
-    """Cuts a stream of token arrays into shards of `shard_tokens` tokens named `{prefix}_{index:06d}.bin`."""
+def write_shards(prefix: str, arrays: Iterable[np.ndarray], shard_tokens: int) -> list[str]:
+    """Cut the stream of token arrays into shards of `shard_tokens` tokens named `{prefix}_{index:06d}.bin`."""
+    paths, pending, held = [], [], 0
+    for tokens in itertools.chain(arrays, [None]):  # None: the end, where the last, shorter shard is written
+        if tokens is not None:
+            pending.append(tokens)
+            held += len(tokens)
+        while held >= shard_tokens or (tokens is None and held):
+            stream = np.concatenate(pending)
+            paths.append(f"{prefix}_{len(paths):06d}.bin")
+            write_shard(paths[-1], stream[:shard_tokens])
+            pending, held = [stream[shard_tokens:]], max(held - shard_tokens, 0)
+    return paths
 
-    def __init__(self, prefix: str, shard_tokens: int):
-        self.prefix, self.paths, self.num_tokens = prefix, [], 0
-        self.buffer, self.filled = np.empty(shard_tokens, dtype=np.uint16), 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        self.num_tokens += len(tokens)
-        while len(tokens):
-            take = min(len(tokens), len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + take] = tokens[:take]
-            self.filled, tokens = self.filled + take, tokens[take:]
-            if self.filled == len(self.buffer):
-                self.flush()
-
-    def flush(self) -> None:
-        if self.filled:
-            self.paths.append(f"{self.prefix}_{len(self.paths):06d}.bin")
-            write_shard(self.paths[-1], self.buffer[: self.filled])
-            self.filled = 0
+def first_documents(encoded: Iterator[np.ndarray], num_tokens: int) -> Iterator[np.ndarray]:
+    """Documents taken from `encoded` until they hold at least `num_tokens` tokens; the rest stay in `encoded`."""
+    while num_tokens > 0 and (tokens := next(encoded, None)) is not None:
+        num_tokens -= len(tokens)
+        yield tokens
 
 def write_token_shards(documents: Iterable[str], out_dir: str, name: str, val_tokens: int,
                        shard_tokens: int = 100_000_000, workers: int | None = None,
@@ -104,22 +102,19 @@ def write_token_shards(documents: Iterable[str], out_dir: str, name: str, val_to
     if shard_tokens < 1 or val_tokens < 0:
         raise ValueError(f"need shard_tokens >= 1 and val_tokens >= 0, got {shard_tokens} and {val_tokens}")
     os.makedirs(out_dir, exist_ok=True)
-    val = ShardWriter(os.path.join(out_dir, f"{name}_val"), shard_tokens)
-    train = ShardWriter(os.path.join(out_dir, f"{name}_train"), shard_tokens)
     workers = workers or os.cpu_count() or 1
     bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not progress)
     # one worker starts no processes, so small jobs do not pay for them
     with multiprocessing.Pool(workers, initializer=get_tokenizer) if workers > 1 else nullcontext() as pool:
         encoded = pool.imap(encode_document, documents, chunksize=128) if pool else map(encode_document, documents)
-        for tokens in encoded:
-            (val if val.num_tokens < val_tokens else train).add(tokens)
-            bar.update(len(tokens))
+        encoded = (tokens for tokens in encoded if bar.update(len(tokens)) or True)
+        val_paths = write_shards(os.path.join(out_dir, f"{name}_val"), first_documents(encoded, val_tokens),
+                                 shard_tokens)
+        train_paths = write_shards(os.path.join(out_dir, f"{name}_train"), encoded, shard_tokens)
     bar.close()
-    val.flush()
-    train.flush()
-    if not train.paths:
+    if not train_paths:
         raise ValueError(f"{name}: no documents left for training after {val_tokens} tokens went to val")
-    return train.paths, val.paths
+    return train_paths, val_paths
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,6 +1,5 @@
-"""
-What a checkpoint's samples are worth under an autoregressive judge (a checkpoint trained with --block_size=1, or a
-Hugging Face causal LM such as the paper's GPT-2 Large): generative perplexity, mean unigram entropy (low:
+"""What a checkpoint's samples are worth under an autoregressive judge (a checkpoint trained with --block_size=1, or
+a Hugging Face causal LM such as the paper's GPT-2 Large): generative perplexity, mean unigram entropy (low:
 repetitive samples), lengths, the share that ended with <|endoftext|>, speed; the last line is `key:value` pairs.
 `--sweep=True` prints a markdown table of the samplers and their knobs instead.
 
@@ -132,6 +131,7 @@ def sweep_table(model: BD3LM, judge, prompt: list[int], s: Settings) -> str:
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/sample_quality.py --checkpoint=PATH --judge=JUDGE "
                             "[--name=value ...]")
+    setup = f"samples:{s.num_samples} max_new_tokens:{s.max_new_tokens} judge:{s.judge} seed:{s.seed}"
     with common.user_errors():
         if any(arg.startswith("--show_denoising") for arg in argv):
             raise ConfigError("--show_denoising is sample.py's: this tool prints no samples")
@@ -140,17 +140,10 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--judge=JUDGE is required (see --help)")
         model, _, prompt = sample.load(s)
         judge = load_judge(s.judge, model, model.head.weight.device)
-    report_sample_quality(model, judge, prompt, s)
-
-def report_sample_quality(model: BD3LM, judge, prompt: list[int], s: Settings) -> None:
-    setup = f"samples:{s.num_samples} max_new_tokens:{s.max_new_tokens} judge:{s.judge} seed:{s.seed}"
-    try:
         if s.sweep:
             print(f"{sweep_table(model, judge, prompt, s)}\n\n{setup} temperature:{s.temperature} top_p:{s.top_p}")
             return
         q = sample_quality(model, judge, prompt, s)
-    except ConfigError as error:
-        common.fail(str(error), status=2)
     print(f"gen_ppl:{q['gen_ppl']:.2f} log_ppl_stderr:{q['log_ppl_stderr']:.4f} entropy:{q['entropy']:.3f} "
           f"median_length:{q['median_length']:g} max_length:{q['max_length']} ended_with_eot:{q['ended']:.3f} "
           f"tokens_per_s:{q['tokens_per_s']:.1f} tokens_per_forward:{q['tokens_per_forward']:.3f} "
