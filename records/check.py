@@ -41,7 +41,7 @@ VAL_LINE = re.compile(r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<loss>\S+)
                       r"train_time:(?P<ms>\d+)ms tokens:(?P<tokens>\d+)")
 CONFIG_KEYS = ("block_size", "estimator", "t_lo", "t_hi", "steps", "batch_size", "seq_len", "val_tokens",
                "val_every", "resume", "vocab_size", "n_layer", "n_head", "head_dim", "model_dim", "mlp_hidden")
-# train.py's estimators whose expected loss is the records' objective (model.ESTIMATORS), on its interval
+# train.py's estimators whose expected loss is the records' objective (noise.ESTIMATORS), on its interval
 RECORD_ESTIMATORS, RECORD_INTERVAL = ("iid", "stratified", "proposal"), (0.3, 0.8)
 
 class MalformedLog(ValueError):

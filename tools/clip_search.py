@@ -33,7 +33,7 @@ class Settings:
     step: float = setting(0.05, "candidate intervals of a width start at 0, step, 2 step, ... 1 - width")
     tokens: int = setting(65_536, "tokens at the end of the train stream, a multiple of the run's seq_len")
     draws: int = setting(4, "noise draws per candidate, each a forward and backward of those tokens")
-    estimator: str = setting(TRAIN_ESTIMATOR, "training noise, one of model.ESTIMATORS")
+    estimator: str = setting(TRAIN_ESTIMATOR, "training noise, one of noise.ESTIMATORS")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
 
 def candidates(widths: str, step: float) -> list[tuple[float, float]]:

@@ -1,6 +1,6 @@
 """
 The noise of each training estimator: the variance of the gradient and of the loss over noise draws on the same
-tokens, at the demo preset's initial weights and at a checkpoint's. model.ESTIMATORS all estimate the records'
+tokens, at the demo preset's initial weights and at a checkpoint's. noise.ESTIMATORS all estimate the records'
 objective; exact_k and stratified_k (k uniform on the interval's counts, weight n / k) are here for comparison only.
 
     python tools/grad_variance.py --checkpoint=checkpoints/demo/final.pt
@@ -45,7 +45,7 @@ class GradientNoise(NamedTuple):
     loss: float  # the mean loss over the draws
 
 def uniform_counts(block_size: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """model.count_table's (bounds, weights) for k uniform on the counts with lo <= k / n <= hi at weight n / k; a
+    """noise.count_table's (bounds, weights) for k uniform on the counts with lo <= k / n <= hi at weight n / k; a
     block size without such a count gets NaN weights."""
     bounds = torch.full((block_size, block_size), 2.0, dtype=torch.float64)
     weights = torch.zeros(block_size, block_size, dtype=torch.float64)
@@ -58,7 +58,7 @@ def uniform_counts(block_size: int, lo: float, hi: float) -> tuple[torch.Tensor,
 
 def sequence_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
                    estimator: str) -> Noise:
-    """model.step_noise, or for exact_k and stratified_k uniform_counts' draw with independent or stratified levels."""
+    """noise.step_noise, or for exact_k and stratified_k uniform_counts' draw with independent or stratified levels."""
     if estimator in ESTIMATORS:
         return step_noise(length, block_size, lo, hi, seed, step, chunk, chunks, estimator=estimator)
     uniforms = torch.rand(2, length, generator=torch.Generator().manual_seed((seed << 32) + step * chunks + chunk))
