@@ -11,10 +11,7 @@ Times are medians after a warm-up; FLOP utilization is costmodel.model_flops_per
 peak measured in the run.
 """
 
-import os
-import platform
-import sys
-import time
+import os, platform, sys, time
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from model import ModelConfig, block_diffusion_block_mask, block_diffusion_mask, setting
 from noise import Noise, step_noise
-from sample import SAMPLERS, generate
-from sample import Settings as SampleSettings
+from sample import SAMPLERS, Settings as SampleSettings, generate
 from tools import costmodel as cm
 from tools.gpu_check import machine_name, matmul_peak, median_time, random_model
 from train import PRESETS, Hyperparameters, build_model, make_optimizers, model_config
@@ -44,8 +40,8 @@ RECORD = preset("record")
 DEMO, MID = model_config(preset("demo")), ModelConfig(n_layer=8, n_head=6, head_dim=64, model_dim=384, mlp_hidden=1536)
 
 def train_step(config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool, rows: int = 1):
-    """(step, model): one optimizer step of train.py's recipe on `rows` fixed sequences in one forward, under the
-    record preset's noise; on a GPU with the loss compiled, as train.py does."""
+    """(step, model): one optimizer step of train.py's recipe on `rows` fixed sequences in one forward (compiled on a
+    GPU), under the record preset's noise."""
     gen, model = torch.Generator().manual_seed(0), build_model(config, 0, device)
     if device.type == "cuda":
         model.compile_loss()

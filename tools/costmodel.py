@@ -5,9 +5,7 @@ is timed: each part of a step is FLOPs, bytes, eager ops and bus bytes over data
 tiles is taken from the code, counted on synthetic streams.
 """
 
-import os
-import statistics
-import sys
+import os, statistics, sys
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -126,16 +124,13 @@ def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: fl
     trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
     return 3 * (trunk + masked_fraction * 2 * c.model_dim * c.padded_vocab)
 
-def mean_masked_fraction(estimator: str, lo: float, hi: float, block_size: int) -> float:
-    """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
-    if estimator != "proposal":  # t uniform on [lo, hi], each token masked with probability t
-        return (lo + hi) / 2
-    cumulative = count_table(block_size, lo, hi)[0][-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
-    q = cumulative.diff(prepend=cumulative.new_zeros(1))
-    return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
-
 def training_masked_fraction(hp: train.Hyperparameters, estimator: str = TRAIN_ESTIMATOR) -> float:
-    return mean_masked_fraction(estimator, hp.t_lo, hp.t_hi, hp.block_size)
+    """The expected share of masked tokens in a full block of the run's training noise."""
+    if estimator != "proposal":  # t uniform on [lo, hi], each token masked with probability t
+        return (hp.t_lo + hp.t_hi) / 2
+    cumulative = count_table(hp.block_size, hp.t_lo, hp.t_hi)[0][-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
+    q = cumulative.diff(prepend=cumulative.new_zeros(1))
+    return float((q * torch.arange(1, hp.block_size + 1)).sum()) / hp.block_size
 
 def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: int, tiles: float) -> dict[str, Work]:
     """The work of each part of one optimizer step on one of `world_size` GPUs that runs `sequences` sequences of
