@@ -8,6 +8,7 @@ guard lifted), so every line of it has run before a GPU is paid for.
 """
 
 import contextlib, glob, io, math, os, platform, re, signal, statistics, subprocess, sys, tempfile, time, traceback
+from unittest import mock
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 
@@ -34,15 +35,9 @@ DEADLINE_SECONDS, RESERVE_SECONDS = 440, 90
 H200 = cm.GPUS[0]._replace(name="H200", match="H200", memory_bandwidth=4.8e12, memory=141 * 10**9, count=1)
 TINY = dict(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, seq_len=256, micro_batch=2)
 
-@contextlib.contextmanager
 def flex_backward_on_cpu():
     """Lift FlexAttention's private refusal of a CPU backward (a GPU's compiled graph on a CPU): never for training."""
-    guard = flex_attention_module._validate_device
-    flex_attention_module._validate_device = lambda *tensors: None
-    try:
-        yield
-    finally:
-        flex_attention_module._validate_device = guard
+    return mock.patch.object(flex_attention_module, "_validate_device", lambda *tensors: None)
 
 def machine_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else \
