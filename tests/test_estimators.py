@@ -18,7 +18,7 @@ import torch
 import train
 from noise import (ESTIMATORS, TRAIN_ESTIMATOR, Noise, count_coefficients, count_noise, eval_noise, step_noise,
                    stratified_levels, train_noise)
-from tools.costmodel import mean_masked_fraction
+from tools.costmodel import training_masked_fraction
 
 N = 4  # tokens per block: 2**N masks, enumerated
 SUBSETS = [frozenset(i for i in range(N) if bits >> i & 1) for bits in range(2**N)]
@@ -213,8 +213,8 @@ def test_masked_fraction_is_the_mean_of_drawn_training_noise():
         masked = torch.cat([step_noise(4096, 16, 0.2, 0.7, 5, step, 0, 1, estimator=estimator).masked
                             for step in range(64)])
         # 0.006: about 4 standard errors of the mean over 64 x 256 blocks
-        assert masked.float().mean().item() == pytest.approx(mean_masked_fraction(estimator, 0.2, 0.7, 16),
-                                                             abs=0.006)
+        assert masked.float().mean().item() == pytest.approx(
+            training_masked_fraction(train.Hyperparameters(t_lo=0.2, t_hi=0.7, block_size=16), estimator), abs=0.006)
 
 
 def test_bad_estimator_settings_are_one_clear_error():

@@ -11,10 +11,7 @@ Times are medians after a warm-up; FLOP utilization is costmodel.model_flops_per
 peak measured in the run.
 """
 
-import os
-import platform
-import sys
-import time
+import os, platform, sys, time
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from model import ModelConfig, block_diffusion_block_mask, block_diffusion_mask, setting
 from noise import Noise, step_noise
-from sample import SAMPLERS, generate
-from sample import Settings as SampleSettings
+from sample import SAMPLERS, Settings as SampleSettings, generate
 from tools import costmodel as cm
 from tools.gpu_check import machine_name, matmul_peak, median_time, random_model
 from train import PRESETS, Hyperparameters, build_model, make_optimizers, model_config
@@ -44,8 +40,7 @@ RECORD = preset("record")
 DEMO, MID = model_config(preset("demo")), ModelConfig(n_layer=8, n_head=6, head_dim=64, model_dim=384, mlp_hidden=1536)
 
 def train_step(config: ModelConfig, seq_len: int, mean_doc: int, device: torch.device, bf16: bool, rows: int = 1):
-    """(step, model): one optimizer step of train.py's recipe on `rows` fixed sequences in one forward, under the
-    record preset's noise; on a GPU with the loss compiled, as train.py does."""
+    """(step, model): an optimizer step of train.py's recipe (compiled on a GPU) on `rows` sequences, record noise."""
     gen, model = torch.Generator().manual_seed(0), build_model(config, 0, device)
     if device.type == "cuda":
         model.compile_loss()
@@ -102,8 +97,7 @@ def scaling_table(config: ModelConfig, base: int, device: torch.device, bf16: bo
         row(label, *(f"{s * 1e3:.0f} ms" for s in t), f"{t[1] / t[0]:.2f}x", f"{t[2] / t[0]:.2f}x")
 
 def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.device, repeats: int) -> None:
-    """Build times of the BlockMask (and its share of tiles) and of the dense mask, as a share of the `name` training
-    step at seq_len: a GPU builds the BlockMask, a CPU the dense mask."""
+    """BlockMask and dense mask build times, as a share of the `name` step at seq_len (GPU: BlockMask; CPU: dense)."""
     size = RECORD.block_size
     table(f"## Attention mask (block size {size}; share of the {name} training step at {seq_len} tokens)", "stream",
           "tokens", "tiles computed", "BlockMask build ms", "dense mask build ms", "share of step")
@@ -119,8 +113,7 @@ def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.devic
                 "-" if dense is None else f"{dense * 1e3:.1f}", share)
 
 def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: int) -> None:
-    """Tokens/s and forwards per token of one sample of each sampler, with and without the KV cache, from the
-    checkpoint or a demo-size random model. The slow reference and quick runs are timed once, with no warm-up."""
+    """Each sampler's tokens/s and forwards per token, cached or not; uncached and quick runs timed once, no warm-up."""
     model = common.load_model(checkpoint, device)[0] if checkpoint else random_model(DEMO, device).eval()
     table(f"## Sampling ({checkpoint or 'demo-size model, random weights'}; one sample, stops at EOT)", "sampler",
           "new tokens", "KV cache", "tokens/s", "forwards per token")
@@ -148,8 +141,7 @@ def profile_table(name: str, step, top: int = 3) -> None:
         row(key, f"{cost[key] / sum(cost.values()):.1%}")
 
 def estimate_tables() -> None:
-    """Per GPU under its preset: each part of a step, the step, the record's minutes and peak memory; then the peak
-    memory part by part per preset."""
+    """Per GPU under its preset: each part of a step, the step, minutes and peak memory; then memory by part, preset."""
     config, tiles = model_config(RECORD), cm.fineweb_tile_fraction(RECORD.seq_len, RECORD.block_size)
     params = cm.numel(p for group in cm.parameter_groups(config).values() for p in group)
     e = cm.EFFICIENCY

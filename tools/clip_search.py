@@ -8,20 +8,17 @@ record trains on 0.3-0.8 whatever this prints; a run may try the chosen one with
 It measures on the last --tokens of the checkpoint run's train stream, which a run that stops early never trained on.
 """
 
-import os
-import sys
-import time
+import os, sys, time
 from dataclasses import dataclass
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
 from data.loader import TokenStream, find_shards, train_val_paths
-from model import BD3LM, setting
+from model import setting
 from noise import ESTIMATORS, TRAIN_ESTIMATOR
-from tools.grad_variance import GradientNoise, gradient_noise
+from tools.grad_variance import gradient_noise
 
 CLIP_SEARCH_NOISE_SEED = 1  # every candidate interval draws the same uniforms
 
@@ -59,11 +56,6 @@ def tail_chunks(pattern: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
     return [torch.from_numpy(stream.read(at, at + seq_len).astype("int64"))
             for at in range(stream.num_tokens - tokens, stream.num_tokens, seq_len)]
 
-def search(model: BD3LM, chunks: list[torch.Tensor], intervals: list[tuple[float, float]], estimator: str,
-           draws: int) -> dict[tuple[float, float], GradientNoise]:
-    return {interval: gradient_noise(model, chunks, *interval, estimator, draws, CLIP_SEARCH_NOISE_SEED)
-            for interval in intervals}
-
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python tools/clip_search.py [--name=value ...]", f"\n\n{__doc__.strip()}")
     with common.user_errors():
@@ -75,7 +67,8 @@ def main(argv: list[str]) -> None:
         model, hp = common.load_model(s.checkpoint, device)
         chunks = tail_chunks(s.train_files or train_val_paths(hp["data"])[0], s.tokens, hp["seq_len"])
         with common.autocast_context(device, common.fast_bf16(device)):
-            noise = search(model, chunks, intervals, s.estimator, s.draws)
+            noise = {interval: gradient_noise(model, chunks, *interval, s.estimator, s.draws, CLIP_SEARCH_NOISE_SEED)
+                     for interval in intervals}
     print(f"# tools/clip_search.py, {time.strftime('%Y-%m-%d')}: {s.checkpoint}, estimator {s.estimator}, "
           f"{len(chunks)} x {hp['seq_len']} tokens, {s.draws} draws per interval\n\n"
           "| interval | grad variance / signal | grad variance | loss variance | mean loss |\n|---|---|---|---|---|")

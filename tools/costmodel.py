@@ -5,9 +5,7 @@ is timed: each part of a step is FLOPs, bytes, eager ops and bus bytes over data
 tiles is taken from the code, counted on synthetic streams.
 """
 
-import os
-import statistics
-import sys
+import os, statistics, sys
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -41,8 +39,7 @@ LOSS_TRAFFIC, LOSS_MEMORY = 20, 8
 
 @dataclass(frozen=True)
 class Work:
-    """One part of a step on one GPU: FLOPs at the EFFICIENCY of their kind, bytes through memory, ops launched one
-    at a time from Python, and exposed bus bytes (NCCL busbw)."""
+    """One part of a step on one GPU: FLOPs at EFFICIENCY[kind], memory bytes, eager ops and exposed bus bytes."""
     flops: float = 0.0
     kind: str = "matmul"
     bytes: float = 0.0
@@ -88,8 +85,7 @@ def numel(tensors) -> int:
     return sum(t.numel() for t in tensors)
 
 def saved_activation_bytes(config: ModelConfig) -> int:
-    """Bytes the backward keeps per position of [x_t ; x_0] and layer under bf16 autocast: matmul inputs and outputs
-    and norm inputs (the rotary and relu^2 are recomputed)."""
+    """Bytes kept for the backward per position of [x_t ; x_0] and layer, bf16 autocast (rotary, relu^2 recomputed)."""
     d, inner, hidden = config.model_dim, config.n_head * config.head_dim, config.mlp_hidden
     return (2 * 4 * d  # the residual stream entering attention and the MLP (fp32, as the embedding is)
             + 2 * 2 * d  # its normed copies: the input of q, k, v and of the up projection
@@ -99,8 +95,7 @@ def saved_activation_bytes(config: ModelConfig) -> int:
             + 2 * 2 * hidden)  # the up projection's output and relu^2 of it, the down projection's input
 
 def peak_memory(config: ModelConfig, tokens: int) -> dict[str, float]:
-    """Bytes on one GPU by part when the backward of a forward of `tokens` tokens starts (the CUDA context, allocator
-    slack and single kernels' temporaries come on top)."""
+    """Bytes by part on one GPU as the backward of `tokens` tokens starts (CUDA context and temporaries on top)."""
     groups = parameter_groups(config)
     params, hidden = [p for group in groups.values() for p in group], groups["hidden_matrices"]
     adam = groups["embed"] + groups["head"] + groups["scalars"]
@@ -126,20 +121,16 @@ def model_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: fl
     trunk = 2 * (2 * matmul_params + c.n_layer * 4 * inner * (seq_len / 2 + c.block_size))
     return 3 * (trunk + masked_fraction * 2 * c.model_dim * c.padded_vocab)
 
-def mean_masked_fraction(estimator: str, lo: float, hi: float, block_size: int) -> float:
-    """The expected share of masked tokens in a full block of training noise on [lo, hi]."""
-    if estimator != "proposal":  # t uniform on [lo, hi], each token masked with probability t
-        return (lo + hi) / 2
-    cumulative = count_table(block_size, lo, hi)[0][-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
-    q = cumulative.diff(prepend=cumulative.new_zeros(1))
-    return float((q * torch.arange(1, block_size + 1)).sum()) / block_size
-
 def training_masked_fraction(hp: train.Hyperparameters, estimator: str = TRAIN_ESTIMATOR) -> float:
-    return mean_masked_fraction(estimator, hp.t_lo, hp.t_hi, hp.block_size)
+    """The expected share of masked tokens in a full block of the run's training noise."""
+    if estimator != "proposal":  # t uniform on [lo, hi], each token masked with probability t
+        return (hp.t_lo + hp.t_hi) / 2
+    cumulative = count_table(hp.block_size, hp.t_lo, hp.t_hi)[0][-1].clamp(max=1.0)  # q_1 + ... + q_k, k = 1..n
+    q = cumulative.diff(prepend=cumulative.new_zeros(1))
+    return float((q * torch.arange(1, hp.block_size + 1)).sum()) / hp.block_size
 
 def step_parts(config: ModelConfig, seq_len: int, sequences: int, world_size: int, tiles: float) -> dict[str, Work]:
-    """The work of each part of one optimizer step on one of `world_size` GPUs that runs `sequences` sequences of
-    seq_len tokens; `tiles` is the BlockMask's computed share of the attention tiles."""
+    """Each part's work in one step on one of `world_size` GPUs of `sequences` x seq_len tokens, `tiles` computed."""
     c, groups = config, parameter_groups(config)
     hidden, params = groups["hidden_matrices"], [p for group in groups.values() for p in group]
     positions = sequences * 2 * seq_len  # [x_t ; x_0]; the head and loss run on the x_t half

@@ -7,20 +7,8 @@ validation are `skipped (no data)`. Without CUDA it is a rehearsal on the CPU (a
 guard lifted), so every line of it has run before a GPU is paid for.
 """
 
-import contextlib
-import glob
-import io
-import math
-import os
-import platform
-import re
-import signal
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-import traceback
+import contextlib, glob, io, math, os, platform, re, signal, statistics, subprocess, sys, tempfile, time, traceback
+from unittest import mock
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 
@@ -36,8 +24,7 @@ from data.loader import DEMO_DIR, TokenLoader, find_shards, val_batches
 from data.tokenizer import get_tokenizer
 from model import BD3LM, flex_kernel_options, setting
 from noise import Noise, eval_noise, step_noise
-from sample import Settings as SampleSettings
-from sample import cache_append, cache_logits, generate, new_cache
+from sample import Settings as SampleSettings, cache_append, cache_logits, generate, new_cache
 from tools import costmodel as cm
 from tools.demo_corpus import prepare_demo
 
@@ -48,16 +35,9 @@ DEADLINE_SECONDS, RESERVE_SECONDS = 440, 90
 H200 = cm.GPUS[0]._replace(name="H200", match="H200", memory_bandwidth=4.8e12, memory=141 * 10**9, count=1)
 TINY = dict(n_layer=2, n_head=2, head_dim=32, model_dim=64, mlp_hidden=128, seq_len=256, micro_batch=2)
 
-@contextlib.contextmanager
 def flex_backward_on_cpu():
-    """Lift FlexAttention's private refusal of a CPU backward, so a CPU runs the compiled graph a GPU runs: for the
-    rehearsal and the tests, never for training."""
-    guard = flex_attention_module._validate_device
-    flex_attention_module._validate_device = lambda *tensors: None
-    try:
-        yield
-    finally:
-        flex_attention_module._validate_device = guard
+    """Lift FlexAttention's private refusal of a CPU backward (a GPU's compiled graph on a CPU): never for training."""
+    return mock.patch.object(flex_attention_module, "_validate_device", lambda *tensors: None)
 
 def machine_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -214,26 +194,23 @@ def record_step(target: Target, state: dict) -> list[str]:
     flops = cm.model_flops_per_token(model.config, hp.seq_len, cm.training_masked_fraction(hp))
     peak, half = matmul_peak(device, bf16), max(1, len(losses) // 3)
     first, last = statistics.fmean(losses[:half]), statistics.fmean(losses[-half:])
-    name = machine_name(device)
+    def figures(step_s: float, peak: float, peak_text: str, memory_gib: float) -> list[str]:
+        return [f"{1e3 * step_s:.1f} ms", f"{tokens / step_s:,.0f}", peak_text, f"{flops * tokens / step_s / peak:.1%}",
+                f"{memory_gib:.2f} GiB"]
+    measured = figures(step_s, peak, f"{peak / 1e12:.1f} (measured)", common.peak_memory_mib(device) / 1024)
+    name, estimated = machine_name(device), ["-"] * 5
     gpu = cm.GPUS[0] if target.rehearsal else cm.gpu_spec(name) or (H200 if "H200" in name else None)
-    est = dict.fromkeys(("ms", "tokens", "peak", "mfu", "memory"), "-")
     if gpu:  # the H100's figures in a rehearsal, so that the estimate's code runs too
         tiles = cm.fineweb_tile_fraction(hp.seq_len, model.config.block_size)
         parts = cm.step_parts(model.config, hp.seq_len, hp.micro_batch, 1, tiles)
-        ms = 1e3 * sum(w.seconds(gpu) for w in parts.values())
-        est = dict(ms=f"{ms:.1f} ms", tokens=f"{tokens / ms * 1e3:,.0f}",
-                   peak=f"{gpu.bf16_flops / 1e12:.0f} (datasheet)",
-                   mfu=f"{flops * tokens / ms * 1e3 / gpu.bf16_flops:.1%}",
-                   memory=f"{sum(cm.peak_memory(model.config, tokens).values()) / 2**30:.2f} GiB")
+        estimated = figures(sum(w.seconds(gpu) for w in parts.values()), gpu.bf16_flops, f"{gpu.bf16_flops / 1e12:.0f} "
+                            "(datasheet)", sum(cm.peak_memory(model.config, tokens).values()) / 2**30)
+    rows = ("step", "tokens/s", "matmul peak, TFLOP/s", "model FLOP utilization, of the matmul peak", "peak memory")
     lines = [f"- {model.num_params() / 1e6:.1f}M parameters, {hp.micro_batch} x {hp.seq_len} tokens a step, "
              f"{len(losses)} steps, {counters['stats']['unique_graphs']} compiled graphs", "",
              f"| figure | measured | {f'est. {gpu.name}' if gpu else 'no estimate for this GPU'} |", "|---|---|---|",
              f"| compile (train.warm_up's training graph) | {compile_ms / 1000:.1f} s | 60-180 s |",
-             f"| step | {1e3 * step_s:.1f} ms | {est['ms']} |",
-             f"| tokens/s | {tokens / step_s:,.0f} | {est['tokens']} |",
-             f"| matmul peak, TFLOP/s | {peak / 1e12:.1f} (measured) | {est['peak']} |",
-             f"| model FLOP utilization, of the matmul peak | {flops * tokens / step_s / peak:.1%} | {est['mfu']} |",
-             f"| peak memory | {common.peak_memory_mib(device) / 1024:.2f} GiB | {est['memory']} |",
+             *(f"| {row} | {m} | {e} |" for row, m, e in zip(rows, measured, estimated)),
              f"| train loss, first and last {half} steps | {first:.3f} -> {last:.3f} | falling |"]
     if len(losses) < 2 or not all(map(math.isfinite, losses)) or not last < first:
         raise RuntimeError("the train loss did not fall:\n" + "\n".join(lines))
@@ -402,8 +379,7 @@ def run_part(name: str, part, target: Target, state: dict, report) -> str:
 
 @contextlib.contextmanager
 def alarm_at(deadline: float):
-    """OutOfTime inside the code it wraps once `deadline` passes, even inside a compile; off outside it, so reporting
-    a part is never interrupted."""
+    """OutOfTime in the code it wraps once `deadline` passes, even in a compile; off outside, so a report is whole."""
     def out_of_time(signum, frame):
         raise OutOfTime()
     previous = signal.signal(signal.SIGALRM, out_of_time)

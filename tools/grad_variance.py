@@ -9,17 +9,13 @@ objective; exact_k and stratified_k (k uniform on the interval's counts, weight 
 Each draw is one forward and backward of one optimizer step's val sequences (equal compute for every estimator).
 """
 
-import os
-import statistics
-import sys
-import time
+import os, statistics, sys, time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
 from data.loader import train_val_paths, val_batches
 from model import BD3LM, setting
