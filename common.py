@@ -14,7 +14,6 @@ from noise import Noise, eval_noise
 
 CHECKPOINT_FORMAT = "bd3lm-speedrun-v3"
 VAL_NOISE_SEED = 0  # fixed for every run, so all val losses are measured under the same noise
-VAL_ESTIMATOR = "exact_k"  # k masked tokens per block, k uniform on 1..16, weight 16 / k: the NELBO, low variance
 
 class ConfigError(ValueError):
     """A flag, file or combination of settings a script cannot use: one line on stderr, exit status 2."""
@@ -202,15 +201,14 @@ def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
 
 @torch.no_grad()
 def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,
-              world_size: int = 1, progress: bool = False, estimator: str = VAL_ESTIMATOR,
-              schedule: str = "linear") -> tuple[float, int]:
+              world_size: int = 1, progress: bool = False, noise_of=eval_noise) -> tuple[float, int]:
     """(NELBO in nats/token, tokens) over all ranks of the first `num_tokens` tokens of `files` (None: every whole
-    chunk) in chunks of seq_len under eval_noise: the same chunks and noise whatever the world size."""
+    chunk) in chunks of seq_len under `noise_of` (as eval_noise): the same chunks and noise whatever the world size."""
     device, config = model.head.weight.device, model.config
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [NELBO x tokens, tokens]
     for offset, tokens in tqdm(val_batches(files, num_tokens, seq_len, rank, world_size), unit="chunk",
                                disable=not progress, leave=False):
-        noise = eval_noise(tokens.numel(), config.block_size, seed, offset, schedule, estimator)
+        noise = noise_of(tokens.numel(), config.block_size, seed, offset)
         sums[0] += model(*to_device(tokens, noise, device, config.vocab_size)).double() * tokens.numel()
         sums[1] += tokens.numel()
     if world_size > 1:

@@ -2,19 +2,24 @@
 `python eval.py --checkpoint=PATH --seeds=8` gives the mean and standard error over noise seeds (seed k is train.py's
 val seed plus k: --seeds=1 reproduces the run's last val line). The last line is the result, `key:value` pairs."""
 
+import functools
 import math
 import os
 import statistics
 import sys
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 import common
 from common import VAL_NOISE_SEED, ConfigError, load_model
 from data.loader import find_shards, train_val_paths, val_batches
 from model import setting
-from noise import SCHEDULES, VAL_ESTIMATORS
+from noise import Noise, eval_noise, position_draws
+from sample import SCHEDULES
+
+ESTIMATORS = ("iid", "exact_k")  # the val noises that come from positions alone
 
 @dataclass
 class Settings:
@@ -23,10 +28,16 @@ class Settings:
     val_tokens: int = setting(-1, "tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
     seq_len: int = setting(0, "tokens per chunk; 0: the run's seq_len")
     seeds: int = setting(1, "noise seeds; with more than one, the mean and its standard error")
-    estimator: str = setting(common.VAL_ESTIMATOR, "val noise: exact_k (as in training) or iid (t under --schedule)")
-    schedule: str = setting("linear", "with --estimator=iid: the schedule of t (noise.SCHEDULES)")
+    estimator: str = setting("exact_k", "val noise: exact_k (as in training) or iid (t under --schedule)")
+    schedule: str = setting("linear", "with --estimator=iid: the schedule of t (sample.SCHEDULES)")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
+
+def iid_noise(length: int, block_size: int, seed: int, offset: int, schedule: str) -> Noise:
+    """The t-form NELBO's noise: t ~ U(0, 1) per block, each token masked with probability p(t), weight p'(t) / p(t)."""
+    t, uniforms = position_draws(length, block_size, seed, offset)
+    masked = uniforms < SCHEDULES[schedule].mask_prob(t)
+    return Noise(torch.where(masked, SCHEDULES[schedule].weight(t), 0.0).float(), masked)
 
 def main(argv: list[str]) -> None:
     s = common.command_line(argv, Settings, "python eval.py --checkpoint=PATH [--name=value ...]")
@@ -34,7 +45,7 @@ def main(argv: list[str]) -> None:
     with common.user_errors():
         if s.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
-        common.check_choice("estimator", s.estimator, VAL_ESTIMATORS)
+        common.check_choice("estimator", s.estimator, ESTIMATORS)
         common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
         if s.schedule != "linear" and s.estimator != "iid":
             raise ConfigError(f"--schedule applies to --estimator=iid only: {s.estimator} masks a number of tokens")
@@ -52,11 +63,11 @@ def main(argv: list[str]) -> None:
         val_batches(files, num_tokens, seq_len)  # checks the shards and the token count now
     common.init_process_group(device)
     bf16 = common.uses_bf16(s.autocast, device)
-    results = []
+    results, noise_of = [], functools.partial(iid_noise, schedule=s.schedule) if s.estimator == "iid" else eval_noise
     with common.autocast_context(device, bf16):
         for k in range(s.seeds):
             loss, tokens = common.val_nelbo(model, files, num_tokens, seq_len, VAL_NOISE_SEED + k, rank, world_size,
-                                            progress=rank == 0, estimator=s.estimator, schedule=s.schedule)
+                                            progress=rank == 0, noise_of=noise_of)
             results.append(loss)
             if rank == 0 and s.seeds > 1:
                 print(f"seed:{VAL_NOISE_SEED + k} val_nelbo:{loss:.4f}", flush=True)

@@ -6,31 +6,17 @@ NELBO's for validation, each drawn from seeds and positions alone so that no spl
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-class Schedule(NamedTuple):
-    """p(t), the chance a token is [MASK] at time t (p(0) = 0, p(1) = 1); a masked token's CE weighs p'(t) / p(t).
-    With t ~ U(0, 1) every schedule has the same expected NELBO (substitute p for t), not the same variance."""
-    mask_prob: Callable[[Tensor], Tensor]
-    weight: Callable[[Tensor], Tensor]
-
-SCHEDULES = {
-    "linear": Schedule(lambda t: t, lambda t: 1 / t),
-    # alpha_t = cos^2(pi t / 2): nano-dlm's cosine without its offset, so that p(0) = 0 and the NELBO stays exact
-    "cosine": Schedule(lambda t: torch.sin(math.pi / 2 * t).square(),
-                       lambda t: (math.pi / torch.tan(math.pi / 2 * t)).clamp(min=0)),
-    "sqrt": Schedule(lambda t: t.sqrt(), lambda t: 0.5 / t),
-}
 # Each estimates the records' objective on [lo, hi], per block sum_k c_k L_k (L_k: the expected summed CE of k masked
 # tokens chosen uniformly; c_k: count_coefficients). iid: t per block, each token masked with probability t;
 # stratified: iid's t stratified over a step's blocks; proposal: k from count_table, stratified.
 ESTIMATORS = ("iid", "stratified", "proposal")
 TRAIN_ESTIMATOR = "proposal"  # the least gradient variance (docs/training.md)
-VAL_ESTIMATORS = ("iid", "exact_k")  # the ones whose noise can come from positions alone
 
 class Noise(NamedTuple):
     weight: Tensor  # float [L]: a masked token's loss weight; 0 where unmasked
@@ -117,17 +103,14 @@ def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, st
     levels = None if estimator == "iid" else stratified_levels(seed, step, chunk, chunks, -(-length // block_size))
     return train_noise(length, block_size, lo, hi, generator, estimator, levels)
 
-def eval_noise(length: int, block_size: int, seed: int, offset: int, schedule: str = "linear",
-               estimator: str = "exact_k") -> Noise:
-    """The NELBO's noise on [0, 1] (iid: t ~ U(0, 1) per block; exact_k: k uniform on 1..n), hashed from `seed` and
-    each token's position in the val stream (`offset`: the first's), so no split over ranks or steps moves it."""
-    if estimator not in VAL_ESTIMATORS:
-        raise ValueError(f"the val noise comes from positions alone: estimator {' or '.join(VAL_ESTIMATORS)}, "
-                         f"not {estimator!r}")
+def position_draws(length: int, block_size: int, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+    """A level per block and a uniform per token, hashed from `seed` and each token's position in the val stream
+    (`offset`: the first's), so no split over ranks or steps moves them."""
     index = torch.arange(length)
     levels = hash_uniform(2 * seed, offset + index - index % block_size).float()
-    uniforms = hash_uniform(2 * seed + 1, offset + index).float()
-    if estimator == "exact_k":
-        return count_noise(*count_table(block_size, 0.0, 1.0), levels, uniforms, block_size)
-    masked = uniforms < SCHEDULES[schedule].mask_prob(levels)
-    return Noise(torch.where(masked, SCHEDULES[schedule].weight(levels), 0.0).float(), masked)
+    return levels, hash_uniform(2 * seed + 1, offset + index).float()
+
+def eval_noise(length: int, block_size: int, seed: int, offset: int) -> Noise:
+    """Validation's noise, exact_k: k of a block's n tokens masked, k uniform on 1..n, weight n / k (the NELBO)."""
+    levels, uniforms = position_draws(length, block_size, seed, offset)
+    return count_noise(*count_table(block_size, 0.0, 1.0), levels, uniforms, block_size)

@@ -3,6 +3,7 @@
 tokenizers or files; `main` is the CLI: python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The"
 """
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from tqdm import tqdm
 import common
 from data.tokenizer import get_tokenizer
 from model import BD3LM, document_layout, mask_rule, setting
-from noise import SCHEDULES
 
 MASK_GLYPH = "░"
 SHOWN_BLOCKS = 4  # of the denoising display: a screenful
@@ -33,7 +33,7 @@ class Settings:
     context: int = setting(0, "tokens one forward sees, a multiple of the block size; 0: the training seq_len")
     stop_at_eot: bool = setting(True, "end a sample at its first <|endoftext|>; False: exactly max_new_tokens")
     sampler: str = setting("ddpm", "ddpm (ancestral), first_hitting (one token per step) or confidence (SAMPLERS)")
-    schedule: str = setting("linear", "ddpm: the masking schedule of its steps (noise.SCHEDULES)")
+    schedule: str = setting("linear", "ddpm: the masking schedule of its steps (SCHEDULES)")
     steps_per_block: int = setting(16, "ddpm: denoising steps per block (steps that unmask nothing cost nothing)")
     threshold: float = setting(0.9, "confidence: commit every token whose top probability reaches this (>= 1 per step)")
     temperature: float = setting(1.0, "divides the logits before drawing; 0 takes the most likely token")
@@ -63,6 +63,20 @@ def check_settings(s: Settings) -> None:
             raise common.ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
 
 # -----------------------------------------------------------------------------
+class Schedule(NamedTuple):
+    """p(t), the chance a token is [MASK] at time t (p(0) = 0, p(1) = 1), and p'(t) / p(t), a masked token's CE weight
+    in the t-form NELBO (eval.py --estimator=iid). With t ~ U(0, 1) every schedule has the same expected NELBO."""
+    mask_prob: Callable[[Tensor], Tensor]
+    weight: Callable[[Tensor], Tensor]
+
+SCHEDULES = {
+    "linear": Schedule(lambda t: t, lambda t: 1 / t),
+    # alpha_t = cos^2(pi t / 2): nano-dlm's cosine without its offset, so that p(0) = 0 and the NELBO stays exact
+    "cosine": Schedule(lambda t: torch.sin(math.pi / 2 * t).square(),
+                       lambda t: (math.pi / torch.tan(math.pi / 2 * t)).clamp(min=0)),
+    "sqrt": Schedule(lambda t: t.sqrt(), lambda t: 0.5 / t),
+}
+
 # Samplers: each chooses which masked positions [N, n] of a block to commit at step `step` (from 0) given the
 # block's logits [N, n, V]; denoise_block draws the committed tokens. A new sampler is a function and an entry.
 

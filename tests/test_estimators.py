@@ -1,7 +1,7 @@
-"""The estimators of the training and validation noise (model.ESTIMATORS, eval_noise): every training estimator's
-drawn noise weighs each L_k by the records' c_k (and stratified_k's does not); the Monte-Carlo mean of each equals
-the expectation it claims, computed exactly on a tiny case; the stratified draws do not depend on how a step is cut
-over ranks and micro-steps. A few seconds on CPU.
+"""The estimators of the training and validation noise (noise.ESTIMATORS; eval_noise and eval.iid_noise): every
+training estimator's drawn noise weighs each L_k by the records' c_k (and stratified_k's does not); the Monte-Carlo
+mean of each equals the expectation it claims, computed exactly on a tiny case; the stratified draws do not depend on
+how a step is cut over ranks and micro-steps. A few seconds on CPU.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_estimators.py
 """
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+from eval import iid_noise
 from noise import (ESTIMATORS, TRAIN_ESTIMATOR, Noise, count_coefficients, count_noise, eval_noise, step_noise,
                    stratified_levels, train_noise)
 from tools.costmodel import training_masked_fraction
@@ -186,13 +187,13 @@ def test_on_the_whole_interval_each_is_the_nelbo():
 
 
 def test_val_estimators_are_unbiased_for_the_nelbo():
-    """eval_noise on [0, 1]: exact_k (weights at most N) to a few standard errors; its error is far smaller than
+    """On [0, 1]: eval_noise's exact_k (weights at most N) to a few standard errors; its error is far smaller than
     iid's at the same tokens."""
     table = fresh_table()
     nelbo = k_expectation(table, 0.0, 1.0)
     seed = int(np.random.default_rng().integers(2**20))
-    values = {name: block_values(table, eval_noise(4096 * N, N, seed, 0, estimator=name))
-              for name in ("iid", "exact_k")}
+    values = {"iid": block_values(table, iid_noise(4096 * N, N, seed, 0, "linear")),
+              "exact_k": block_values(table, eval_noise(4096 * N, N, seed, 0))}
     exact_k = values["exact_k"]
     assert abs(exact_k.mean() - nelbo) < 4.5 * exact_k.std() / len(exact_k) ** 0.5
     assert exact_k.max() <= N * table.max() and values["iid"].std() > 1.5 * exact_k.std()
@@ -220,8 +221,6 @@ def test_masked_fraction_is_the_mean_of_drawn_training_noise():
 def test_bad_estimator_settings_are_one_clear_error():
     with pytest.raises(ValueError, match="needs each block's level"):
         train_noise(32, 16, 0.3, 0.8, torch.Generator(), estimator="stratified")
-    with pytest.raises(ValueError, match="from positions alone"):
-        eval_noise(32, 16, 0, 0, estimator="stratified")
     with pytest.raises(ValueError, match="must be iid, stratified, proposal, not 'stratified_k'"):
         step_noise(32, 16, 0.3, 0.8, 0, 0, 0, 1, "stratified_k")
     assert TRAIN_ESTIMATOR == "proposal"

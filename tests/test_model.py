@@ -12,7 +12,9 @@ from conftest import EOT, VOCAB, naive_token_losses, random_stream, small_model,
 
 import sample
 from model import BD3LM, TILE, ModelConfig, block_diffusion_block_mask, block_diffusion_mask
-from noise import SCHEDULES, eval_noise, hash_uniform, train_noise
+from eval import iid_noise
+from noise import eval_noise, hash_uniform, train_noise
+from sample import SCHEDULES
 
 # -----------------------------------------------------------------------------
 # 1. the dense mask against a per-pair rule written from its three lines
@@ -394,7 +396,7 @@ def test_uniform_logits_average_log_vocab(schedule):
     weights = []
     for i in range(chunks):
         tokens = stream[i * chunk:(i + 1) * chunk]
-        noise = eval_noise(chunk, cfg.block_size, seed=0, offset=i * chunk, schedule=schedule, estimator="iid")
+        noise = iid_noise(chunk, cfg.block_size, seed=0, offset=i * chunk, schedule=schedule)
         weights.append(noise.weight.sum().item() / chunk)
         if i < 3:
             with torch.no_grad():
@@ -410,12 +412,12 @@ def test_training_and_val_losses_equal_the_per_token_reference_of_the_schedule(s
     gen = torch.Generator().manual_seed(21)
     model = small_model(block_size=4)
     for tokens in tricky_streams(64, 4, gen):
-        for noise in (train_noise(64, 4, 0.2, 0.9, gen), eval_noise(64, 4, 3, 64, schedule, "iid"),
-                      eval_noise(64, 4, 3, 64, schedule, "exact_k")):
+        for noise in (train_noise(64, 4, 0.2, 0.9, gen), iid_noise(64, 4, 3, 64, schedule),
+                      eval_noise(64, 4, 3, 64)):
             with torch.no_grad():
                 torch.testing.assert_close(model.token_losses(tokens, noise), naive_token_losses(model, tokens, noise),
                                            rtol=1e-4, atol=1e-4)
-    noise = eval_noise(400_000, 16, 8, 0, schedule, "iid")
+    noise = iid_noise(400_000, 16, 8, 0, schedule)
     t = hash_uniform(16, torch.arange(0, 400_000, 16)).float()  # each block's level: its t on [0, 1]
     expected = torch.tensor([reference_weight(schedule)(x) for x in t.tolist()]).repeat_interleave(16)
     torch.testing.assert_close(noise.weight[noise.masked], expected[noise.masked].float(), rtol=1e-4, atol=1e-6)
@@ -494,14 +496,14 @@ def test_bf16_autocast_matches_fp32():
 # noise and input checks
 
 
-@pytest.mark.parametrize("estimator", ["iid", "exact_k"])
-def test_eval_noise_depends_only_on_global_position(estimator):
-    whole = eval_noise(512, 16, seed=4, offset=1024, estimator=estimator)
+@pytest.mark.parametrize("noise_of", [lambda *place: iid_noise(*place, "linear"), eval_noise], ids=["iid", "exact_k"])
+def test_eval_noise_depends_only_on_global_position(noise_of):
+    whole = noise_of(512, 16, 4, 1024)
     for lo, hi in ((0, 160), (160, 512)):
-        part = eval_noise(hi - lo, 16, seed=4, offset=1024 + lo, estimator=estimator)
+        part = noise_of(hi - lo, 16, 4, 1024 + lo)
         assert torch.equal(part.weight, whole.weight[lo:hi]) and torch.equal(part.masked, whole.masked[lo:hi])
-    assert not torch.equal(eval_noise(512, 16, seed=5, offset=1024, estimator=estimator).masked, whole.masked)
-    assert not torch.equal(eval_noise(512, 16, seed=4, offset=1536, estimator=estimator).masked, whole.masked)
+    assert not torch.equal(noise_of(512, 16, 5, 1024).masked, whole.masked)
+    assert not torch.equal(noise_of(512, 16, 4, 1536).masked, whole.masked)
 
 
 def test_noise_is_constant_per_block_and_in_range():
@@ -509,7 +511,7 @@ def test_noise_is_constant_per_block_and_in_range():
     fraction is the mean t; under exact_k (the val default) a block of k masked tokens weighs 16 / k."""
     gen = torch.Generator().manual_seed(14)
     for noise, lo, hi in ((train_noise(4000, 16, 0.3, 0.8, gen), 0.3, 0.8),
-                          (eval_noise(4000, 16, seed=1, offset=0, estimator="iid"), 0.0, 1.0)):
+                          (iid_noise(4000, 16, seed=1, offset=0, schedule="linear"), 0.0, 1.0)):
         assert (noise.weight[~noise.masked] == 0).all()
         for masked, weight in zip(noise.masked[:3968].view(-1, 16), noise.weight[:3968].view(-1, 16)):
             if masked.any():

@@ -19,8 +19,7 @@ from conftest import REPO, peaked_model, save_checkpoint
 import common
 import sample
 from model import BD3LM, ModelConfig
-from noise import SCHEDULES
-from sample import SAMPLERS, Settings, completions, generate, window_start
+from sample import SAMPLERS, SCHEDULES, Settings, completions, generate, window_start
 
 VOCAB = 256  # a small vocabulary keeps the float64 sampling cheap; the command line uses GPT-2's
 EOT = VOCAB - 1  # <|endoftext|>, which ends a document
