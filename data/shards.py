@@ -48,13 +48,9 @@ def shard_num_tokens(path) -> int:
         raise ShardError(f"{path}: {what}: header says {num_tokens} tokens ({expected} bytes), file has {size} bytes")
     return num_tokens
 
-def read_shard(path, check_ids: bool = False) -> np.memmap:
-    """The tokens of `path` as a read-only uint16 memmap; `check_ids` (reads the whole file) checks every id."""
-    num_tokens = shard_num_tokens(path)
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-    if check_ids and (bad := np.flatnonzero(tokens >= VOCAB_SIZE)).size:
-        raise ShardError(f"{path}: token {bad[0]} has id {tokens[bad[0]]}, not below {VOCAB_SIZE}")
-    return tokens
+def read_shard(path) -> np.memmap:
+    """The tokens of `path` as a read-only uint16 memmap; ids are not scanned (loader.token_counts checks them)."""
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(shard_num_tokens(path),))
 
 def file_sha256(path) -> str:
     """The sha256 of the whole file, header included: the hash the Hugging Face Hub keeps for each shard."""

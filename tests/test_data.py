@@ -17,8 +17,8 @@ import pytest
 import tiktoken
 import torch
 
-from data.loader import DataExhausted, TokenLoader, find_shards, unigram_baseline, val_batches
-from data.shards import EOT, HEADER_BYTES, MAGIC, ShardError, read_shard, shard_num_tokens, write_shard
+from data.loader import DataExhausted, TokenLoader, find_shards, token_counts, unigram_baseline, val_batches
+from data.shards import EOT, HEADER_BYTES, MAGIC, VOCAB_SIZE, ShardError, read_shard, shard_num_tokens, write_shard
 from data.tokenizer import GPT2_FILES, get_tokenizer, gpt2_from_files, package_files
 from tools.prepare_text import iter_documents, write_token_shards
 
@@ -46,8 +46,8 @@ def test_shard_round_trip(tmp_path):
     header = np.fromfile(path, dtype="<i4", count=3)
     assert header.tolist() == [MAGIC, 1, len(tokens)]
     assert os.path.getsize(path) == HEADER_BYTES + 2 * len(tokens)
-    loaded = read_shard(path, check_ids=True)
-    assert isinstance(loaded, np.memmap) and loaded.dtype == np.uint16
+    loaded = read_shard(path)
+    assert isinstance(loaded, np.memmap) and loaded.dtype == np.uint16 and loaded.max() < VOCAB_SIZE
     np.testing.assert_array_equal(loaded, tokens)
     assert os.listdir(tmp_path) == ["a.bin"]  # no temporary file left behind
     write_shard(tmp_path / "empty.bin", [])
@@ -95,9 +95,9 @@ def test_shard_id_check(tmp_path):
     with open(path, "r+b") as f:
         f.seek(HEADER_BYTES + 2)
         f.write(np.uint16(60000).tobytes())
-    read_shard(path)  # ids are only scanned on request
-    with pytest.raises(ShardError, match="60000"):
-        read_shard(path, check_ids=True)
+    read_shard(path)  # ids are not scanned on reading; train.py's unigram baseline counts every id
+    with pytest.raises(ValueError, match="token id 60000 is not below 50257"):
+        token_counts([str(path)])
     with pytest.raises(ValueError, match="ids must be in"):
         write_shard(tmp_path / "bad.bin", [50257])
 
@@ -364,7 +364,8 @@ def test_demo_corpus(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(demo, "DEMO_DIR", str(tmp_path))
     train_path, val_path = demo.prepare_demo()
-    train, val = read_shard(train_path, check_ids=True), read_shard(val_path, check_ids=True)
+    train, val = read_shard(train_path), read_shard(val_path)
+    assert train.max() < VOCAB_SIZE and val.max() < VOCAB_SIZE
     assert len(train) >= 1_000_000 and len(val) >= demo.DEMO_VAL_TOKENS
     assert train[0] == EOT and val[0] == EOT
     first_bytes = open(train_path, "rb").read()
