@@ -1,5 +1,4 @@
-"""What the scripts share: flags, device and process group, the guards of private or version-dependent torch calls,
-checkpoints, and the val NELBO of train.py and eval.py."""
+"""What the scripts share: flags, device, process group, version-dependent torch calls, checkpoints, the val NELBO."""
 
 import contextlib, functools, inspect, os, resource, sys
 from dataclasses import asdict, fields
@@ -9,7 +8,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.loader import val_batches
-from model import BD3LM, ModelConfig, check_token_ids
+from model import BD3LM, check_token_ids
 from noise import Noise, eval_noise
 
 CHECKPOINT_FORMAT = "bd3lm-speedrun-v3"
@@ -116,8 +115,7 @@ def peak_memory_mib(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
 
 def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, Noise]:
-    """Check token ids on the CPU (the compiled loss cannot without a sync), then copy tokens and noise to `device`,
-    to a GPU from pinned memory without blocking."""
+    """Check token ids on the CPU (a compiled loss cannot), then copy tokens and noise to `device` without blocking."""
     check_token_ids(tokens, vocab_size)
     cuda = device.type == "cuda"
     tokens, *noise = [x.pin_memory().to(device, non_blocking=True) if cuda else x.to(device) for x in (tokens, *noise)]
@@ -129,22 +127,19 @@ def to_device(tokens: torch.Tensor, noise: Noise, device: torch.device, vocab_si
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the new name, then the older one
 
 def allocator_settings() -> str:
-    """The allocator settings in effect (PYTORCH_ALLOC_CONF syntax; empty: torch's defaults). torch 2.11 has no
-    getter: there they are read from the environment, which set_allocator_settings keeps in step."""
+    """The allocator settings in effect (empty: torch's defaults); from the environment on torch 2.11 (no getter)."""
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     if getter is not None:
         return getter()
     return next((os.environ[name] for name in ALLOC_CONF_VARIABLES if os.environ.get(name)), "")
 
 def set_allocator_settings(settings: str) -> None:
-    """Apply allocator settings (torch may have read os.environ at import already), and put them in the environment
-    for allocator_settings on torch 2.11 and for child processes."""
+    """Apply allocator settings and put them in the environment, for allocator_settings on 2.11 and child processes."""
     torch._C._accelerator_setAllocatorSettings(settings)
     os.environ["PYTORCH_ALLOC_CONF"] = settings
 
 def all_gather(output: torch.Tensor, tensor: torch.Tensor):
-    """Every rank's `tensor` concatenated into `output`, asynchronously (returns the work handle): all_gather_single
-    where torch has it (2.13+ deprecates the older name), all_gather_into_tensor in 2.11."""
+    """Every rank's `tensor` into `output`, async: all_gather_single, or all_gather_into_tensor (torch 2.11)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, tensor, async_op=True)
 
@@ -169,7 +164,7 @@ def torch_limitations() -> list[str]:
 # Checkpoints and the val NELBO
 
 def save_checkpoint(path: str, model: BD3LM, hparams: dict, **training_state) -> None:
-    """Write a checkpoint for load_model (and train.py's resume) atomically: a crash leaves the previous file."""
+    """Write a checkpoint for sample.load_model (and train.py's resume) atomically: a crash leaves the previous file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.config),
                     hparams=hparams, **training_state), path + ".tmp")
@@ -188,16 +183,6 @@ def read_checkpoint(path: str, device) -> dict:
         found = f" (it says {said!r}: retrain with this code)" if said else ""
         raise ConfigError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint of this project{found}")
     return state
-
-def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
-    """The trained model of a checkpoint, in eval mode, and the settings of the run that wrote it."""
-    state = read_checkpoint(path, device)
-    try:
-        model = BD3LM(ModelConfig(**state["model_config"])).to(device)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["hparams"]
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited checkpoint
-        raise ConfigError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
 
 @torch.no_grad()
 def val_nelbo(model: BD3LM, files, num_tokens: int | None, seq_len: int, seed: int, rank: int = 0,

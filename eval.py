@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 import common
-from common import VAL_NOISE_SEED, ConfigError, load_model
+from common import VAL_NOISE_SEED, ConfigError
 from data.loader import find_shards, train_val_paths, val_batches
 from model import setting
 from noise import Noise, eval_noise, position_draws
-from sample import SCHEDULES
+from sample import SCHEDULES, load_model
 
 ESTIMATORS = ("iid", "exact_k")  # the val noises that come from positions alone
 

@@ -1,10 +1,6 @@
-"""
-The block diffusion language model (BD3-LM, arXiv 2503.09573).
-
-A noisy block is predicted from itself and the clean earlier blocks of the document it starts in, nothing else, so
-the loss bounds the stream's NLL. Training is one pass over [x_t ; x_0] under mask_rule; inference caches the clean
-blocks and runs one noisy block at a time.
-"""
+"""The block diffusion language model (BD3-LM, arXiv 2503.09573). A noisy block is predicted from itself and the
+clean earlier blocks of the document it starts in, nothing else, so the loss bounds the stream's NLL. Training is one
+pass over [x_t ; x_0] under mask_rule; inference caches the clean blocks and runs one noisy block at a time."""
 
 import math
 from dataclasses import dataclass, field
@@ -52,8 +48,7 @@ class ModelConfig:
 # Documents, blocks and the attention mask of the pass over [x_t ; x_0]
 
 def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token of [..., L]: its document (the number of <|endoftext|> strictly before it), its block, and the
-    document its block starts in (the only one the block may look back at)."""
+    """Per token of [..., L]: its document (the <|endoftext|> before it), its block, and its block's first document."""
     eot = (tokens == eot_id).long()
     doc = eot.cumsum(-1) - eot
     block = torch.arange(tokens.size(-1), device=tokens.device) // block_size
@@ -122,8 +117,7 @@ def block_diffusion_block_mask(tokens: Tensor, block_size: int, eot_id: int) -> 
                                     BLOCK_SIZE=TILE, mask_mod=mask_mod)
 
 def flex_kernel_options(props) -> dict:
-    """FlexAttention options for a GPU (torch.cuda.get_device_properties): smaller tiles where the default ones need
-    more shared memory than a block has (RTX 3090/4090; docs/performance.md)."""
+    """FlexAttention options for a GPU's properties: smaller tiles where the defaults need more shared memory."""
     if getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block) > SMALL_GPU_SHARED_MEMORY:
         return {}
     return {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2,
@@ -170,8 +164,7 @@ class Attention(nn.Module):
         self.flex_options = {}  # BD3LM.set_flex_options: the GPU at hand's
 
     def forward(self, x: Tensor, rope, mask, first_values, past=None):
-        """x [N, S, dim] attends to its own keys after the cached (k, v) `past`, under a BlockMask or a dense boolean
-        [N, 1, S, S_past + S]. Returns (output, (k, v), values)."""
+        """x [N, S, dim] attends to the cached (k, v) `past` and itself under `mask`; (output, its (k, v), values)."""
         N, S, _ = x.shape
         q, k, v = (proj(x).view(N, S, self.n_head, self.head_dim) for proj in (self.q, self.k, self.v))
         values = v = v if first_values is None else (1 - self.value_mix) * v + self.value_mix * first_values
@@ -207,8 +200,7 @@ class Block(nn.Module):
         return x + self.mlp(norm(x)), new_kv, values
 
 class Trunk(nn.Module):
-    """Embedding and blocks with U-net skips: token ids [N, S] -> normed hidden states [N, S, dim] and each layer's
-    new (k, v). Its own module so that exactly the static-shape part is compiled."""
+    """Embedding and blocks with U-net skips: ids [N, S] -> normed hidden states [N, S, dim] and each layer's (k, v)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -239,8 +231,7 @@ class BD3LM(nn.Module):
         self.flex = self.compiled = False  # compile_loss sets them
 
     def forward(self, tokens: Tensor, noise: Noise) -> Tensor:
-        """Negative ELBO of the clean `tokens` ([L] or [N, L]) under `noise`: the summed token_losses over the number
-        of tokens; with t ~ U(0, 1) an upper bound on the NLL in nats per token."""
+        """The mean token_losses of `tokens` ([L] or [N, L]); with t ~ U(0, 1), a bound on the NLL in nats/token."""
         return self.token_losses(tokens, noise).sum() / tokens.numel()
 
     def token_losses(self, tokens: Tensor, noise: Noise) -> Tensor:
@@ -291,9 +282,8 @@ class BD3LM(nn.Module):
             check_token_ids(tokens, self.config.vocab_size + allow_mask)
 
     def compile_loss(self, backend="inductor", flex: bool | None = None) -> None:
-        """Compile token_losses as one full graph with static shapes (one for training, one for evaluation), without
-        the token-id check. `flex`: FlexAttention and a BlockMask (default: on a GPU), else SDPA and the dense mask;
-        flex runs only compiled, as eager flex materializes every fp32 score."""
+        """Compile token_losses as one full static graph per shape, without the token-id check. `flex` (default: on a
+        GPU): FlexAttention and a BlockMask, else SDPA and the dense mask (eager flex materializes every score)."""
         self.flex, self.compiled = self.head.weight.is_cuda if flex is None else flex, True
         self.token_losses = torch.compile(self.token_losses, fullgraph=True, dynamic=False, backend=backend)
 

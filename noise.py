@@ -1,8 +1,6 @@
-"""
-The noise of the records' objective: per 16-token block, t ~ U(t_lo, t_hi), each token masked with probability t, a
-masked token's CE weighed 1 / t. Its estimators for training (model.BD3LM turns a Noise into the loss), and the
-NELBO's for validation, each drawn from seeds and positions alone so that no split over ranks or steps moves it.
-"""
+"""The noise of the records' objective: per 16-token block, t ~ U(t_lo, t_hi), each token masked with probability t,
+a masked token's CE weighed 1 / t. Its estimators for training (BD3LM turns a Noise into the loss) and the NELBO's for
+validation, each drawn from seeds and positions alone so that no split over ranks or steps moves it."""
 
 import functools
 import math
@@ -12,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Each estimates the records' objective on [lo, hi], per block sum_k c_k L_k (L_k: the expected summed CE of k masked
-# tokens chosen uniformly; c_k: count_coefficients). iid: t per block, each token masked with probability t;
-# stratified: iid's t stratified over a step's blocks; proposal: k from count_table, stratified.
+# Each estimates the records' objective on [lo, hi], per block sum_k c_k L_k (count_coefficients): iid, t per block;
+# stratified, iid's t stratified over a step's blocks; proposal, k masked tokens from count_table, stratified.
 ESTIMATORS = ("iid", "stratified", "proposal")
 TRAIN_ESTIMATOR = "proposal"  # the least gradient variance (docs/training.md)
 
@@ -65,8 +62,7 @@ def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int
     return ((offset + (torch.arange(blocks) * chunks + chunk) / (blocks * chunks)) % 1).float()
 
 def count_noise(bounds: Tensor, weights: Tensor, levels: Tensor, uniforms: Tensor, block_size: int) -> Noise:
-    """Per-token levels (equal within a block) pick k among the bounds of the block's size; the k smallest uniforms
-    of the block are masked, a uniformly random k-subset."""
+    """Per-token levels pick k among the bounds of the block's size; the block's k smallest uniforms are masked."""
     index = torch.arange(len(uniforms), device=uniforms.device)
     sizes = (len(uniforms) - index + index % block_size).clamp(max=block_size)
     bounds, weights = bounds.to(uniforms.device)[sizes - 1], weights.to(uniforms.device)[sizes - 1]
@@ -77,8 +73,7 @@ def count_noise(bounds: Tensor, weights: Tensor, levels: Tensor, uniforms: Tenso
 
 def train_noise(length: int, block_size: int, lo: float, hi: float, generator: torch.Generator,
                 estimator: str = "iid", levels: Tensor | None = None) -> Noise:
-    """The training noise of a sequence on [lo, hi], drawn from `generator`; stratified estimators take each block's
-    level from `levels` (stratified_levels)."""
+    """A sequence's training noise on [lo, hi] from `generator`; stratified ones take block levels from `levels`."""
     draws = torch.rand(2, length, generator=generator, device=generator.device)
     index = torch.arange(length, device=generator.device)
     if estimator not in ESTIMATORS:
@@ -97,15 +92,13 @@ def train_noise(length: int, block_size: int, lo: float, hi: float, generator: t
 
 def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
                estimator: str = TRAIN_ESTIMATOR) -> Noise:
-    """The training noise of sequence `chunk` of `chunks` in optimizer step `step`, seeded by (seed, step, chunk): it
-    depends on the sequence's place in the step, never on which rank or micro-step draws it."""
+    """The training noise of sequence `chunk` of `chunks` in step `step`: from its place, not the rank that draws it."""
     generator = torch.Generator().manual_seed((seed << 32) + step * chunks + chunk)
     levels = None if estimator == "iid" else stratified_levels(seed, step, chunk, chunks, -(-length // block_size))
     return train_noise(length, block_size, lo, hi, generator, estimator, levels)
 
 def position_draws(length: int, block_size: int, seed: int, offset: int) -> tuple[Tensor, Tensor]:
-    """A level per block and a uniform per token, hashed from `seed` and each token's position in the val stream
-    (`offset`: the first's), so no split over ranks or steps moves them."""
+    """A level per block and a uniform per token, hashed from `seed` and the position in the stream (from `offset`)."""
     index = torch.arange(length)
     levels = hash_uniform(2 * seed, offset + index - index % block_size).float()
     return levels, hash_uniform(2 * seed + 1, offset + index).float()

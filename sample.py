@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import common
 from data.tokenizer import get_tokenizer
-from model import BD3LM, document_layout, mask_rule, setting
+from model import BD3LM, ModelConfig, document_layout, mask_rule, setting
 
 MASK_GLYPH = "░"
 SHOWN_BLOCKS = 4  # of the denoising display: a screenful
@@ -63,6 +63,8 @@ def check_settings(s: Settings) -> None:
             raise common.ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
 
 # -----------------------------------------------------------------------------
+# Masking schedules of the ddpm sampler
+
 class Schedule(NamedTuple):
     """p(t), the chance a token is [MASK] at time t (p(0) = 0, p(1) = 1), and p'(t) / p(t), a masked token's CE weight
     in the t-form NELBO (eval.py --estimator=iid). With t ~ U(0, 1) every schedule has the same expected NELBO."""
@@ -277,9 +279,19 @@ def completions(tokens: Tensor, prompt_length: int, eot: int) -> list[list[int]]
 # -----------------------------------------------------------------------------
 # Command line
 
+def load_model(path: str, device: torch.device) -> tuple[BD3LM, dict]:
+    """The trained model of a checkpoint, in eval mode, and the settings of the run that wrote it."""
+    state = common.read_checkpoint(path, device)
+    try:
+        model = BD3LM(ModelConfig(**state["model_config"])).to(device)
+        model.load_state_dict(state["model"])
+        return model.eval(), state["hparams"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited checkpoint
+        raise common.ConfigError(f"{path} does not hold a usable model: {str(error).splitlines()[0]}") from None
+
 def load(s: Settings) -> tuple[BD3LM, dict, list[int]]:
     """The checkpoint's model on s.device, its run's settings and the prompt's ids; context 0 becomes seq_len."""
-    model, hparams = common.load_model(s.checkpoint, common.pick_device(s.device))
+    model, hparams = load_model(s.checkpoint, common.pick_device(s.device))
     s.context = s.context or hparams["seq_len"]
     check_context(s.context, model.config.block_size)
     if s.prompt_file and not Path(s.prompt_file).is_file():

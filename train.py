@@ -3,9 +3,8 @@
     python train.py --preset=demo                       # CPU demo on a built-in corpus
     torchrun --standalone --nproc_per_node=8 train.py   # the record run on FineWeb-Edu
 
-Flags are the fields of Hyperparameters (`--help`). The log logs/<run_id>.txt opens with the source of every repository
-module the run imported, the versions and the config. Whatever the ranks and micro_batch, a step consumes the same
-batch_size sequences with the same noise, so presets record (8 GPUs) and record_24gb (one) train the same model.
+Flags are the fields of Hyperparameters (`--help`); the log is logs/<run_id>.txt. Whatever the ranks and micro_batch, a
+step consumes the same sequences with the same noise, so presets record (8 GPUs) and record_24gb (one) are one run.
 """
 
 import glob, json, math, os, platform, site, subprocess, sys, time, traceback, types, uuid
@@ -132,9 +131,8 @@ def turns(params: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor
     return [same[i:i + world_size] for same in by_size.values() for i in range(0, len(same), world_size)]
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz, lr scaled by sqrt(max(1, rows / cols)), decoupled
-    weight decay), Newton-Schulz in `ns_dtype`. Distributed, each rank orthogonalizes its `turns` of the summed
-    gradients and the updates are all-gathered; every rank keeps every momentum buffer, so any can resume."""
+    """torch.optim.Muon's update, Newton-Schulz in `ns_dtype`. Distributed, each rank orthogonalizes its `turns` and
+    the updates are all-gathered; every rank keeps every momentum buffer, so any can resume."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -169,8 +167,7 @@ class Muon(torch.optim.Optimizer):
                     p.add_(update.view_as(p), alpha=-group["lr"] * max(1, p.size(0) / p.size(1)) ** 0.5)
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients over the ranks in one all-reduce (a compiled backward hands them all over at its end). A
-    gradient stays None only where it is None on every rank, as on one process."""
+    """Sum the gradients over the ranks in one all-reduce; a gradient stays None only where it is None on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     present = [p.grad is not None for p in params]
@@ -248,8 +245,7 @@ class RunLog:
 
     def __call__(self, line: str, console: bool = True) -> None:
         if self.file is not None:
-            self.file.write(line + "\n")
-            self.file.flush()
+            print(line, file=self.file, flush=True)
             if console:
                 print(line, flush=True)
 
@@ -269,9 +265,8 @@ def repository_modules() -> list[str]:
     return sorted(path for path in paths if not path.startswith("tests" + os.sep))
 
 def write_header(log: RunLog, hp: Hyperparameters, world_size: int, bf16: bool, model: BD3LM) -> None:
-    """What it takes to reproduce the run: the source of every repository module it imported, the versions, the
-    config, and a runtime line (the entry script, modules from outside the repository and the Python installation,
-    whether the clock is the real one) that shows code that ran without being embedded."""
+    """What reproduces the run: the source of every repository module it imported, the versions, the config, and a
+    runtime line naming code that ran unembedded (the entry script, modules from elsewhere, a replaced clock)."""
     for name in repository_modules():
         with open(os.path.join(HERE, name), encoding="utf-8", newline="") as f:  # byte-exact for check.py --rev
             log(f"==== file: {name} ====\n{f.read()}==== end file: {name} ====", console=False)
@@ -335,9 +330,8 @@ def build_model(config: ModelConfig, seed: int, device: torch.device) -> BD3LM:
     return model
 
 def warm_up(model: BD3LM, val_file: str, seq_len: int, micro_batch: int, autocast, device: torch.device) -> float:
-    """Run what training compiles before the clock starts (the training forward and backward on micro_batch copies
-    of the first val chunk, the val forward on one) and return its milliseconds. No optimizer step, the gradients
-    dropped, neither the loader nor the random state used: nothing the run depends on changes."""
+    """Compile before the clock starts (training forward and backward on micro_batch copies of the first val chunk,
+    the val forward on one); its ms. No optimizer step, loader or RNG: nothing the run depends on changes."""
     started = time.perf_counter()
     _, tokens = next(val_batches(val_file, seq_len, seq_len))
     noise = eval_noise(seq_len, model.config.block_size, common.VAL_NOISE_SEED, 0)
@@ -398,8 +392,7 @@ class Run:
                      f"step_avg:{elapsed_ms / (step + 1 - start_step):.2f}ms")
 
     def train_step(self, step: int) -> float:
-        """One optimizer step on batch_size sequences (each rank's share in forwards of micro_batch); their mean
-        loss."""
+        """One optimizer step on batch_size sequences (each rank's in forwards of micro_batch); their mean loss."""
         hp, loss_sum = self.hp, torch.zeros((), device=self.device)
         for micro_step in range(grad_accum(hp, self.world_size)):
             try:
@@ -429,8 +422,7 @@ class Run:
         return train_loss
 
     def noise_of(self, step: int, micro_step: int, rows: int, length: int) -> Noise:
-        """The training noise [rows, length] of this rank's sequences in a micro-step, each from its place in the
-        global batch, not from which rank or forward draws it."""
+        """The noise [rows, length] of this rank's sequences in a micro-step, each from its place in the step."""
         hp, first = self.hp, (micro_step * self.world_size + self.rank) * rows
         noises = [step_noise(length, self.model.config.block_size, hp.t_lo, hp.t_hi, hp.seed, step, chunk,
                              hp.batch_size, hp.estimator) for chunk in range(first, first + rows)]

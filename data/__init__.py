@@ -1,4 +1,1 @@
-"""Token data for training: the shard format, the GPT-2 tokenizer, corpora on disk, and the loader.
-
-Nothing in this package imports the model; train.py and sample.py import from here.
-"""
+"""Token data: the shard format, the loader and the GPT-2 tokenizer; nothing here imports the model."""

@@ -113,8 +113,7 @@ class TokenLoader:
         self.position = self.stream.starts[shard] + offset
 
 def val_batches(path_or_files, num_tokens: int | None, seq_len: int, rank: int = 0, world_size: int = 1):
-    """(offset, int64 tokens [seq_len]) of fixed unaligned chunks rank, rank + world_size, ... of the first
-    `num_tokens` val tokens (None: every whole chunk)."""
+    """(offset, tokens [seq_len]) of the chunks rank, rank + world_size, ... of the first num_tokens (None: all)."""
     stream = TokenStream(path_or_files)
     num_tokens = stream.num_tokens // seq_len * seq_len if num_tokens is None else num_tokens
     if num_tokens % seq_len or num_tokens > stream.num_tokens:

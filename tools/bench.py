@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from model import ModelConfig, block_diffusion_block_mask, block_diffusion_mask, setting
 from noise import Noise, step_noise
-from sample import SAMPLERS, Settings as SampleSettings, generate
+from sample import SAMPLERS, Settings as SampleSettings, generate, load_model
 from tools import costmodel as cm
 from tools.gpu_check import machine_name, matmul_peak, median_time, random_model
 from train import PRESETS, Hyperparameters, build_model, make_optimizers, model_config
@@ -114,7 +114,7 @@ def mask_table(name: str, seq_len: int, step_seconds: float, device: torch.devic
 
 def sampling_table(checkpoint: str, quick: bool, device: torch.device, repeats: int) -> None:
     """Each sampler's tokens/s and forwards per token, cached or not; uncached and quick runs timed once, no warm-up."""
-    model = common.load_model(checkpoint, device)[0] if checkpoint else random_model(DEMO, device).eval()
+    model = load_model(checkpoint, device)[0] if checkpoint else random_model(DEMO, device).eval()
     table(f"## Sampling ({checkpoint or 'demo-size model, random weights'}; one sample, stops at EOT)", "sampler",
           "new tokens", "KV cache", "tokens/s", "forwards per token")
     for sampler in SAMPLERS:

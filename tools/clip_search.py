@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from data.loader import TokenStream, find_shards, train_val_paths
 from model import setting
+from sample import load_model
 from noise import ESTIMATORS, TRAIN_ESTIMATOR
 from tools.grad_variance import gradient_noise
 
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> None:
         intervals = candidates(s.widths, s.step)
         common.check_choice("estimator", s.estimator, tuple(ESTIMATORS))
         device = common.pick_device(s.device)
-        model, hp = common.load_model(s.checkpoint, device)
+        model, hp = load_model(s.checkpoint, device)
         chunks = tail_chunks(s.train_files or train_val_paths(hp["data"])[0], s.tokens, hp["seq_len"])
         with common.autocast_context(device, common.fast_bf16(device)):
             noise = {interval: gradient_noise(model, chunks, *interval, s.estimator, s.draws, CLIP_SEARCH_NOISE_SEED)

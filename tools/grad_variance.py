@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from data.loader import train_val_paths, val_batches
 from model import BD3LM, setting
+from sample import load_model
 from noise import ESTIMATORS, Noise, count_noise, step_noise, stratified_levels
 from tools.demo_corpus import prepare_demo
 from train import PRESETS, Hyperparameters, build_model, model_config
@@ -101,7 +102,7 @@ def grad_variance_table(checkpoint: str, initial: bool, draws: int, seed: int, d
         prepare_demo()
         cases.append(("initial (demo preset)", build_model(model_config(demo), 0, device), asdict(demo)))
     if checkpoint:
-        cases.append((checkpoint, *common.load_model(checkpoint, device)))
+        cases.append((checkpoint, *load_model(checkpoint, device)))
     print(f"\n## Noise of the training estimators: {draws} draws each of one step's val tokens (variances unbiased "
           f"over the draws; relative: E||g - Eg||^2 / ||Eg||^2)\n\n| weights | estimator | records' objective | "
           "interval | tokens | grad variance / signal | grad variance | loss variance | mean loss |\n"

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common
 import sample
-from common import ConfigError, load_model
+from common import ConfigError
 from data.shards import VOCAB_SIZE
 from model import BD3LM, setting
 
@@ -75,7 +75,7 @@ def load_judge(name: str, model: BD3LM, device: torch.device):
     """(nll function, longest context + continuation it can score) of a judge given by --judge."""
     if not os.path.isfile(name):
         return hugging_face_judge(name, device)
-    judge, hparams = load_model(name, device)
+    judge, hparams = sample.load_model(name, device)
     if judge.config.block_size != 1:
         raise ConfigError(f"the judge {name} was trained with --block_size={judge.config.block_size}; a judge "
                             f"must be autoregressive: --block_size=1")

@@ -15,6 +15,7 @@ from conftest import random_stream, save_checkpoint, small_model
 import common
 from data.shards import write_shard
 from noise import TRAIN_ESTIMATOR
+from sample import load_model
 from tools import clip_search
 from tools.grad_variance import gradient_noise
 from train import Hyperparameters
@@ -58,7 +59,7 @@ def test_table_lists_every_candidate_and_chooses_the_least_noisy(checkpoint_and_
     chosen = min(rows, key=rows.get)
     assert f"chosen:{chosen[0]:g}-{chosen[1]:g}" in out
     cpu = torch.device("cpu")
-    model, _ = common.load_model(path, cpu)
+    model, _ = load_model(path, cpu)
     with common.autocast_context(cpu, common.fast_bf16(cpu)):  # as the tool measures
         direct = gradient_noise(model, clip_search.tail_chunks(data, 128, 32), 0.25, 0.75, "stratified", 3,
                                 clip_search.CLIP_SEARCH_NOISE_SEED)
