@@ -2,11 +2,7 @@
 `python eval.py --checkpoint=PATH --seeds=8` gives the mean and standard error over noise seeds (seed k is train.py's
 val seed plus k: --seeds=1 reproduces the run's last val line). The last line is the result, `key:value` pairs."""
 
-import functools
-import math
-import os
-import statistics
-import sys
+import functools, math, os, statistics, sys
 from dataclasses import dataclass
 
 import torch

@@ -2,8 +2,7 @@
 a masked token's CE weighed 1 / t. Its estimators for training (BD3LM turns a Noise into the loss) and the NELBO's for
 validation, each drawn from seeds and positions alone so that no split over ranks or steps moves it."""
 
-import functools
-import math
+import functools, math
 from typing import NamedTuple
 
 import torch

@@ -3,9 +3,7 @@
 tokenizers or files; `main` is the CLI: python sample.py --checkpoint=checkpoints/<run_id>/final.pt --prompt="The"
 """
 
-import math
-import sys
-import time
+import math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple

@@ -1,11 +1,7 @@
-"""Train a block diffusion language model (BD3-LM), speedrun style.
-
-    python train.py --preset=demo                       # CPU demo on a built-in corpus
-    torchrun --standalone --nproc_per_node=8 train.py   # the record run on FineWeb-Edu
-
-Flags are the fields of Hyperparameters (`--help`); the log is logs/<run_id>.txt. Whatever the ranks and micro_batch, a
-step consumes the same sequences with the same noise, so presets record (8 GPUs) and record_24gb (one) are one run.
-"""
+"""Train a block diffusion language model (BD3-LM), speedrun style: `python train.py --preset=demo` on a CPU, `torchrun
+--standalone --nproc_per_node=8 train.py` for the record. Flags: the fields of Hyperparameters (`--help`); the log is
+logs/<run_id>.txt. Whatever the ranks and micro_batch, a step consumes the same sequences with the same noise, so
+presets record (8 GPUs) and record_24gb (one) are one run."""
 
 import glob, json, math, os, platform, site, subprocess, sys, time, traceback, types, uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -239,8 +235,7 @@ class RunLog:
     """log_dir/<run_id>.txt, written by rank 0 only; `log(line)` also prints the line unless console=False."""
 
     def __init__(self, log_dir: str, run_id: str, rank: int):
-        if rank == 0:
-            os.makedirs(log_dir, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
         self.file = open(os.path.join(log_dir, f"{run_id}.txt"), "w") if rank == 0 else None
 
     def __call__(self, line: str, console: bool = True) -> None:

@@ -6,11 +6,7 @@ A valid file already there is skipped offline; a fetched one must be a valid sha
 else the Hub's (its LFS ETag), or it is removed. HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE work as in huggingface_hub.
 """
 
-import argparse
-import contextlib
-import os
-import re
-import sys
+import argparse, contextlib, os, re, sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,8 +1,7 @@
 """Token shards read as one stream in a fixed order, split across ranks; a token is never reused, and what a run sees
 does not depend on its ranks or micro-batches (docs/training.md, "Data"). Knows the shard format, not the model."""
 
-import glob
-import os
+import glob, os
 
 import numpy as np
 import torch

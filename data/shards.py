@@ -1,8 +1,7 @@
 """The `.bin` token shard (cached FineWeb-Edu's format): 256 int32 `[MAGIC, VERSION, num_tokens, 0, ...]`, then
 `num_tokens` uint16 GPT-2 ids. Write, read memory-mapped, check, hash; nothing of tokenizers or documents."""
 
-import hashlib
-import os
+import hashlib, os
 
 import numpy as np
 

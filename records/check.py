@@ -7,13 +7,7 @@ the log cannot be read. Every number is checked against the config and the other
 contradicts another. It knows train.py's log format, model.py's parameter count and, with --rev, that commit's code.
 """
 
-import argparse
-import ast
-import json
-import math
-import re
-import subprocess
-import sys
+import argparse, ast, json, math, re, subprocess, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 

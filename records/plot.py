@@ -6,9 +6,7 @@ One curve per log, named by its file, with the record target drawn. Training tok
 before it times batch_size x seq_len. Like check.py it reads logs only; it needs matplotlib (requirements-dev.txt).
 """
 
-import argparse
-import json
-import sys
+import argparse, json, sys
 from pathlib import Path
 
 from check import TARGET, MalformedLog, parse_log

@@ -9,14 +9,7 @@ duplicates kept once, shuffled with a fixed seed. Documents sharing a run of 50 
 only on the installed versions. This file chooses the text; prepare_text.py and data/ tokenize and write it.
 """
 
-import importlib
-import inspect
-import os
-import pkgutil
-import random
-import re
-import sys
-import warnings
+import importlib, inspect, os, pkgutil, random, re, sys, warnings
 
 import numpy as np
 

@@ -9,13 +9,7 @@ tokens. The first documents, until at least `--val_tokens` tokens, go to `{name}
 formats and the document order; the byte format is data/shards.py's, the vocabulary data/tokenizer.py's.
 """
 
-import argparse
-import glob
-import itertools
-import json
-import multiprocessing
-import os
-import sys
+import argparse, glob, itertools, json, multiprocessing, os, sys
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 

@@ -7,10 +7,7 @@ repetitive samples), lengths, the share that ended with <|endoftext|>, speed; th
     python tools/sample_quality.py --checkpoint=PATH --judge=gpt2-large --sweep=True  # needs transformers
 """
 
-import math
-import os
-import statistics
-import sys
+import math, os, statistics, sys
 from collections import Counter
 from dataclasses import dataclass, replace
 
