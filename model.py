@@ -48,7 +48,7 @@ class ModelConfig:
 # Documents, blocks and the attention mask of the pass over [x_t ; x_0]
 
 def document_layout(tokens: Tensor, block_size: int, eot_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token of [..., L]: its document (the <|endoftext|> before it), its block, and its block's first document."""
+    """Per token of [..., L]: its document (<|endoftext|>s before it), its block, the document its block starts in."""
     eot = (tokens == eot_id).long()
     doc = eot.cumsum(-1) - eot
     block = torch.arange(tokens.size(-1), device=tokens.device) // block_size
