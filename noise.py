@@ -13,6 +13,7 @@ from torch import Tensor
 # stratified, iid's t stratified over a step's blocks; proposal, k masked tokens from count_table, stratified.
 ESTIMATORS = ("iid", "stratified", "proposal")
 TRAIN_ESTIMATOR = "proposal"  # the least gradient variance (docs/training.md)
+MASK32 = 0xFFFFFFFF
 
 class Noise(NamedTuple):
     weight: Tensor  # float [L]: a masked token's loss weight; 0 where unmasked
@@ -42,17 +43,20 @@ def count_table(block_size: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
         weights[n - 1, :n] = n / k
     return bounds, weights
 
+def mix32(x: Tensor) -> Tensor:
+    """A bijection of 32-bit values that stirs every bit into every other, with mix32(0) = 0; int64 never overflows."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
+    x = ((x ^ (x >> 15)) * 0x1B873593) & MASK32
+    return x ^ (x >> 16)
+
 def hash_uniform(seed: int, positions: Tensor) -> Tensor:
-    """A uniform in (0, 1) per (seed, position), the same on every device; multipliers < 2**31 never overflow int64."""
-    mask32 = 0xFFFFFFFF
-
-    def mix(x: Tensor) -> Tensor:
-        x = ((x ^ (x >> 16)) * 0x7FEB352D) & mask32
-        x = ((x ^ (x >> 15)) * 0x1B873593) & mask32
-        return x ^ (x >> 16)
-
-    x = mix(mix((positions & mask32) ^ mix(torch.tensor(seed & mask32, dtype=torch.int64))) ^ (positions >> 32))
+    """A uniform in (0, 1) per (seed, position), the same on every device."""
+    x = mix32(mix32((positions & MASK32) ^ mix32(torch.tensor(seed & MASK32, dtype=torch.int64))) ^ (positions >> 32))
     return ((x >> 8).double() + 0.5) / 2**24
+
+def sequence_generator(seed: int, step: int, chunk: int, chunks: int) -> torch.Generator:
+    """Sequence `chunk` of step `step`'s generator; the run's seed is mixed into the 32 bits a CPU generator keeps."""
+    return torch.Generator().manual_seed((step * chunks + chunk) ^ int(mix32(torch.tensor(seed & MASK32))))
 
 def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int) -> Tensor:
     """The levels of the blocks of chunk `chunk` of `chunks` in optimizer step `step` (antithetic sampling): over a
@@ -92,9 +96,8 @@ def train_noise(length: int, block_size: int, lo: float, hi: float, generator: t
 def step_noise(length: int, block_size: int, lo: float, hi: float, seed: int, step: int, chunk: int, chunks: int,
                estimator: str = TRAIN_ESTIMATOR) -> Noise:
     """The training noise of sequence `chunk` of `chunks` in step `step`: from its place, not the rank that draws it."""
-    generator = torch.Generator().manual_seed((seed << 32) + step * chunks + chunk)
     levels = None if estimator == "iid" else stratified_levels(seed, step, chunk, chunks, -(-length // block_size))
-    return train_noise(length, block_size, lo, hi, generator, estimator, levels)
+    return train_noise(length, block_size, lo, hi, sequence_generator(seed, step, chunk, chunks), estimator, levels)
 
 def position_draws(length: int, block_size: int, seed: int, offset: int) -> tuple[Tensor, Tensor]:
     """A level per block and a uniform per token, hashed from `seed` and the position in the stream (from `offset`)."""

@@ -475,7 +475,7 @@ class Run:
 
     def finish(self) -> None:
         """The closing lines of the log and the final checkpoint."""
-        self.log(f"train_tokens:{self.loader.tokens_consumed}")
+        self.log(f"train_tokens:{self.loader.position}")
         self.log(f"peak_memory:{common.peak_memory_mib(self.device)}MiB")
         path = self.save("final.pt", self.hp.steps)
         self.log(f"checkpoint:{path}")

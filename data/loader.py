@@ -74,11 +74,7 @@ class TokenLoader:
                              f"{seq_len=} {sequences=} {rank=} {world_size=}")
         self.stream, self.rank, self.world_size, self.sequences = TokenStream(files), rank, world_size, sequences
         self.seq_len, self.align_to_documents, self.num_tokens = seq_len, align_to_documents, self.stream.num_tokens
-        self.position = 0  # global position of the first token not yet consumed
-
-    @property
-    def tokens_consumed(self) -> int:  # by all ranks, those skipped to reach a document start included
-        return self.position
+        self.position = 0  # tokens consumed by all ranks, those skipped to reach a document start included
 
     def next_batch(self) -> torch.Tensor:
         starts, position, window = [], self.position, self.world_size * self.sequences

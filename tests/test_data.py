@@ -485,7 +485,7 @@ def test_ranks_read_one_window_per_step(position_shards, world_size, sequences, 
             begin = step * window_size * seq_len
             contiguous = stream[begin : begin + window_size * seq_len]
             np.testing.assert_array_equal(torch.cat(window).flatten().numpy(), contiguous)
-        assert len({loader.tokens_consumed for loader in loaders}) == 1
+        assert len({loader.position for loader in loaders}) == 1
     for loader in loaders:
         with pytest.raises(DataExhausted):
             loader.next_batch()
@@ -510,7 +510,7 @@ def test_no_position_read_twice_and_clear_exhaustion(position_shards, world_size
         while True:
             for loader in loaders:
                 seen += positions_of(loader.next_batch()[0])
-    assert len(seen) == len(set(seen)) and max(seen) < loaders[0].tokens_consumed <= len(stream)
+    assert len(seen) == len(set(seen)) and max(seen) < loaders[0].position <= len(stream)
     state = loaders[0].state_dict()
     with pytest.raises(DataExhausted):  # exhaustion is final and does not move the position
         loaders[0].next_batch()
@@ -534,7 +534,7 @@ def test_restored_position_continues_exactly(position_shards, tmp_path, world_si
     resumed = [TokenLoader(paths, seq_len, rank, resume_world_size) for rank in range(resume_world_size)]
     for loader in resumed:
         loader.load_state_dict(state)
-        assert loader.tokens_consumed == first[0].tokens_consumed
+        assert loader.position == first[0].position
     index = split * world_size
     while index < len(chunks):
         for loader in resumed:

@@ -20,7 +20,7 @@ import common
 from data.loader import train_val_paths, val_batches
 from model import BD3LM, setting
 from sample import load_model
-from noise import ESTIMATORS, Noise, count_noise, step_noise, stratified_levels
+from noise import ESTIMATORS, Noise, count_noise, sequence_generator, step_noise, stratified_levels
 from tools.demo_corpus import prepare_demo
 from train import PRESETS, Hyperparameters, build_model, model_config
 
@@ -58,7 +58,7 @@ def sequence_noise(length: int, block_size: int, lo: float, hi: float, seed: int
     """noise.step_noise, or for exact_k and stratified_k uniform_counts' draw with independent or stratified levels."""
     if estimator in ESTIMATORS:
         return step_noise(length, block_size, lo, hi, seed, step, chunk, chunks, estimator=estimator)
-    uniforms = torch.rand(2, length, generator=torch.Generator().manual_seed((seed << 32) + step * chunks + chunk))
+    uniforms = torch.rand(2, length, generator=sequence_generator(seed, step, chunk, chunks))
     block = torch.arange(length) // block_size
     levels = stratified_levels(seed, step, chunk, chunks, int(block[-1]) + 1)[block] \
         if estimator == "stratified_k" else uniforms[0, block * block_size]
