@@ -56,7 +56,7 @@ def check_settings(s: Settings) -> None:
                               ("threshold", 0 <= s.threshold <= 1, "lie in [0, 1]"),
                               ("top_p", 0 < s.top_p <= 1, "lie in (0, 1]"),
                               ("temperature", s.temperature >= 0, "not be negative"),
-                              ("seed", 0 <= s.seed < 2**63, "lie in [0, 2**63)")]:
+                              ("seed", 0 <= s.seed < 2**32, "lie in [0, 2**32)")]:
         if not valid:
             raise common.ConfigError(f"--{name} must {rule}, got {getattr(s, name)}")
 

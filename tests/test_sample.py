@@ -409,6 +409,7 @@ def test_cli_bad_checkpoint_gives_one_line_and_status_2():
     (["--checkpoint={ckpt}", "--top_p=0"], "--top_p must lie in (0, 1]"),
     (["--checkpoint={ckpt}", "--top_p=1.2"], "--top_p must lie in (0, 1]"),
     (["--checkpoint={ckpt}", "--temperature=-1"], "--temperature must not be negative"),
+    (["--checkpoint={ckpt}", f"--seed={2**32}"], "--seed must lie in [0, 2**32)"),  # a CPU generator's seed bits
     (["--checkpoint={ckpt}", "--num_samples=many"], "--num_samples takes a value of type int"),
     (["--checkpoint={ckpt}", "--kv_cache=maybe"], "--kv_cache takes True or False"),
     (["--checkpoint={ckpt}", "--beam_width=4"], "unknown flag --beam_width"),
