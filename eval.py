@@ -15,7 +15,7 @@ from model import setting
 from noise import Noise, eval_noise, position_draws
 from sample import SCHEDULES, load_model
 
-ESTIMATORS = ("iid", "exact_k")  # the val noises that come from positions alone
+VAL_ESTIMATORS = ("iid", "exact_k")  # the val noises that come from positions alone
 
 @dataclass
 class Settings:
@@ -24,7 +24,7 @@ class Settings:
     val_tokens: int = setting(-1, "tokens, a multiple of seq_len; -1: the run's number; 0: every whole chunk")
     seq_len: int = setting(0, "tokens per chunk; 0: the run's seq_len")
     seeds: int = setting(1, "noise seeds; with more than one, the mean and its standard error")
-    estimator: str = setting("exact_k", "val noise: exact_k (as in training) or iid (t under --schedule)")
+    estimator: str = setting("exact_k", "val noise: exact_k (as train.py validates) or iid (t under --schedule)")
     schedule: str = setting("linear", "with --estimator=iid: the schedule of t (sample.SCHEDULES)")
     autocast: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 kernels), bf16 or fp32")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu or cuda")
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     with common.user_errors():
         if s.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
-        common.check_choice("estimator", s.estimator, ESTIMATORS)
+        common.check_choice("estimator", s.estimator, VAL_ESTIMATORS)
         common.check_choice("schedule", s.schedule, tuple(SCHEDULES))
         if s.schedule != "linear" and s.estimator != "iid":
             raise ConfigError(f"--schedule applies to --estimator=iid only: {s.estimator} masks a number of tokens")

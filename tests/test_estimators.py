@@ -258,21 +258,21 @@ def test_a_steps_noise_does_not_depend_on_ranks_or_micro_steps(estimator):
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_the_run_seed_draws_new_masks(estimator):
-    """--seed is the seed of the training noise: the masks of two seeds overlap as independent draws do, not as one
-    draw (a CPU generator keeps 32 bits of its seed, so a seed above them once changed nothing). Seed 0 keeps the
-    noise of earlier runs: the generator of sequence j of the run is seeded with j."""
+    """--seed is the seed of the training noise. Drawn from one uniform per token, the masks of two seeds would be
+    nested in every block (one the other's first tokens in the uniforms' order), as they were when the seed sat above
+    the 32 bits a CPU generator keeps; from two streams, few blocks (about 8%) are. Seed 0 keeps the noise of earlier
+    runs: the generator of sequence j of the run is seeded with j."""
     step, chunk, chunks, length = 3, 5, 8, 16 * 1024
     seed = int(np.random.default_rng().integers(1, 2**31))
-    base = step_noise(length, 16, 0.3, 0.8, 0, step, chunk, chunks, estimator)
-    other = step_noise(length, 16, 0.3, 0.8, seed, step, chunk, chunks, estimator)
-    both = (base.masked & other.masked).float().mean()
-    independent = base.masked.float().mean() * other.masked.float().mean()
-    assert abs(both - independent) < 0.03, (seed, both, independent)
+    base, other = (step_noise(length, 16, 0.3, 0.8, s, step, chunk, chunks, estimator).masked.view(-1, 16)
+                   for s in (0, seed))
+    nested = ~(base & ~other).any(1) | ~(other & ~base).any(1)
+    assert nested.float().mean() < 0.3, seed
     assert sequence_generator(0, step, chunk, chunks).initial_seed() == step * chunks + chunk
 
 
 def test_iid_is_the_draw_of_before_the_estimators():
-    """--estimator=iid keeps the training noise of earlier runs: t from the first uniform of each block, masks from
+    """The iid estimator keeps the training noise of earlier runs: t from the first uniform of each block, masks from
     the second row of the same draw."""
     length, generator = 100, torch.Generator().manual_seed(9)
     noise = train_noise(length, 16, 0.3, 0.8, generator)

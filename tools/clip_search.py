@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from data.loader import TokenStream, find_shards, train_val_paths
 from model import setting
-from sample import load_model
 from noise import ESTIMATORS, TRAIN_ESTIMATOR
+from sample import load_model
 from tools.grad_variance import gradient_noise
 
 CLIP_SEARCH_NOISE_SEED = 1  # every candidate interval draws the same uniforms

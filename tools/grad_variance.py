@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common
 from data.loader import train_val_paths, val_batches
 from model import BD3LM, setting
-from sample import load_model
 from noise import ESTIMATORS, Noise, count_noise, sequence_generator, step_noise, stratified_levels
+from sample import load_model
 from tools.demo_corpus import prepare_demo
 from train import PRESETS, Hyperparameters, build_model, model_config
 
