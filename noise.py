@@ -43,20 +43,20 @@ def count_table(block_size: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
         weights[n - 1, :n] = n / k
     return bounds, weights
 
-def mix32(x: Tensor) -> Tensor:
-    """A bijection of 32-bit values that stirs every bit into every other, with mix32(0) = 0; int64 never overflows."""
+def mix32(x):
+    """A bijection of 32-bit ints or int64 tensors (no overflow) that stirs each bit into every other; mix32(0) = 0."""
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
     x = ((x ^ (x >> 15)) * 0x1B873593) & MASK32
     return x ^ (x >> 16)
 
 def hash_uniform(seed: int, positions: Tensor) -> Tensor:
     """A uniform in (0, 1) per (seed, position), the same on every device."""
-    x = mix32(mix32((positions & MASK32) ^ mix32(torch.tensor(seed & MASK32, dtype=torch.int64))) ^ (positions >> 32))
+    x = mix32(mix32((positions & MASK32) ^ mix32(seed & MASK32)) ^ (positions >> 32))
     return ((x >> 8).double() + 0.5) / 2**24
 
 def sequence_generator(seed: int, step: int, chunk: int, chunks: int) -> torch.Generator:
     """Sequence `chunk` of step `step`'s generator; the run's seed is mixed into the 32 bits a CPU generator keeps."""
-    return torch.Generator().manual_seed((step * chunks + chunk) ^ int(mix32(torch.tensor(seed & MASK32))))
+    return torch.Generator().manual_seed((step * chunks + chunk) ^ mix32(seed & MASK32))
 
 def stratified_levels(seed: int, step: int, chunk: int, chunks: int, blocks: int) -> Tensor:
     """The levels of the blocks of chunk `chunk` of `chunks` in optimizer step `step` (antithetic sampling): over a
